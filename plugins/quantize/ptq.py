@@ -1,0 +1,98 @@
+"""``ptq`` — post-training integer quantization with calibrated (offline) ranges.
+
+The weights' ranges come from the weights themselves; the activations' from
+observers that watch representative data flow through the captured graph
+(Jacob et al., "Quantization and Training of Neural Networks for Efficient
+Integer-Arithmetic-Only Inference", CVPR 2018; Krishnamoorthi, "Quantizing deep
+convolutional networks for efficient inference", 2018).  Observers:
+``minmax`` (running extremes), ``moving-minmax`` (EMA of per-batch extremes),
+``percentile`` (outlier clipping).
+
+>>> from plugins.quantize.ptq import PTQ
+>>> PTQ(activation_observer="percentile", percentile=99.9).config.weight_granularity
+'per-channel'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from sdk import hookimpl
+from sdk.base import Quantizer
+from sdk.config import Config, check_choice, check_range
+from sdk.quant import OBSERVERS, QuantPlan, QuantSpec, make_observer
+
+#: ops whose weight input (index 1) is quantized per output channel (axis 0)
+WEIGHTED_OPS = ("conv", "linear")
+
+
+class PTQ(Quantizer):
+    """Calibrated post-training quantization (int8 by default)."""
+
+    name = "ptq"
+    version = "1.0"
+
+    @dataclasses.dataclass(frozen=True)
+    class Config(Config):
+        activation_observer: str = "minmax"
+        percentile: float = 99.99
+        weight_granularity: str = "per-channel"
+        weight_scheme: str = "symmetric"
+        activation_scheme: str = "asymmetric"
+        dtype: str = "int8"
+        num_batches: int | None = None     # use at most this many calibration batches
+        progress: bool = True
+
+        def __post_init__(self):
+            check_choice("ptq", "activation_observer", self.activation_observer, OBSERVERS)
+            check_range("ptq", "percentile", self.percentile, 50.0, 100.0, lo_open=True)
+            check_choice("ptq", "weight_granularity", self.weight_granularity, ("per-channel", "per-tensor"))
+            check_choice("ptq", "weight_scheme", self.weight_scheme, ("symmetric", "asymmetric"))
+            check_choice("ptq", "activation_scheme", self.activation_scheme, ("asymmetric", "symmetric"))
+            check_choice("ptq", "dtype", self.dtype, ("int8",))
+            if self.num_batches is not None:
+                check_range("ptq", "num_batches", self.num_batches, 1)
+
+    def weight_spec(self, w: np.ndarray) -> QuantSpec:
+        """Spec of one weight tensor [out, ...]: symmetric weights use the narrow
+        range [-127, 127] so that -w is always representable."""
+        cfg = self.config
+        sym = cfg.weight_scheme == "symmetric"
+        if cfg.weight_granularity == "per-channel":
+            flat = w.reshape(w.shape[0], -1)
+            return QuantSpec.from_range(flat.min(1), flat.max(1), dtype=cfg.dtype, symmetric=sym, narrow=sym, axis=0)
+        return QuantSpec.from_range(w.min(), w.max(), dtype=cfg.dtype, symmetric=sym, narrow=sym)
+
+    def calibrate(self, graph, batches: Sequence[tuple]) -> QuantPlan:
+        cfg = self.config
+        opts = {"percentile": cfg.percentile} if cfg.activation_observer == "percentile" else {}
+        observers = {name: make_observer(cfg.activation_observer, **opts) for name, _, _ in graph.inputs}
+        observers.update({n.name: make_observer(cfg.activation_observer, **opts) for n in graph.nodes})
+        used = list(batches)[: cfg.num_batches] if cfg.num_batches else list(batches)
+
+        def observe(name, value):
+            if name in observers:
+                observers[name].update(value.detach().cpu().numpy())
+
+        for batch in tqdm(used, desc="calibrating", unit="batch", disable=not cfg.progress, leave=False):
+            graph.run(batch, observer=observe)
+
+        sym = cfg.activation_scheme == "symmetric"
+        acts = {}
+        for name, obs in observers.items():
+            lo, hi = obs.range()
+            acts[name] = QuantSpec.from_range(lo, hi, dtype=cfg.dtype, symmetric=sym)
+        weights = {}
+        for node in graph.nodes:
+            if node.op in WEIGHTED_OPS and graph.is_const(node.inputs[1]):
+                weights[node.inputs[1]] = self.weight_spec(graph.constants[node.inputs[1]])
+        return QuantPlan(acts, weights, method=self.name, config=cfg.to_dict())
+
+
+@hookimpl
+def register_quantizers(register):
+    register(PTQ)

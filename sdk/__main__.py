@@ -1,0 +1,5 @@
+"""``python -m sdk`` is the ``edgepack`` command."""
+
+from .cli import main
+
+raise SystemExit(main())

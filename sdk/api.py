@@ -1,0 +1,185 @@
+"""The public verbs: :func:`deploy`, :func:`compress`, :func:`load`, :func:`list_plugins`.
+
+The data flow of :func:`deploy`, one line per step::
+
+    compress(model, recipe)           torch-side stages: distill, prune, train-time quantizers
+    capture(model, example_inputs)    torch.export -> canonical Graph
+    fold_batch_norm, target.prepare   graph passes
+    target.check(graph)               UnsupportedOpError before any slow work
+    quantizer.calibrate(graph, data)  QuantPlan (recipe's post-training quantizer or the target default)
+    target.pack(graph, plan)          files + I/O signature + per-layer profile
+    Staging(output) ... commit        smoke-run and time in the default runner, hash, rename into place
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from . import plugins
+from .artifact import GOLDEN, FORMAT, FORMAT_VERSION, PROFILE, Artifact, Staging, load, save_npz
+from .errors import EdgepackError, InputError, RunnerError
+from .recipe import Recipe, Stage, as_recipe
+
+__all__ = ["deploy", "compress", "load", "list_plugins"]
+
+
+def list_plugins() -> list[dict[str, Any]]:
+    """Name, kind, version and module of every registered method, target and runner."""
+    return plugins.list_plugins()
+
+
+def compress(model, recipe, data: Iterable | None = None, teacher=None):
+    """Apply a recipe's torch-side stages to a copy of ``model`` and return it.
+
+    Distillers train the copy against ``teacher`` (default: the uncompressed
+    ``model`` itself, so "prune, then distil from the original" is a two-line
+    recipe); pruners and training-time quantizers rewrite it.  Post-training
+    quantizers (``ptq``) are not applied here: they act on the captured graph
+    in :func:`deploy`.  ``model`` is never modified.
+
+    >>> small = sdk.compress(net, {"stages": [{"method": "magnitude", "config": {"sparsity": 0.5}}]})  # doctest: +SKIP
+    """
+    import torch
+
+    from . import masks
+
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    recipe = as_recipe(recipe)
+    work = copy.deepcopy(model)
+    if teacher is None:
+        teacher = model
+    for stage in recipe.torch_stages:
+        method = stage.build()
+        if stage.kind == "distiller":
+            work = method.apply(work, teacher, data)
+        else:
+            work = method.apply(work, data)
+    masks.bake(work)
+    return work.eval()
+
+
+def deploy(model, target: str, example_inputs, calibration: Iterable | None = None, recipe=None,
+           output: str | Path | None = None, *, data: Iterable | None = None, teacher=None,
+           progress: bool = True, **target_options: Any) -> Artifact:
+    """Compress (optional), capture, quantize and pack ``model`` for ``target``.
+
+    ``model`` is never mutated.  ``calibration`` is an iterable of input
+    batches (tensors or tuples) shaped like ``example_inputs`` except for the
+    batch size; targets that quantize need it.  ``recipe`` adds compression
+    stages (``data``/``teacher`` feed its training stages).  Extra keyword
+    options go to the target's config (e.g. ``io="int8"`` for ``arm-int8``).
+    The artifact is written atomically to ``output`` (a temporary directory
+    when omitted) and returned opened.
+
+    >>> art = sdk.deploy(net, target="arm-int8", example_inputs=(x,), calibration=batches)  # doctest: +SKIP
+    """
+    from .data import as_batches
+    from .graph import capture, check_example_inputs, fold_batch_norm
+
+    started = time.perf_counter()
+    target_cls = plugins.get("target", target)
+    tgt = target_cls(**target_options)
+    example_inputs = check_example_inputs(model, example_inputs)
+    recipe = as_recipe(recipe)
+
+    packed_model = compress(model, recipe, data=data, teacher=teacher) if recipe.torch_stages \
+        else copy.deepcopy(model).eval()
+    graph = tgt.prepare(fold_batch_norm(capture(packed_model, example_inputs)))
+    tgt.check(graph)
+
+    qstage = recipe.graph_quantizer
+    if qstage is None and tgt.default_quantizer:
+        qstage = Stage.make(tgt.default_quantizer, {"progress": progress} if progress is False else None)
+    batches = None
+    if qstage is not None or calibration is not None:
+        batches = as_batches(calibration, graph.inputs)
+    plan = qstage.build().calibrate(graph, batches) if qstage is not None else None
+    package = tgt.pack(graph, plan, batches)
+
+    import numpy as np
+    import torch
+
+    with torch.no_grad():
+        golden_out = packed_model(*example_inputs)
+    golden_out = golden_out if isinstance(golden_out, (tuple, list)) else (golden_out,)
+    golden = {f"input_{i}": x.numpy() for i, x in enumerate(example_inputs)}
+    golden.update({f"output_{i}": o.detach().float().numpy() for i, o in enumerate(golden_out)})
+
+    used = [_plugin_row(target_cls)] + ([_plugin_row(plugins.find_method(qstage.method, qstage.kind))]
+                                        if qstage else [])
+    used += [_plugin_row(plugins.find_method(s.method, s.kind)) for s in recipe.torch_stages]
+    from . import __version__
+
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "edgepack_version": __version__,
+        "target": {"name": tgt.name, "version": tgt.version, "config": tgt.config.to_dict(),
+                   "default_runner": tgt.default_runner},
+        "plugins": used,
+        "inputs": [s.to_dict() for s in package.inputs],
+        "outputs": [s.to_dict() for s in package.outputs],
+        "recipe": recipe.to_dict() if recipe.stages else None,
+        "quantization": {"method": plan.method, "config": plan.config} if plan else None,
+        "verify": tgt.verify_rules(),
+        **package.extra,
+    }
+    with Staging(output) as stage:
+        for name, blob in package.files.items():
+            stage.add(name, blob)
+        stage.add(GOLDEN, save_npz(golden))
+        staged = Artifact(stage.path, manifest, {})
+        latency, note = _smoke_and_time(staged, tgt.default_runner, [golden[f"input_{i}"]
+                                                                     for i in range(len(example_inputs))])
+        profile = _profile(tgt.name, package, latency, note, time.perf_counter() - started)
+        import json
+
+        stage.add(PROFILE, (json.dumps(profile, indent=2) + "\n").encode())
+        path = stage.commit(manifest)
+    return load(path)
+
+
+def _plugin_row(cls) -> dict[str, str]:
+    return {"kind": cls.kind, "name": cls.name, "version": cls.version, "module": cls.__module__}
+
+
+def _smoke_and_time(art: Artifact, runner: str, inputs, runs: int = 30) -> tuple[dict, str | None]:
+    """Run the staged artifact once (a broken pack fails here, before commit) and time it."""
+    import numpy as np
+
+    from .errors import ToolchainError
+
+    try:
+        fn = art.session(runner)
+    except ToolchainError as exc:   # packed fine, but this machine cannot run it: say so in the profile
+        return {}, str(exc)
+    try:
+        outs = fn(inputs)
+    except EdgepackError:
+        raise
+    except Exception as exc:
+        raise RunnerError(f"the packed model failed its first run in runner {runner!r}: {exc}") from exc
+    for i, o in enumerate(outs):
+        if not np.all(np.isfinite(o)):
+            raise RunnerError(f"the packed model produced non-finite output {i} in runner {runner!r}")
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn(inputs)
+        times.append(time.perf_counter() - t0)
+    return {runner: float(np.median(times)) * 1e3}, None
+
+
+def _profile(target: str, package, latency: dict, note: str | None, deploy_s: float) -> dict:
+    layers = package.layers
+    totals = {k: sum(int(layer.get(k, 0) or 0) for layer in layers) for k in ("params", "bytes", "macs", "bops")}
+    totals["model_bytes"] = sum(len(b) for b in package.files.values())
+    prof = {"target": target, "layers": layers, "totals": totals, "latency_ms": latency,
+            "deploy_seconds": round(deploy_s, 3)}
+    if note:
+        prof["latency_note"] = note
+    return prof

@@ -1,0 +1,65 @@
+"""Pruning masks kept through training, then baked into the weights.
+
+A mask is a ``torch.nn.utils.parametrize`` parametrization of ``weight``: the
+module computes ``weight = original * mask`` on every forward, so gradients of
+pruned entries are zero and fine-tuning keeps the sparsity.  ``torch.export``
+folds the product into a constant.  :func:`bake` removes the parametrization,
+leaving a plain (sparse) weight.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.utils import parametrize
+
+
+class _Mask(torch.nn.Module):
+    def __init__(self, mask: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mask", mask.detach().clone())
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w * self.mask
+
+
+def prunable_layers(model: torch.nn.Module, layer_types=("Conv1d", "Conv2d", "Linear"),
+                    exclude=()) -> list[tuple[str, torch.nn.Module]]:
+    """``(name, module)`` of the layers whose class name is in ``layer_types``."""
+    return [(n, m) for n, m in model.named_modules()
+            if type(m).__name__ in layer_types and n not in exclude and getattr(m, "weight", None) is not None]
+
+
+def apply_mask(module: torch.nn.Module, mask: torch.Tensor, name: str = "weight") -> None:
+    """Multiply ``module.<name>`` by ``mask`` from now on (combined with an existing mask)."""
+    mask = mask.to(getattr(module, name).dtype)
+    if parametrize.is_parametrized(module, name):
+        for p in module.parametrizations[name]:
+            if isinstance(p, _Mask):
+                p.mask.mul_(mask)
+                return
+    parametrize.register_parametrization(module, name, _Mask(mask))
+
+
+def mask_of(module: torch.nn.Module, name: str = "weight") -> torch.Tensor | None:
+    if parametrize.is_parametrized(module, name):
+        for p in module.parametrizations[name]:
+            if isinstance(p, _Mask):
+                return p.mask
+    return None
+
+
+def bake(model: torch.nn.Module) -> torch.nn.Module:
+    """Replace every mask parametrization by its masked weight (in place)."""
+    for mod in list(model.modules()):
+        if parametrize.is_parametrized(mod):
+            for name in list(mod.parametrizations.keys()):
+                parametrize.remove_parametrizations(mod, name, leave_parametrized=True)
+    return model
+
+
+def sparsity(model: torch.nn.Module, layer_types=("Conv1d", "Conv2d", "Linear")) -> float:
+    """Fraction of zero weights over the prunable layers."""
+    layers = prunable_layers(model, layer_types)
+    zeros = sum(int((m.weight == 0).sum()) for _, m in layers)
+    total = sum(m.weight.numel() for _, m in layers)
+    return zeros / total if total else 0.0

@@ -1,0 +1,246 @@
+"""Quantization math shared by quantizers and targets.
+
+Affine quantization maps a real ``r`` to an integer ``q = clamp(round(r / s) + z)``
+and back with ``r ≈ s · (q − z)``.  This module computes ``(s, z)`` from observed
+ranges with the usual formulas, keeps the observers that collect those ranges,
+and defines :class:`QuantSpec` / :class:`QuantPlan`, the record a quantizer hands
+to a target.
+
+>>> s, z = qparams(np.float32(-1.0), np.float32(3.0), dtype="int8", symmetric=False)
+>>> round(float(s), 6), int(z)
+(0.015686, -64)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from .errors import CalibrationError
+
+_RANGES = {"int8": (-128, 127), "uint8": (0, 255), "int4": (-8, 7), "int16": (-32768, 32767),
+           "int32": (-(2 ** 31), 2 ** 31 - 1)}
+
+
+def qrange(dtype: str, narrow: bool = False) -> tuple[int, int]:
+    """Integer range of ``dtype``; ``narrow`` drops the lowest value (int8 → [-127, 127])."""
+    lo, hi = _RANGES[dtype]
+    return (lo + 1 if narrow else lo), hi
+
+
+def qparams(lo: np.ndarray | float, hi: np.ndarray | float, *, dtype: str = "int8", symmetric: bool,
+            narrow: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point for the real range ``[lo, hi]`` (scalars or per-channel arrays).
+
+    The range is first widened to contain 0 so that zero is exactly representable
+    (padding and ReLU need it).  Symmetric: ``s = max(|lo|, |hi|) / ((qmax − qmin) / 2)``,
+    ``z = 0``.  Asymmetric: ``s = (hi − lo) / (qmax − qmin)``,
+    ``z = clamp(round(qmin − lo / s))``.  An all-zero range gets ``s = 1``.
+    """
+    qmin, qmax = qrange(dtype, narrow)
+    lo = np.minimum(np.asarray(lo, np.float64), 0.0)
+    hi = np.maximum(np.asarray(hi, np.float64), 0.0)
+    if symmetric:
+        amax = np.maximum(-lo, hi)
+        scale = amax / ((qmax - qmin) / 2.0)
+        zero = np.zeros_like(scale, dtype=np.int64)
+    else:
+        scale = (hi - lo) / float(qmax - qmin)
+        safe = np.where(scale > 0, scale, 1.0)
+        zero = np.clip(np.round(qmin - lo / safe), qmin, qmax).astype(np.int64)
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    return scale, zero
+
+
+def quantize(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, *, dtype: str = "int8", axis: int | None = None,
+             narrow: bool = False) -> np.ndarray:
+    """``clamp(round_half_even(x / s) + z)`` as ``dtype`` (per-channel along ``axis``)."""
+    qmin, qmax = qrange(dtype, narrow)
+    s, z = np.asarray(scale, np.float64), np.asarray(zero, np.int64)
+    if axis is not None and s.ndim:
+        shape = [1] * x.ndim
+        shape[axis] = -1
+        s, z = s.reshape(shape), z.reshape(shape)
+    q = np.clip(np.round(x.astype(np.float64) / s) + z, qmin, qmax)
+    return q.astype({"int8": np.int8, "uint8": np.uint8, "int4": np.int8, "int16": np.int16,
+                     "int32": np.int32}[dtype])
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, axis: int | None = None) -> np.ndarray:
+    """``s · (q − z)`` as float32."""
+    s, z = np.asarray(scale, np.float64), np.asarray(zero, np.int64)
+    if axis is not None and s.ndim:
+        shape = [1] * q.ndim
+        shape[axis] = -1
+        s, z = s.reshape(shape), z.reshape(shape)
+    return (s * (q.astype(np.int64) - z)).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized."""
+
+    dtype: str                          # "int8", "int4", "int32", "float16", ...
+    scale: tuple[float, ...]
+    zero_point: tuple[int, ...]
+    axis: int | None = None             # channel axis for per-channel specs
+    symmetric: bool = False
+    narrow: bool = False
+
+    @classmethod
+    def from_range(cls, lo: Any, hi: Any, *, dtype: str = "int8", symmetric: bool, narrow: bool = False,
+                   axis: int | None = None) -> "QuantSpec":
+        s, z = qparams(lo, hi, dtype=dtype, symmetric=symmetric, narrow=narrow)
+        return cls(dtype, tuple(float(v) for v in np.atleast_1d(s)), tuple(int(v) for v in np.atleast_1d(z)),
+                   axis, symmetric, narrow)
+
+    @property
+    def per_channel(self) -> bool:
+        return self.axis is not None
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.asarray(self.scale, np.float32), np.asarray(self.zero_point, np.int64)
+
+    def quantize(self, x: np.ndarray) -> np.ndarray:
+        s, z = self.arrays()
+        return quantize(x, s if self.per_channel else s[0], z if self.per_channel else z[0], dtype=self.dtype,
+                        axis=self.axis, narrow=self.narrow)
+
+    def to_dict(self) -> dict:
+        return {"dtype": self.dtype, "scale": list(self.scale), "zero_point": list(self.zero_point),
+                "axis": self.axis}
+
+
+@dataclasses.dataclass
+class QuantPlan:
+    """Quantization specs of a graph's values, by value name.
+
+    ``activations`` covers graph inputs and node outputs, ``weights`` the
+    constant weight inputs of conv/linear nodes.  ``method`` names the quantizer
+    that made it (recorded in the manifest).
+    """
+
+    activations: dict[str, QuantSpec]
+    weights: dict[str, QuantSpec]
+    method: str = ""
+    config: dict = dataclasses.field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------
+# observers: collect a range from calibration tensors
+# ---------------------------------------------------------------------------
+
+class Observer:
+    """Collects statistics of one tensor over calibration batches; ``range()`` returns ``(lo, hi)``."""
+
+    def __init__(self, axis: int | None = None):
+        self.axis = axis
+        self.count = 0
+
+    def _reduce_dims(self, x: np.ndarray) -> tuple[int, ...]:
+        return tuple(d for d in range(x.ndim) if d != self.axis) if self.axis is not None else tuple(range(x.ndim))
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x, np.float32)
+        if not np.all(np.isfinite(x)):
+            raise CalibrationError("non-finite values (NaN or inf) reached an observer")
+        self._update(x)
+        self.count += 1
+
+    def _update(self, x: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def range(self) -> tuple[np.ndarray, np.ndarray]:
+        if not self.count:
+            raise CalibrationError("observer saw no data")
+        return self._range()
+
+    def _range(self) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+
+class MinMaxObserver(Observer):
+    """Running min and max over every batch."""
+
+    def __init__(self, axis: int | None = None):
+        super().__init__(axis)
+        self.lo = self.hi = None
+
+    def _update(self, x):
+        d = self._reduce_dims(x)
+        lo, hi = x.min(axis=d), x.max(axis=d)
+        self.lo = lo if self.lo is None else np.minimum(self.lo, lo)
+        self.hi = hi if self.hi is None else np.maximum(self.hi, hi)
+
+    def _range(self):
+        return self.lo, self.hi
+
+
+class MovingMinMaxObserver(Observer):
+    """Exponential moving average of per-batch min and max (``momentum`` weight of the old value)."""
+
+    def __init__(self, axis: int | None = None, momentum: float = 0.9):
+        super().__init__(axis)
+        self.momentum = momentum
+        self.lo = self.hi = None
+
+    def _update(self, x):
+        d = self._reduce_dims(x)
+        lo, hi = x.min(axis=d).astype(np.float64), x.max(axis=d).astype(np.float64)
+        if self.lo is None:
+            self.lo, self.hi = lo, hi
+        else:
+            m = self.momentum
+            self.lo, self.hi = m * self.lo + (1 - m) * lo, m * self.hi + (1 - m) * hi
+
+    def _range(self):
+        return self.lo, self.hi
+
+
+class _SampleObserver(Observer):
+    """Keeps (a bounded sample of) the values; subclasses pick a range from them."""
+
+    max_values = 1 << 20
+
+    def __init__(self, axis: int | None = None, seed: int = 0):
+        super().__init__(axis)
+        self.values: list[np.ndarray] = []
+        self.rng = np.random.default_rng(seed)
+
+    def _update(self, x):
+        flat = x.reshape(-1)
+        if flat.size > self.max_values // 8:
+            flat = self.rng.choice(flat, self.max_values // 8, replace=False)
+        self.values.append(flat)
+
+    def all(self) -> np.ndarray:
+        return np.concatenate(self.values)
+
+
+class PercentileObserver(_SampleObserver):
+    """Clip to the ``percentile``-th percentile of |x| on each side (outlier-robust)."""
+
+    def __init__(self, axis: int | None = None, percentile: float = 99.99):
+        super().__init__(axis)
+        self.percentile = percentile
+
+    def _range(self):
+        v = self.all()
+        lo = np.percentile(v, 100.0 - self.percentile)
+        hi = np.percentile(v, self.percentile)
+        return np.float64(lo), np.float64(hi)
+
+
+def make_observer(kind: str, axis: int | None = None, **options: Any) -> Observer:
+    """Observer by name: ``minmax``, ``moving-minmax``, ``percentile``."""
+    table = {"minmax": MinMaxObserver, "moving-minmax": MovingMinMaxObserver, "percentile": PercentileObserver}
+    if kind not in table:
+        from .errors import ConfigError
+
+        raise ConfigError(f"unknown observer {kind!r}; choose one of {', '.join(table)}")
+    return table[kind](axis, **options)
+
+
+OBSERVERS = ("minmax", "moving-minmax", "percentile")
