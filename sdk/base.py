@@ -119,14 +119,22 @@ class TensorSig:
     shape: tuple[int, ...]
     dtype: str
     quantization: dict | None = None  # {"scale": [...], "zero_point": [...], "axis": int|None}
+    layout: tuple[int, ...] | None = None   # stored dim i holds torch dim layout[i] (NHWC: 0, 2, 3, 1)
+    stored_dtype: str | None = None         # dtype inside the packed model, when not ``dtype``
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype,
-                "quantization": self.quantization}
+        d = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "quantization": self.quantization}
+        if self.layout is not None:
+            d["layout"] = list(self.layout)
+        if self.stored_dtype is not None:
+            d["stored_dtype"] = self.stored_dtype
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "TensorSig":
-        return cls(d["name"], tuple(d["shape"]), d["dtype"], d.get("quantization"))
+        layout = d.get("layout")
+        return cls(d["name"], tuple(d["shape"]), d["dtype"], d.get("quantization"),
+                   tuple(layout) if layout is not None else None, d.get("stored_dtype"))
 
 
 @dataclasses.dataclass

@@ -30,6 +30,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "plugins.distill.kd",
     "plugins.prune.magnitude",
     "plugins.quantize.ptq",
+    "targets.arm_int8",
 )
 
 ENTRY_POINT_GROUP = "edgepack"
