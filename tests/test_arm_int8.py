@@ -180,3 +180,13 @@ def test_bad_input_leaves_no_artifact(case, tmp_path):
     if case == "unsupported-op":
         assert exc.value.op == "aten.gelu.default" and exc.value.target == "arm-int8"
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("target", ["arm-fp32", "arm-int8"])
+def test_grouped_conv(target, tmp_path):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, groups=4), nn.ReLU(), nn.Conv2d(16, 8, 1, groups=2)).eval()
+    x = torch.randn(1, 8, 6, 6)
+    art = sdk.deploy(m, target, (x,), calibration=calibration(x), output=tmp_path / "g", progress=False)
+    rep = art.verify(m, inputs=calibration(x, 3, seed=9))
+    assert rep.passed, str(rep)

@@ -311,7 +311,7 @@ def _conv_like(op, node, ins, vals, out, depthwise: bool):
             mult = wf.shape[3] // x.shape[3]
             y = np.einsum("nhwijc,ijc->nhwc", np.repeat(win, mult, axis=5), wf[0])
         else:
-            y = win.reshape(win.shape[:3] + (-1,)) @ wf.reshape(wf.shape[0], -1).T
+            y = _grouped(win, wf, lambda a, b: a @ b)
         return _float_activation(y + b.astype(np.float64), act).astype(np.float32)
     _require_int8(xt, node, name)
     if np.any(wt.zero_point != 0):
@@ -323,10 +323,22 @@ def _conv_like(op, node, ins, vals, out, depthwise: bool):
         acc = np.einsum("nhwijc,ijc->nhwc", np.repeat(win, mult, axis=5), w[0].astype(np.int64))
         cout = wt.shape[3]
     else:
-        acc = _exact_matmul(win.reshape(win.shape[:3] + (-1,)), w.reshape(w.shape[0], -1).T)
+        acc = _grouped(win, w, _exact_matmul)
         cout = wt.shape[0]
     acc = acc + b.astype(np.int64)
     return _requant_xnn(acc, xt, _weight_scales(wt, cout, 3 if depthwise else 0, name, node), out, act, node, name)
+
+
+def _grouped(win: np.ndarray, w: np.ndarray, matmul) -> np.ndarray:
+    """Convolution as matmul over windows ``[n, h, w, kh, kw, cin]`` with OHWI weights whose
+    input depth is ``cin / groups`` (TFLite CONV_2D infers the group count from it)."""
+    groups = win.shape[-1] // w.shape[3]
+    og = w.shape[0] // groups
+    parts = []
+    for gi in range(groups):
+        wg = win[..., gi * w.shape[3]:(gi + 1) * w.shape[3]]
+        parts.append(matmul(wg.reshape(wg.shape[:3] + (-1,)), w[gi * og:(gi + 1) * og].reshape(og, -1).T))
+    return parts[0] if groups == 1 else np.concatenate(parts, axis=-1)
 
 
 def _requant_xnn(acc, xt: _Tensor, w_scales: np.ndarray, out: _Tensor, act: str, node: str, name: str):
