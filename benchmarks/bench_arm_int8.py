@@ -33,7 +33,7 @@ IMPORT_S = time.perf_counter() - t_import
 
 def latency(path: Path, x: np.ndarray, threads: int, runs: int) -> float:
     interp = litert.load_interpreter(path, num_threads=threads)
-    return litert.time_inference(interp, [x], warmup=10, runs=runs) * 1e3
+    return litert.time_inference(interp, [x], warmup=10, runs=runs)
 
 
 def bench_model(name: str, runs: int, tmp: Path) -> dict:
