@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("plugins", help="list registered methods, targets and runners")
     s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--markdown", action="store_true", help="a Markdown table (the README's plugin list)")
 
     s = sub.add_parser("deploy", help="pack a torch.export .pt2 model for a target")
     s.add_argument("model", help="a torch.export.save() file (.pt2)")
@@ -80,10 +81,30 @@ def _cmd_plugins(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
+    if args.markdown:
+        print(plugins_markdown(rows))
+        return EXIT_OK
     print(_table(["name", "kind", "version", "module"],
                  [[r["name"] + (f" [{','.join(r['targets'])}]" if "targets" in r else ""), r["kind"], r["version"],
                    r["module"]] for r in rows]))
     return EXIT_OK
+
+
+def plugins_markdown(rows: list[dict]) -> str:
+    """The built-in plugin list as a Markdown table, with each class's first docstring line."""
+    import importlib
+
+    lines = ["| kind | name | module | what it does |", "|---|---|---|---|"]
+    for r in rows:
+        cls = None
+        mod = importlib.import_module(r["module"])
+        for obj in vars(mod).values():
+            if isinstance(obj, type) and getattr(obj, "name", None) == r["name"] and getattr(obj, "kind", None) == r["kind"]:
+                cls = obj
+        doc = ((cls.__doc__ or "").strip().splitlines() or [""])[0] if cls else ""
+        name = r["name"] + (f" ({', '.join(r['targets'])})" if r.get("targets") else "")
+        lines.append(f"| {r['kind']} | `{name}` | `{r['module']}` | {doc} |")
+    return "\n".join(lines)
 
 
 def _load_npz(path: str) -> list:

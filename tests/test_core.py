@@ -129,3 +129,23 @@ def test_cli_usage_errors(tmp_path):
     assert r.returncode == 2
     r = _cli("deploy", str(tmp_path / "missing.pt2"), "--target", "nope", "-o", str(tmp_path / "o"))
     assert r.returncode == 2
+
+
+def test_readme_plugin_table_matches_registry():
+    """The README's built-in plugin list is generated; regenerate it when this fails."""
+    from sdk.cli import plugins_markdown
+
+    rows = [r for r in sdk.list_plugins() if r["module"].startswith(("plugins.", "targets."))]
+    text = (ROOT / "README.md").read_text()
+    table = text.split("<!-- plugins:start -->\n", 1)[1].split("<!-- plugins:end -->", 1)[0].strip()
+    assert table == plugins_markdown(rows).strip(), (
+        "README plugin table is stale: replace it with the output of "
+        "`EDGEPACK_DISABLE_PLUGIN_AUTOLOAD=1 edgepack plugins --markdown`")
+
+
+def test_readme_commands_exist():
+    text = (ROOT / "README.md").read_text()
+    makefile = (ROOT / "Makefile").read_text()
+    assert "make demo" in text and "make test" in text
+    assert "\ndemo:" in makefile and "\ntest:" in makefile
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
