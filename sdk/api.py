@@ -93,11 +93,16 @@ def deploy(model, target: str, example_inputs, calibration: Iterable | None = No
 
     qstage = recipe.graph_quantizer
     if qstage is None and tgt.default_quantizer:
-        qstage = Stage.make(tgt.default_quantizer, {"progress": progress} if progress is False else None)
+        qstage = Stage.make(tgt.default_quantizer, tgt.default_quantizer_config())
+    quantizer = qstage.build() if qstage is not None else None
+    if quantizer is not None and hasattr(quantizer.config, "progress") and not progress:
+        quantizer.config = quantizer.config.replace(progress=False)
+    if calibration is None and quantizer is not None and not quantizer.requires_calibration:
+        calibration = [example_inputs]
     batches = None
-    if qstage is not None or calibration is not None:
+    if quantizer is not None or calibration is not None:
         batches = as_batches(calibration, graph.inputs)
-    plan = qstage.build().calibrate(graph, batches) if qstage is not None else None
+    plan = quantizer.calibrate(graph, batches) if quantizer is not None else None
     package = tgt.pack(graph, plan, batches)
 
     import numpy as np
@@ -124,7 +129,9 @@ def deploy(model, target: str, example_inputs, calibration: Iterable | None = No
         "inputs": [s.to_dict() for s in package.inputs],
         "outputs": [s.to_dict() for s in package.outputs],
         "recipe": recipe.to_dict() if recipe.stages else None,
-        "quantization": {"method": plan.method, "config": plan.config} if plan else None,
+        "quantization": {"method": plan.method, "config": plan.config,
+                         **({"keep_fp32": plan.extra["keep_fp32"]} if "keep_fp32" in plan.extra else {})}
+        if plan else None,
         "verify": tgt.verify_rules(),
         **package.extra,
     }

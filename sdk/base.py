@@ -101,6 +101,8 @@ class Quantizer(Plugin):
 
     kind = "quantizer"
     post_training: ClassVar[bool] = True
+    #: False: with no calibration data, deploy calibrates on the example inputs
+    requires_calibration: ClassVar[bool] = True
 
     def calibrate(self, graph: "Graph", batches: Sequence[tuple]) -> "QuantPlan":
         """Observe ``batches`` flowing through ``graph``; return the quantization plan."""
@@ -157,6 +159,10 @@ class Target(Plugin):
     default_quantizer: ClassVar[str | None] = None
     #: runner used by ``art.run`` when none is named
     default_runner: ClassVar[str] = "host"
+
+    def default_quantizer_config(self) -> dict:
+        """Config of :attr:`default_quantizer` derived from this target's own options."""
+        return {}
 
     def check(self, graph: "Graph") -> None:
         """Raise :class:`sdk.errors.UnsupportedOpError` for the first node this

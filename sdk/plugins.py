@@ -30,7 +30,9 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "plugins.distill.kd",
     "plugins.prune.magnitude",
     "plugins.quantize.ptq",
+    "plugins.quantize.fp16",
     "targets.arm_int8",
+    "targets.fp16_gpu",
 )
 
 ENTRY_POINT_GROUP = "edgepack"

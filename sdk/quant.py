@@ -20,6 +20,9 @@ import numpy as np
 
 from .errors import CalibrationError
 
+FP16_MAX = 65504.0            # largest finite float16
+FP16_TINY = 2.0 ** -24        # smallest float16 subnormal: |x| below half of it rounds to 0
+
 _RANGES = {"int8": (-128, 127), "uint8": (0, 255), "int4": (-8, 7), "int16": (-32768, 32767),
            "int32": (-(2 ** 31), 2 ** 31 - 1)}
 
@@ -126,6 +129,7 @@ class QuantPlan:
     weights: dict[str, QuantSpec]
     method: str = ""
     config: dict = dataclasses.field(default_factory=dict)
+    extra: dict = dataclasses.field(default_factory=dict)    # method-specific results (fp16 range analysis)
 
 
 # ---------------------------------------------------------------------------

@@ -63,9 +63,12 @@ class Lowered:
     layers: list[dict]
 
 
-def lower(graph: Graph, plan: QuantPlan | None, *, target: str, io: str = "float") -> Lowered:
-    """Lower ``graph``; quantized when ``plan`` is given."""
-    return _Lowerer(graph, plan, target, io).run()
+def lower(graph: Graph, plan: QuantPlan | None, *, target: str, io: str = "float",
+          half_weights: bool = False, keep_fp32: frozenset[str] = frozenset()) -> Lowered:
+    """Lower ``graph``; int8 when ``plan`` is given.  ``half_weights``: float
+    model with float16 weights and biases behind DEQUANTIZE ops (the form GPU
+    delegates consume), except for the nodes in ``keep_fp32``."""
+    return _Lowerer(graph, plan, target, io, half_weights, keep_fp32).run()
 
 
 def check(graph: Graph, target: str) -> None:
@@ -94,8 +97,10 @@ def _same_order(stored_shape, perm) -> bool:
 
 
 class _Lowerer:
-    def __init__(self, graph: Graph, plan: QuantPlan | None, target: str, io: str):
+    def __init__(self, graph: Graph, plan: QuantPlan | None, target: str, io: str, half_weights: bool = False,
+                 keep_fp32: frozenset[str] = frozenset()):
         self.g, self.plan, self.target, self.io = graph, plan, target, io
+        self.half_weights, self.keep_fp32 = half_weights, keep_fp32
         self.q = plan is not None
         self.b = ModelBuilder(description=f"edgepack {target}")
         self.values: dict[str, Value] = {}
@@ -302,6 +307,9 @@ class _Lowerer:
     def _weights(self, node: Node, w: np.ndarray, w_t: np.ndarray, bias: np.ndarray, axis: int, x: Value):
         """Weight and bias tensors; int8 per-channel weights and int32 bias when quantizing."""
         if not self.q:
+            if self.half_weights and node.name not in self.keep_fp32:
+                return (self._half_const(f"{node.name}/weight", w_t), self._half_const(f"{node.name}/bias", bias),
+                        2 * (w.size + bias.size))
             wref = self.b.add_tensor(self.name(f"{node.name}/weight"), w_t.shape, "float32", data=w_t)
             bref = self.b.add_tensor(self.name(f"{node.name}/bias"), bias.shape, "float32", data=bias)
             return wref, bref, 4 * (w.size + bias.size)
@@ -324,6 +332,13 @@ class _Lowerer:
         bref = self.b.add_tensor(self.name(f"{node.name}/bias"), qb.shape, "int32", data=qb,
                                  scale=bscale.astype(np.float32), zero_point=0, axis=0)
         return wref, bref, q.size + 4 * qb.size
+
+    def _half_const(self, label: str, arr: np.ndarray) -> TensorRef:
+        """A float16 constant and the DEQUANTIZE that widens it for CPU kernels."""
+        h = self.b.add_tensor(self.name(f"{label}/fp16"), arr.shape, "float16", data=arr.astype(np.float16))
+        f = self.b.add_tensor(self.name(label), arr.shape, "float32")
+        self.b.add_op("DEQUANTIZE", [h], [f])
+        return f
 
     def _explicit_pad(self, node, x: Value, kernel, stride, pad, dil):
         """Torch pads symmetrically; TFLite SAME pads (total//2, rest).  Use SAME when they agree,

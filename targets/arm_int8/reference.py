@@ -174,6 +174,9 @@ class ReferenceInterpreter:
     model holds an op the reference does not implement.
     """
 
+    #: op name -> kernel; subclasses swap rows (the fp16 runner replaces the float arithmetic)
+    KERNELS: dict[str, Callable] = {}
+
     def __init__(self, model: bytes | str | Path):
         data = Path(model).read_bytes() if isinstance(model, (str, Path)) else bytes(model)
         self.model = read_model(data)
@@ -187,9 +190,9 @@ class ReferenceInterpreter:
         for op in sg.operators or []:
             name = op_name(self.model, op)
             node = self._tensors[int(op.outputs[0])].name if len(op.outputs) else name
-            if name not in _KERNELS:
+            if name not in self.KERNELS:
                 raise UnsupportedOpError(name, node, TARGET,
-                                         f"the integer reference implements {', '.join(sorted(_KERNELS))}")
+                                         f"the integer reference implements {', '.join(sorted(self.KERNELS))}")
             self._ops.append((name, op, node))
         self._cache: dict[int, object] = {}
 
@@ -261,7 +264,7 @@ class ReferenceInterpreter:
             ins = [self._tensors[i] if i >= 0 else None for i in op.inputs]
             vals = [env[i] if i >= 0 else None for i in op.inputs]
             out = self._tensors[int(op.outputs[0])]
-            result = _KERNELS[name](self, k, op, node, ins, vals, out)
+            result = self.KERNELS[name](self, k, op, node, ins, vals, out)
             env[out.index] = np.asarray(result).astype(numpy_dtype(out.dtype), copy=False).reshape(out.shape)
         return env
 
@@ -832,3 +835,5 @@ _KERNELS: dict[str, Callable] = {
 
 #: op names the reference implements.
 SUPPORTED_OPS = frozenset(_KERNELS)
+
+ReferenceInterpreter.KERNELS = _KERNELS

@@ -1,0 +1,104 @@
+"""``fp16`` — float16 weights, with a range analysis of the activations.
+
+Mobile GPU delegates store weights and compute activations in half precision
+(Micikevicius et al., "Mixed Precision Training", 2018, describe the range
+problem: float16 tops out at 65504 and flushes magnitudes below 2⁻²⁴ to zero).
+``calibrate`` runs the calibration data through the captured graph in float32
+and records, per node, the largest |activation| (headroom to 65504) and the
+fraction of nonzero values that float16 would flush to zero.
+
+A node whose output — or any input — leaves the float16 range is an error
+(:class:`~sdk.errors.CalibrationError` naming the nodes) unless it is listed in
+``keep_fp32`` or ``auto_fp32=True``; then it stays in float32, and only those.
+
+>>> from plugins.quantize.fp16 import FP16
+>>> FP16(auto_fp32=True).config.underflow_fraction
+0.01
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from sdk import hookimpl
+from sdk.base import Quantizer
+from sdk.config import Config, check_range
+from sdk.errors import CalibrationError
+from sdk.quant import FP16_MAX, FP16_TINY, QuantPlan
+
+
+class FP16(Quantizer):
+    """Float16 weights and activations, with float32 kept where the range demands it."""
+
+    name = "fp16"
+    version = "1.0"
+    requires_calibration = False        # the example inputs serve when no calibration is given
+
+    @dataclasses.dataclass(frozen=True)
+    class Config(Config):
+        keep_fp32: tuple[str, ...] = ()      # node or module names kept in float32
+        auto_fp32: bool = False              # keep every out-of-range node in float32
+        underflow_fraction: float = 0.01     # flag a node when more of its nonzero outputs flush to zero
+        progress: bool = True
+
+        def __post_init__(self):
+            check_range("fp16", "underflow_fraction", self.underflow_fraction, 0.0, 1.0)
+
+    def calibrate(self, graph, batches: Sequence[tuple]) -> QuantPlan:
+        cfg = self.config
+        stats: dict[str, dict] = {}
+
+        def observe(name, value):
+            v = np.abs(value.detach().cpu().numpy().astype(np.float64))
+            s = stats.setdefault(name, {"max_abs": 0.0, "nonzero": 0, "flushed": 0})
+            s["max_abs"] = max(s["max_abs"], float(v.max()) if v.size else 0.0)
+            nz = v[v > 0]
+            s["nonzero"] += int(nz.size)
+            s["flushed"] += int((nz < FP16_TINY / 2).sum())
+
+        for batch in tqdm(list(batches), desc="fp16 range analysis", unit="batch", disable=not cfg.progress,
+                          leave=False):
+            graph.run(batch, observer=observe)
+
+        layers, problems = {}, {}
+        for node in graph.nodes:
+            s = stats[node.name]
+            flushed = s["flushed"] / s["nonzero"] if s["nonzero"] else 0.0
+            in_max = max((stats[i]["max_abs"] for i in node.inputs if i in stats), default=0.0)
+            layers[node.name] = {"max_abs": s["max_abs"], "headroom": FP16_MAX / s["max_abs"] if s["max_abs"] else None,
+                                 "flushed_fraction": flushed, "module": node.module}
+            why = []
+            if s["max_abs"] > FP16_MAX:
+                why.append(f"output reaches {s['max_abs']:.4g} > 65504")
+            elif in_max > FP16_MAX:
+                why.append(f"input reaches {in_max:.4g} > 65504")
+            if flushed > cfg.underflow_fraction:
+                why.append(f"{flushed:.1%} of nonzero outputs flush to zero")
+            if why:
+                problems[node.name] = "; ".join(why)
+
+        keep = {n.name for n in graph.nodes if n.name in cfg.keep_fp32 or (n.module and n.module in cfg.keep_fp32)}
+        unknown = set(cfg.keep_fp32) - keep - {n.module for n in graph.nodes}
+        if unknown:
+            raise CalibrationError(f"fp16: keep_fp32 names no node or module: {', '.join(sorted(unknown))}")
+        if cfg.auto_fp32:
+            keep |= set(problems)
+        left = {n: why for n, why in problems.items() if n not in keep}
+        if left:
+            listing = "; ".join(f"{n} ({graph.node(n).module or 'no module'}): {why}" for n, why in left.items())
+            raise CalibrationError(
+                f"activations leave the float16 range in {len(left)} layer(s): {listing}. "
+                "Pass keep_fp32=[...] with these names, or auto_fp32=True, to keep them in float32")
+        for name in keep:
+            layers[name]["fp32"] = True
+        return QuantPlan({}, {}, method=self.name, config=cfg.to_dict(),
+                         extra={"layers": layers, "keep_fp32": sorted(keep), "problems": problems})
+
+
+@hookimpl
+def register_quantizers(register):
+    register(FP16)

@@ -1,0 +1,187 @@
+"""Execute a float LiteRT model in half-precision arithmetic, as a GPU delegate
+without fp32 accumulation does.
+
+:class:`HalfInterpreter` is the integer reference's interpreter with the
+float kernels swapped: every op reads float16 values and writes float16 values
+(an overflow becomes ±inf, a value below 2⁻²⁴ becomes 0), products are rounded
+to float16, and sums — the reductions of convolutions, fully connected layers,
+means and softmax — are accumulated in float16 by pairwise (tree) addition, the
+order GPU shaders reduce in.  Ops named in ``fp32`` (output tensor names) run in
+float32 instead: the layers an fp16 artifact keeps in full precision.
+
+Ops that only move data (reshape, transpose, pad, concat, max-pool, dequantize
+of float16 weights) are exact in either precision and run unchanged.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from targets.arm_int8 import reference as R
+
+_CHUNK = 1 << 24        # elements of the product tensor materialised at once
+
+
+def sum16(p: np.ndarray) -> np.ndarray:
+    """Sum the last axis in float16, pairwise: every addition rounds to float16.
+
+    ``p`` may hold exact float32 products of float16 values: the first level
+    then adds two exact products and rounds once, as a fused multiply-add does.
+    """
+    if p.dtype != np.float16 and p.shape[-1] > 1:
+        if p.shape[-1] % 2:
+            p = np.concatenate([p, np.zeros(p.shape[:-1] + (1,), p.dtype)], axis=-1)
+        p = (p[..., 0::2] + p[..., 1::2]).astype(np.float16)
+    p = p.astype(np.float16, copy=False)
+    while p.shape[-1] > 1:
+        if p.shape[-1] % 2:
+            p = np.concatenate([p, np.zeros(p.shape[:-1] + (1,), np.float16)], axis=-1)
+        p = p[..., 0::2] + p[..., 1::2]
+    return p[..., 0]
+
+
+def dot16(a: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``a [M, K] @ w.T [K, N]`` for float16 operands: products exact (a float16 × float16
+    product fits float32), sums in float16 as :func:`sum16`."""
+    a, w = a.astype(np.float16).astype(np.float32), w.astype(np.float16).astype(np.float32)
+    m, k = a.shape
+    rows = max(1, _CHUNK // max(1, k * w.shape[0]))
+    out = np.empty((m, w.shape[0]), np.float16)
+    for i in range(0, m, rows):
+        out[i:i + rows] = sum16(a[i:i + rows, None, :] * w[None, :, :])
+    return out
+
+
+def _h(x) -> np.ndarray:
+    return np.asarray(x).astype(np.float16)
+
+
+def _act16(x: np.ndarray, act: str) -> np.ndarray:
+    return R._float_activation(x, act).astype(np.float16)
+
+
+def _conv16(interp, k, op, node, ins, vals, out, depthwise: bool):
+    o = op.builtinOptions
+    x, w, b = _h(vals[0]), _h(vals[1]), _h(vals[2])
+    _, kh, kw, _ = ins[1].shape
+    win = R._windows(x, kh, kw, (o.strideH, o.strideW), (o.dilationHFactor, o.dilationWFactor), o.padding == 0,
+                     np.float16(0))
+    n, oh, ow = win.shape[:3]
+    if depthwise:
+        mult = w.shape[3] // x.shape[3]
+        win = np.repeat(win, mult, axis=5)                        # [n, oh, ow, kh, kw, cout]
+        prod = win.astype(np.float32) * w[0][None, None, None].astype(np.float32)   # exact products
+        y = sum16(prod.reshape(n, oh, ow, kh * kw, -1).transpose(0, 1, 2, 4, 3))
+    else:
+        y = R._grouped(win, w, lambda a, ww: dot16(a.reshape(-1, a.shape[-1]), ww.T).reshape(a.shape[:-1] + (-1,)))
+    return _act16(y + b, R._activation(op, node))
+
+
+def _fc16(interp, k, op, node, ins, vals, out):
+    x, w = _h(vals[0]), _h(vals[1])
+    x2 = x.reshape(-1, w.shape[1])
+    y = dot16(x2, w)
+    if len(vals) > 2 and vals[2] is not None:
+        y = y + _h(vals[2])
+    return _act16(y, R._activation(op, node)).reshape(out.shape)
+
+
+def _binary16(fn):
+    def k(interp, i, op, node, ins, vals, out):
+        return _act16(fn(_h(vals[0]), _h(vals[1])), R._activation(op, node))
+    return k
+
+
+def _mean16(interp, k, op, node, ins, vals, out):
+    x = _h(vals[0])
+    axes = tuple(int(a) % x.ndim for a in np.asarray(vals[1]).reshape(-1))
+    rest = [d for d in range(x.ndim) if d not in axes]
+    moved = x.transpose(rest + list(axes)).reshape([x.shape[d] for d in rest] + [-1])
+    count = moved.shape[-1]
+    return (sum16(moved) * np.float16(1.0 / count)).astype(np.float16)
+
+
+def _avg_pool16(interp, k, op, node, ins, vals, out):
+    x = _h(vals[0])
+    win = R._pool_windows(x, op, np.float16(0))
+    n, oh, ow, fh, fw, c = win.shape
+    total = sum16(win.reshape(n, oh, ow, fh * fw, c).transpose(0, 1, 2, 4, 3))
+    return _act16(total * np.float16(1.0 / (fh * fw)), R._activation(op, node))
+
+
+def _softmax16(interp, k, op, node, ins, vals, out):
+    z = _h(vals[0]) * np.float16(op.builtinOptions.beta)
+    e = np.exp((z - z.max(axis=-1, keepdims=True)).astype(np.float16))
+    return (e / sum16(e)[..., None]).astype(np.float16)
+
+
+def _elementwise16(fn):
+    """Transcendental activations: the exact function of the float16 input, rounded to float16."""
+    def k(interp, i, op, node, ins, vals, out):
+        return fn(_h(vals[0]).astype(np.float64)).astype(np.float16)
+    return k
+
+
+def _prelu16(interp, k, op, node, ins, vals, out):
+    x, a = _h(vals[0]), _h(vals[1])
+    return np.where(x >= 0, x, x * a).astype(np.float16)
+
+
+def _leaky16(interp, k, op, node, ins, vals, out):
+    x = _h(vals[0])
+    return np.where(x >= 0, x, x * np.float16(op.builtinOptions.alpha)).astype(np.float16)
+
+
+_HALF = {
+    "CONV_2D": lambda *a: _conv16(*a, depthwise=False),
+    "DEPTHWISE_CONV_2D": lambda *a: _conv16(*a, depthwise=True),
+    "FULLY_CONNECTED": _fc16,
+    "ADD": _binary16(np.add), "SUB": _binary16(np.subtract), "MUL": _binary16(np.multiply),
+    "MEAN": _mean16, "AVERAGE_POOL_2D": _avg_pool16, "SOFTMAX": _softmax16,
+    "LOGISTIC": _elementwise16(lambda x: 1.0 / (1.0 + np.exp(-x))),
+    "TANH": _elementwise16(np.tanh),
+    "HARD_SWISH": _elementwise16(lambda x: x * np.clip(x + 3.0, 0.0, 6.0) / 6.0),
+    "RELU": _elementwise16(lambda x: np.maximum(x, 0.0)),
+    "RELU6": _elementwise16(lambda x: np.clip(x, 0.0, 6.0)),
+    "LEAKY_RELU": _leaky16, "PRELU": _prelu16,
+}
+
+
+class HalfInterpreter(R.ReferenceInterpreter):
+    """Float LiteRT model executed in float16 arithmetic (see module docstring).
+
+    ``fp32``: output tensor names of ops that run in float32 instead.
+    """
+
+    KERNELS = dict(R.ReferenceInterpreter.KERNELS)
+
+    def __init__(self, model, fp32: set[str] | frozenset = frozenset()):
+        super().__init__(model)
+        self.fp32 = set(fp32)
+        half = {}
+        for name, (op_name, op, node) in zip(range(len(self._ops)), self._ops):
+            out_name = self._tensors[int(op.outputs[0])].name
+            if op_name in _HALF and out_name.split("#")[0] not in self.fp32 and out_name not in self.fp32:
+                half[name] = _HALF[op_name]
+        self._half = half
+
+    def _execute(self, inputs):
+        # inputs enter the GPU as float16
+        inputs = [np.asarray(x).astype(np.float16).astype(np.float32) for x in
+                  (inputs if isinstance(inputs, (list, tuple)) else [inputs])]
+        with np.errstate(over="ignore", invalid="ignore", under="ignore"):
+            return super()._execute(inputs)
+
+
+def _dispatch(name):
+    base = R.ReferenceInterpreter.KERNELS[name]
+
+    def kernel(interp, k, op, node, ins, vals, out):
+        fn = interp._half.get(k) if isinstance(interp, HalfInterpreter) else None
+        if fn is None:
+            return base(interp, k, op, node, ins, vals, out)
+        return np.asarray(fn(interp, k, op, node, ins, vals, out), np.float16).astype(np.float32)
+    return kernel
+
+
+HalfInterpreter.KERNELS = {name: _dispatch(name) for name in R.ReferenceInterpreter.KERNELS}
