@@ -354,11 +354,7 @@ class _Lowerer:
             same &= total // 2 == p and total - total // 2 == p and torch_out == out
         if same:
             return x, "SAME"
-        padded = (n, h + 2 * pad[0], w + 2 * pad[1], c)
-        out = self.tensor(self.name(f"{node.name}/pad"), padded, x.spec)
-        paddings = self.b.add_const(self.name(f"{node.name}/paddings"), [[0, 0], [pad[0], pad[0]], [pad[1], pad[1]], [0, 0]])
-        self.b.add_op("PAD", [x.ref, paddings], [out])
-        return Value(out, x.perm, x.spec), "VALID"
+        return self._pad_explicit(node, x, pad)
 
     def _op_linear(self, node: Node) -> None:
         x = self._in(node)
@@ -509,6 +505,7 @@ class _Lowerer:
         self.layer(node, op)
 
     def _pad_explicit(self, node, x: Value, pad):
+        """Zero (in the real domain: the zero point) padding of H and W as a PAD op; then VALID."""
         n, h, w, c = x.stored_shape
         out = self.tensor(self.name(f"{node.name}/pad"), (n, h + 2 * pad[0], w + 2 * pad[1], c), x.spec)
         paddings = self.b.add_const(self.name(f"{node.name}/paddings"), [[0, 0], [pad[0], pad[0]], [pad[1], pad[1]], [0, 0]])
