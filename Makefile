@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.edgepack-installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup system-deps demo test bench clean
 
 setup: $(STAMP)
 
@@ -17,10 +17,30 @@ $(STAMP): pyproject.toml examples/plugin_example/pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# System packages the tests use: qemu-user (runner qemu-aarch64), the aarch64 cross
+# compiler and its libc headers (binary-popcount under emulation) and SIMDe (the NEON
+# kernels compiled on x86).  Installed with apt-get when running as root (as CI does)
+# and missing; silent when all are there; otherwise the tests that need them skip.
+SYSTEM_PACKAGES := qemu-user gcc-aarch64-linux-gnu libc6-dev-arm64-cross libsimde-dev
+
+system-deps:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q " installed$$" || missing="$$missing $$p"; \
+	done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing system packages:$$missing"; \
+	  apt-get update -qq >/dev/null 2>&1 || true; \
+	  out=$$(DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends$$missing 2>&1) \
+	    || { echo "$$out" >&2; exit 1; }; \
+	else \
+	  echo "note: missing system packages:$$missing (as root: apt-get install$$missing); the tests that need them skip"; \
+	fi
+
 demo: setup
 	$(PY) examples/quickstart.py
 
-test: setup
+test: setup system-deps
 	$(PY) -m pytest -q
 
 bench: setup

@@ -5,7 +5,9 @@
 1. train a LeNet-style CNN on scikit-learn's digits (float32),
 2. deploy it to ``arm-fp32`` and ``arm-int8`` (LiteRT flatbuffers written by edgepack),
 3. verify the int8 artifact: LiteRT vs the SDK's integer reference, and vs the float model,
-4. print accuracy, size and latency side by side.
+4. print accuracy, size and latency side by side,
+5. train a binary (XNOR-Net) version and pack it to bit-packed weights + C popcount kernels
+   (``examples/binary_digits.py``).
 """
 
 from __future__ import annotations
@@ -47,8 +49,12 @@ def main(out_dir: Path) -> None:
     for name, art in arts.items():
         size = art.manifest["files"]["model.tflite"]["bytes"]
         print(f"{name:10s}{acc(art):8.4f}{size:10d}{art.profile['latency_ms']['host']:10.3f}ms")
+    print("\nbinary-popcount (XNOR-Net; first conv and last linear kept float):")
+    from examples import binary_digits
+
+    b = binary_digits.main(out_dir)
     print(f"\nartifacts in {out_dir}  (try: edgepack inspect {out_dir / 'arm-int8'})")
-    if not rep.passed:
+    if not (rep.passed and b["verify_passed"]):
         raise SystemExit(1)
 
 

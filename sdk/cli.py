@@ -4,6 +4,8 @@
     edgepack deploy MODEL.pt2 --target arm-int8 --calibration DATA.npz [--recipe R.yaml] -o OUT
     edgepack verify OUT [--inputs DATA.npz] [--runner host --runner reference]
     edgepack inspect OUT
+    edgepack emulator install [--cache DIR] [--force]   (the ARM64 emulator of runner qemu-aarch64)
+    edgepack emulator status [--cache DIR] [--json]    (exit 0 when installed and usable, else 1)
 
 Exit codes: 0 ok, 1 verification failed, 2 usage or input error.  Errors are
 one line on stderr (``--debug`` shows the traceback).
@@ -55,6 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("inspect", help="print an artifact's profile")
     s.add_argument("artifact")
     s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("emulator", help="install or inspect the ARM64 emulator (runner qemu-aarch64)")
+    esub = s.add_subparsers(dest="emulator_command", required=True, parser_class=_Parser)
+    e = esub.add_parser("install", help="build the aarch64 sysroot and LiteRT into the cache (idempotent)")
+    e.add_argument("--cache", metavar="DIR", help="cache root (default: $EDGEPACK_CACHE or ~/.cache/edgepack)")
+    e.add_argument("--force", action="store_true", help="rebuild even when a current install exists")
+    e.add_argument("--quiet", "-q", action="store_true", help="no progress display")
+    e = esub.add_parser("status", help="what is installed")
+    e.add_argument("--cache", metavar="DIR", help="cache root (default: $EDGEPACK_CACHE or ~/.cache/edgepack)")
+    e.add_argument("--json", action="store_true")
     return p
 
 
@@ -187,6 +199,38 @@ def _cmd_inspect(args) -> int:
     return EXIT_OK
 
 
+def _cmd_emulator(args) -> int:
+    import time
+
+    from . import emulator
+
+    if args.emulator_command == "install":
+        t0 = time.perf_counter()
+        emu = emulator.install(args.cache, force=args.force, progress=not args.quiet)
+        took = time.perf_counter() - t0
+        print(f"ARM64 emulator ready in {emu.root} ({took:.1f} s; python {emu.stamp.get('python')}, "
+              + ", ".join(f"{k} {v}" for k, v in sorted(emu.stamp.get("packages", {}).items())
+                          if k in ("numpy", "ai-edge-litert")) + ")")
+        return EXIT_OK
+    st = emulator.status(args.cache)
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return EXIT_OK if st["installed"] else EXIT_VERIFY
+    if st["installed"]:
+        pkgs = ", ".join(f"{k} {v}" for k, v in sorted(st["packages"].items()))
+        print(f"installed: {st['path']} ({st['size_mb']} MB, {st['version']})")
+        print(f"python:    {st['python']} (from {len(st['debian_packages'])} Debian arm64 packages)")
+        print(f"packages:  {pkgs}")
+    else:
+        print(f"not installed: {st['reason']}")
+    print(f"qemu:      {st['qemu'] or 'missing (apt-get install qemu-user)'}"
+          + (f" ({st['qemu_version']})" if st["qemu_version"] else ""))
+    print(f"cpu:       {st['default_cpu']} (qemu -cpu; set EDGEPACK_QEMU_CPU to change)")
+    cross_hint = "missing (apt-get install gcc-aarch64-linux-gnu libc6-dev-arm64-cross)"
+    print(f"cross cc:  {st['cross_compiler'] or cross_hint}")
+    return EXIT_OK if st["installed"] else EXIT_VERIFY
+
+
 def _fmt(v) -> str:
     if isinstance(v, (list, tuple)):
         return "x".join(str(x) for x in v)
@@ -201,4 +245,5 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-_COMMANDS = {"plugins": _cmd_plugins, "deploy": _cmd_deploy, "verify": _cmd_verify, "inspect": _cmd_inspect}
+_COMMANDS = {"plugins": _cmd_plugins, "deploy": _cmd_deploy, "verify": _cmd_verify, "inspect": _cmd_inspect,
+             "emulator": _cmd_emulator}

@@ -9,6 +9,9 @@ to do next.  Several also subclass the matching builtin (``ValueError``,
 
 from __future__ import annotations
 
+import shlex
+from typing import Sequence
+
 
 class EdgepackError(Exception):
     """Base class of every error edgepack raises deliberately."""
@@ -92,6 +95,14 @@ class VerificationError(EdgepackError):
 class ToolchainError(EdgepackError, RuntimeError):
     """A compiler, emulator or runtime that the requested step needs is missing.
     The message names the package or command that installs it."""
+
+
+class CompileError(ToolchainError):
+    """The compiler ran but rejected the sources; ``stderr`` holds its output."""
+
+    def __init__(self, command: Sequence[str], stderr: str):
+        self.command, self.stderr = list(command), stderr
+        super().__init__(f"C compilation failed: {shlex.join(self.command)}\n{stderr.strip()}")
 
 
 class RunnerError(EdgepackError, RuntimeError):

@@ -31,7 +31,12 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "plugins.prune.magnitude",
     "plugins.quantize.ptq",
     "plugins.quantize.fp16",
+    "plugins.quantize.bnn",
+    "plugins.quantize.bwn",
+    "plugins.quantize.xnor",
     "targets.arm_int8",
+    "targets.binary_popcount",
+    "targets.qemu_aarch64",
     "targets.fp16_gpu",
 )
 

@@ -159,6 +159,8 @@ def verify(artifact, model: Any = None, inputs: Sequence | None = None, runners:
                     times.append(time.perf_counter() - t0)
             results[name] = outs
             row.latency_ms = float(np.median(times)) * 1e3 if times else math.nan
+            if getattr(fn, "latency_ms", None) is not None:     # emulated runners time the invoke itself
+                row.extra["emulated_invoke_ms"] = fn.latency_ms
         except Exception as exc:  # a runner failing is a verification failure, reported by name
             row.error = f"{type(exc).__name__}: {exc}"
             failures.append(f"runner {name!r} failed: {row.error}")

@@ -1,0 +1,93 @@
+"""Target ``binary-popcount``: binary networks as C99 source running XNOR + popcount kernels.
+
+A model binarized by ``xnor`` or ``bnn`` (their layers call
+``edgepack::binarize`` on activations and hold ±1 weights) lowers to a list of
+layer specs (:mod:`.lowering`): binary convs/linears bit-packed along the
+input channels into uint64 words with a float scale per output channel, and
+the float layers around them (first conv, last linear, BatchNorm as
+scale + bias, pools).  The artifact is standalone source a firmware build can
+take with any C99 compiler::
+
+    model.c  model.h  weights.bin  ep_kernels.h  ep_isa.h  ep_*.c  layers.json
+
+``model.h`` declares ``edgepack_model_run(input, output, weights)``; the
+vector path (AVX-512 VPOPCNTDQ, AVX2, NEON, portable C) is picked from the
+compiler's target flags.  ``layers.json`` describes the layers for the
+``reference`` runner.  ``bwn`` layers (binary weights, float activations) are
+refused with a message to use ``xnor`` or ``bnn``; the kernels XNOR two packed
+operands.
+
+Outputs are float, so :meth:`verify_rules` compare with the binary torch model
+(the one after the quantizer) by relative error and top-1 agreement; that the
+compiled kernels' integer popcounts equal the reference's bit for bit is
+checked per layer by :func:`binary_layer_agreement`.
+
+>>> art = sdk.deploy(model, "binary-popcount", (x,), recipe={"stages": [{"method": "xnor"}]},
+...                  data=train_batches)                                  # doctest: +SKIP
+>>> art.verify(sdk.compress(...)).passed                                   # doctest: +SKIP
+True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from sdk import Package, Target, TensorSig, hookimpl
+from sdk.config import Config
+from sdk.errors import ConfigError
+
+from .runners import LAYERS_FILE, HostRunner, ReferenceRunner, binary_layer_agreement, dump_specs
+
+__all__ = ["BinaryPopcount", "binary_layer_agreement"]
+
+
+class BinaryPopcount(Target):
+    """Binary layers as XNOR + popcount over bit-packed channels, in generated C."""
+
+    name = "binary-popcount"
+    version = "1.0"
+
+    @dataclasses.dataclass(frozen=True)
+    class Config(Config):
+        pass
+
+    def check(self, graph):
+        from .lowering import lower
+
+        lower(graph, self.name)
+
+    def pack(self, graph, plan, calibration=None):
+        from .build import kernel_sources
+        from .codegen import generate_sources, write_weights_bin
+        from .lowering import lower
+
+        if plan is not None:
+            raise ConfigError(f"{self.name} takes no post-training quantizer (the recipe has {plan.method!r}): "
+                              "its layers are binarized by bnn or xnor in the recipe")
+        low = lower(graph, self.name)
+        model_c, model_h = generate_sources(low.specs)
+        files = {"model.c": model_c.encode(), "model.h": model_h.encode(),
+                 "weights.bin": write_weights_bin(low.specs), LAYERS_FILE: dump_specs(low.specs, low.names)}
+        files.update({p.name: p.read_bytes() for p in kernel_sources()})
+        (iname, ishape, _), oname = graph.inputs[0], graph.outputs[0]
+        binary = [r["name"] for r in low.layers if "Binary" in r["op"]]
+        return Package(files=files, inputs=[TensorSig(iname, tuple(ishape), "float32")],
+                       outputs=[TensorSig(oname, tuple(graph.shape(oname)), "float32")], layers=low.layers,
+                       extra={"binary_layers": binary})
+
+    def verify_rules(self):
+        # Float rounding differs between torch and C (BatchNorm, the first conv), and a
+        # value that lands on a sign threshold can flip one bit of a popcount: 1e-2
+        # absorbs such a flip, while a real fault (a scale, a layout) is off by O(1).
+        return {"max_rel_err": 1e-2, "min_top1_agreement": 0.99}
+
+
+@hookimpl
+def register_targets(register):
+    register(BinaryPopcount)
+
+
+@hookimpl
+def register_runners(register):
+    register(HostRunner)
+    register(ReferenceRunner)

@@ -1,0 +1,31 @@
+"""Run every benchmark; each writes its JSON into benchmarks/results/.
+
+    make bench        # or: .venv/bin/python benchmarks/run_all.py
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BENCHES = {
+    "bench_arm_int8.py": ["--out", str(HERE / "results" / "arm_int8.json")],
+    "bench_binary.py": ["--out", str(HERE / "results" / "binary.json")],
+}
+
+
+def main() -> int:
+    failed = []
+    for script, args in BENCHES.items():
+        print(f"== {script}", flush=True)
+        if subprocess.run([sys.executable, str(HERE / script), *args]).returncode:
+            failed.append(script)
+    if failed:
+        print("failed: " + ", ".join(failed), file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

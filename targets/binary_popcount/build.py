@@ -1,0 +1,262 @@
+"""Compile the C kernel library (and generated models) with the system compiler.
+
+Shared objects are cached by the sha256 of everything that can change the
+binary: every source and header, the flags, and the compiler's own description
+of the compilation (``cc -###``), which carries its version and, for
+``-march=native``, the CPU features it resolved to.  A cache directory shared
+between machines therefore never hands one CPU a binary built for another.
+Builds write to a temporary name and ``os.replace`` it into place, so
+concurrent builders and interrupted builds never leave a torn file behind.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from sdk.errors import CompileError, ToolchainError
+
+KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
+DEFAULT_FLAGS: tuple[str, ...] = ("-O3", "-std=c99")
+_ALWAYS_FLAGS = ("-fPIC", "-shared")
+_INSTALL_HINT = "install a C compiler, e.g. `apt-get install gcc` (or build-essential)"
+
+
+def kernel_sources() -> list[Path]:
+    """The kernel library's files (``.c`` and ``.h``), in a stable order."""
+    return sorted(KERNEL_DIR.glob("ep_*.[ch]"))
+
+
+def default_cache_dir() -> Path:
+    """``$EDGEPACK_CACHE/kernels`` when set, else ``~/.cache/edgepack/kernels``."""
+    root = os.environ.get("EDGEPACK_CACHE")
+    return Path(root) / "kernels" if root else Path.home() / ".cache" / "edgepack" / "kernels"
+
+
+def find_compiler(cc: str | None = None) -> list[str]:
+    """The compiler command: ``cc`` if given, else ``$CC``, else the first of
+    cc, gcc, clang on PATH.  Returned split (``$CC`` may be ``"ccache gcc"``).
+
+    Raises ToolchainError, with the install command, when none can be run.
+    """
+    spec = cc if cc is not None else os.environ.get("CC")
+    candidates = [spec] if spec else ["cc", "gcc", "clang"]
+    for candidate in candidates:
+        argv = shlex.split(candidate)
+        if argv and shutil.which(argv[0]):
+            return argv
+    wanted = f"C compiler {spec!r}" if spec else "a C compiler (cc, gcc or clang)"
+    cross = re.match(r"(?:.*/)?([\w.]+-linux-gnu\w*)-gcc$", shlex.split(spec)[0]) if spec else None
+    hint = (f"install the cross compiler, e.g. `apt-get install gcc-{cross.group(1)}`"
+            if cross else _INSTALL_HINT)
+    raise ToolchainError(f"{wanted} was not found on PATH; {hint}")
+
+
+@lru_cache(maxsize=32)
+def _compiler_identity(argv: tuple[str, ...], flags: tuple[str, ...]) -> str:
+    # -### prints the driver's resolved sub-commands (and its version line)
+    # without compiling anything.
+    try:
+        proc = subprocess.run([*argv, *flags, "-###", "-E", "-x", "c", os.devnull],
+                              capture_output=True, text=True, timeout=60)
+    except OSError as exc:
+        raise ToolchainError(f"cannot run {argv[0]!r}: {exc}; {_INSTALL_HINT}") from exc
+    return proc.stdout + proc.stderr
+
+
+def _split_sources(sources: Iterable[str | Path]) -> tuple[list[Path], list[Path]]:
+    paths = [Path(s).resolve() for s in sources]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"C sources not found: {', '.join(missing)}")
+    units = [p for p in paths if p.suffix == ".c"]
+    if not units:
+        raise ValueError("compile_library needs at least one .c source")
+    return units, [p for p in paths if p.suffix != ".c"]
+
+
+def build_shared_object(
+    sources: Iterable[str | Path],
+    *,
+    cc: str | None = None,
+    flags: Sequence[str] = DEFAULT_FLAGS,
+    march: str | None = "native",
+    cache_dir: str | Path | None = None,
+) -> Path:
+    """Compile ``sources`` into a cached shared object and return its path.
+
+    ``.c`` files are compiled; other files (headers) are only hashed, and the
+    directories of all files go on the include path.  ``march`` adds
+    ``-march=...`` (None leaves it out, e.g. for a cross compiler configured
+    by ``flags``).  Works with cross compilers (``cc="aarch64-linux-gnu-gcc"``,
+    ``march="armv8.2-a"``); the result is then not loadable here.
+
+    Raises ToolchainError when no compiler is found, CompileError (a
+    ToolchainError) with the compiler's stderr when compilation fails.
+    """
+    units, others = _split_sources(sources)
+    argv = find_compiler(cc)
+    all_flags = tuple(flags) + ((f"-march={march}",) if march else ()) + _ALWAYS_FLAGS
+    include_dirs = sorted({str(p.parent) for p in units + others})
+
+    digest = hashlib.sha256()
+    digest.update(_compiler_identity(tuple(argv), all_flags).encode())
+    digest.update("\0".join(all_flags).encode())
+    for path in sorted(units + others, key=lambda p: p.name):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    key = digest.hexdigest()[:32]
+
+    out_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    target = out_dir / f"ep_{key}.so"
+    if target.is_file():
+        return target
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".ep_{key}.", suffix=".so.tmp", dir=out_dir)
+    os.close(fd)
+    command = [*argv, *all_flags, *(f"-I{d}" for d in include_dirs),
+               *map(str, units), "-o", tmp_name]
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            raise CompileError(command, proc.stderr)
+        os.replace(tmp_name, target)
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+    return target
+
+
+def compile_library(
+    sources: Iterable[str | Path],
+    *,
+    cc: str | None = None,
+    flags: Sequence[str] = DEFAULT_FLAGS,
+    march: str | None = "native",
+    cache_dir: str | Path | None = None,
+) -> ctypes.CDLL:
+    """Compile (or reuse from the cache) ``sources`` and load the result with
+    ctypes.  Same arguments and errors as :func:`build_shared_object`."""
+    return ctypes.CDLL(str(build_shared_object(sources, cc=cc, flags=flags, march=march,
+                                               cache_dir=cache_dir)))
+
+
+def _ptr(array: np.ndarray) -> ctypes.c_void_p:
+    return ctypes.c_void_p(array.ctypes.data)
+
+
+def aligned_empty(nbytes: int, align: int = 64) -> np.ndarray:
+    """A uint8 buffer of ``nbytes`` whose data pointer is ``align``-aligned."""
+    raw = np.empty(nbytes + align, dtype=np.uint8)
+    start = (-raw.ctypes.data) % align
+    return raw[start:start + nbytes]
+
+
+_SIGNATURES = {
+    "ep_kernel_isa": (ctypes.c_char_p, []),
+    "ep_bitpack_f32": (None, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p,
+                              ctypes.c_void_p]),
+    "ep_bgemm_workspace_bytes": (ctypes.c_size_t, [ctypes.c_int, ctypes.c_int]),
+    "ep_bgemm": (None, [ctypes.c_int] * 4 + [ctypes.c_void_p] * 4),
+    "ep_bconv2d_workspace_bytes": (ctypes.c_size_t, [ctypes.c_int] * 9),
+    "ep_bconv2d": (None, [ctypes.c_void_p] + [ctypes.c_int] * 4 + [ctypes.c_void_p]
+                   + [ctypes.c_int] * 5 + [ctypes.c_void_p] * 2),
+    "ep_scale_i32_f32": (None, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                                ctypes.c_void_p, ctypes.c_void_p]),
+}
+
+
+class KernelLibrary:
+    """The compiled kernel library with numpy-level wrappers of its binary
+    kernels (used by tests and benchmarks; generated models call the C
+    functions directly).  Arrays follow the layouts of ``ep_kernels.h``."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        self.lib = lib
+        for name, (restype, argtypes) in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = restype, argtypes
+        self._work = aligned_empty(0)
+
+    @property
+    def isa(self) -> str:
+        """The vector path compiled in: avx512-vpopcntdq, avx2, neon or portable."""
+        return self.lib.ep_kernel_isa().decode()
+
+    def _workspace(self, nbytes: int) -> np.ndarray:
+        if self._work.size < nbytes:
+            self._work = aligned_empty(nbytes)
+        return self._work
+
+    def bitpack(self, x: np.ndarray, threshold: np.ndarray | None = None,
+                out: np.ndarray | None = None) -> np.ndarray:
+        """Sign-pack float32 ``x[..., C]`` into uint64 ``[..., ceil(C/64)]``."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        channels = x.shape[-1]
+        rows = x.size // channels if channels else 0
+        if out is None:
+            out = np.empty(x.shape[:-1] + (-(-channels // 64),), dtype=np.uint64)
+        thr = None if threshold is None else np.ascontiguousarray(threshold, dtype=np.float32)
+        self.lib.ep_bitpack_f32(_ptr(x), rows, channels, None if thr is None else _ptr(thr), _ptr(out))
+        return out
+
+    def bgemm(self, a: np.ndarray, b: np.ndarray, k_bits: int,
+              out: np.ndarray | None = None) -> np.ndarray:
+        """int32 ``[M, N]`` = k_bits - 2*popcount(a[M, Kw] XOR b[N, Kw])."""
+        a = np.ascontiguousarray(a, dtype=np.uint64)
+        b = np.ascontiguousarray(b, dtype=np.uint64)
+        (m, kw), n = a.shape, b.shape[0]
+        if b.shape[1] != kw:
+            raise ValueError(f"packed K mismatch: a has {kw} words, b has {b.shape[1]}")
+        if out is None:
+            out = np.empty((m, n), dtype=np.int32)
+        work = self._workspace(self.lib.ep_bgemm_workspace_bytes(n, kw))
+        self.lib.ep_bgemm(m, n, kw, k_bits, _ptr(a), _ptr(b), _ptr(out), _ptr(work))
+        return out
+
+    def bconv2d(self, x: np.ndarray, channels: int, weight: np.ndarray, stride: int = 1,
+                padding: int = 0, out: np.ndarray | None = None) -> np.ndarray:
+        """Binary conv of packed NHWC ``x [N, H, W, Cw]`` with packed weights
+        ``[O, kh, kw, Cw]``; returns int32 NHWC ``[N, OH, OW, O]``."""
+        x = np.ascontiguousarray(x, dtype=np.uint64)
+        weight = np.ascontiguousarray(weight, dtype=np.uint64)
+        n, h, w, cw = x.shape
+        o, kh, kw, wcw = weight.shape
+        if cw != wcw or cw != -(-channels // 64):
+            raise ValueError(f"packed channel words differ: x {cw}, weight {wcw}, C={channels}")
+        oh, ow = (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1
+        if out is None:
+            out = np.empty((n, oh, ow, o), dtype=np.int32)
+        args = (n, h, w, channels, o, kh, kw, stride, padding)
+        work = self._workspace(self.lib.ep_bconv2d_workspace_bytes(*args))
+        self.lib.ep_bconv2d(_ptr(x), n, h, w, channels, _ptr(weight), o, kh, kw, stride,
+                            padding, _ptr(out), _ptr(work))
+        return out
+
+    def scale(self, x: np.ndarray, alpha: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """float32 ``alpha[c] * x[..., c]`` of an int32 binary-layer result."""
+        x = np.ascontiguousarray(x, dtype=np.int32)
+        alpha = np.ascontiguousarray(alpha, dtype=np.float32)
+        if out is None:
+            out = np.empty(x.shape, dtype=np.float32)
+        channels = x.shape[-1]
+        self.lib.ep_scale_i32_f32(_ptr(x), x.size // channels, channels, _ptr(alpha), _ptr(out))
+        return out
+
+
+def load_kernels(*, cc: str | None = None, flags: Sequence[str] = DEFAULT_FLAGS,
+                 march: str | None = "native",
+                 cache_dir: str | Path | None = None) -> KernelLibrary:
+    """Compile the kernel library for this machine and wrap it."""
+    return KernelLibrary(compile_library(kernel_sources(), cc=cc, flags=flags, march=march,
+                                         cache_dir=cache_dir))

@@ -1,0 +1,340 @@
+"""Lower a captured binary network (:class:`sdk.graph.Graph`) to the layer specs of :mod:`.codegen`.
+
+Which layers are binary is read from the graph itself, so a model lowers
+whatever modules built it, as long as it uses the SDK's binary ops
+(:mod:`sdk.binary`):
+
+* ``edgepack.binarize`` of an activation → :class:`Sign` (binarize and pack);
+* a ``conv``/``linear`` that reads a Sign and whose constant weight has one
+  magnitude per output channel (±1 from the binary layers, ±s after
+  ``fold_batch_norm``) → :class:`BinaryConv`/:class:`BinaryLinear` with
+  ``alpha = s``; a multiplication by a per-channel constant right after it
+  (the layer's α) folds into ``alpha``, exactly, since the product before it
+  is an integer;
+* a product with ``edgepack.mean_abs_window`` → :class:`MeanAbsScale` (XNOR-Net's K);
+* ``batch_norm`` and per-channel ``mul``/``add`` → :class:`ScaleBias`; float
+  conv/linear, pools, ReLU, PReLU, residual adds, flatten and global means →
+  their float specs; a ``hardtanh`` read only by binarize is dropped (it does
+  not change a sign).
+
+A conv/linear with binary weights on real-valued input (a ``bwn`` layer) is
+refused: the kernels XNOR two packed operands.  So is a model without any
+binary layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import numpy as np
+
+from sdk.binary import BINARIZE_OP, MEAN_ABS_WINDOW_OP
+from sdk.errors import ConfigError, UnsupportedOpError
+from sdk.graph import Graph, Node
+
+from . import codegen as cg
+from .codegen import (
+    BINARY_LAYERS,
+    Add,
+    AvgPool,
+    BinaryConv,
+    BinaryLinear,
+    Flatten,
+    FloatConv,
+    FloatLinear,
+    GlobalAvgPool,
+    InputSpec,
+    MaxPool,
+    MeanAbsScale,
+    PReLU,
+    ReLU,
+    ScaleBias,
+    Sign,
+)
+
+APPLY_HINT = ("apply the xnor or bnn quantizer in the recipe, e.g. "
+              "recipe={'stages': [{'method': 'xnor'}]} with data=(x, y) training batches")
+
+
+@dataclasses.dataclass
+class Lowered:
+    specs: list                  # codegen layer specs; specs[0] is the InputSpec
+    names: list[str]             # graph node each spec comes from ("" for the input)
+    layers: list[dict]           # profile rows, one per spec after the input
+
+
+def lower(graph: Graph, target: str) -> Lowered:
+    """Lower ``graph``; :class:`UnsupportedOpError` names the first node that cannot
+    run on the kernels and what to change, :class:`ConfigError` says what to apply
+    when nothing is binary."""
+    return _Lowerer(graph, target).run()
+
+
+class _Lowerer:
+    def __init__(self, graph: Graph, target: str):
+        self.g, self.target = graph, target
+        self.specs: list = []
+        self.names: list[str] = []
+        self.ops: list[str] = []
+        self.modules: list[str] = []
+        self.index: dict[str, int] = {}            # graph value -> spec producing it
+        self.windows: dict[str, tuple] = {}        # mean_abs_window node -> (x, kernel, stride, padding, dilation)
+        self.fp32_weights: dict[int, int] = {}     # binary spec -> weights of the float layer it replaces
+
+    def fail(self, node: Node, hint: str) -> UnsupportedOpError:
+        where = f" (module {node.module})" if node.module else ""
+        return UnsupportedOpError(node.op, node.name, self.target, hint + where)
+
+    def emit(self, spec: Any, node: Node | None, suffix: str = "") -> int:
+        self.specs.append(spec)
+        self.names.append((node.name + suffix) if node else "")
+        self.ops.append(node.op if node else "input")
+        self.modules.append(node.module if node else "")
+        return len(self.specs) - 1
+
+    def const(self, node: Node, i: int) -> np.ndarray:
+        name = node.inputs[i]
+        if not self.g.is_const(name):
+            raise self.fail(node, f"input {i} must be a constant (a weight), not a computed tensor")
+        return np.asarray(self.g.constants[name], np.float32)
+
+    def src(self, node: Node, i: int = 0, *, packed: bool = False) -> int:
+        """Spec index of ``node``'s input ``i``, which must be a float (or, when
+        ``packed``, a binarized) activation."""
+        name = node.inputs[i]
+        if name in self.windows:
+            raise self.fail(node, "it reads edgepack.mean_abs_window, which the target only takes as the "
+                                  "factor K of a binary layer's output (y * K)")
+        if name not in self.index:
+            raise self.fail(node, f"input {name!r} is not an activation this target computes")
+        idx = self.index[name]
+        if isinstance(self.specs[idx], Sign) and not packed:
+            raise self.fail(node, "it reads binarized activations (the output of edgepack.binarize); only a conv "
+                                  "or linear with binary weights can, so binarize its weights too (bnn/xnor) "
+                                  "or remove the sign before it")
+        return idx
+
+    # -- driver ----------------------------------------------------------------------------
+    def run(self) -> Lowered:
+        g = self.g
+        if len(g.inputs) != 1 or len(g.outputs) != 1:
+            raise UnsupportedOpError("signature", f"{len(g.inputs)} inputs, {len(g.outputs)} outputs", self.target,
+                                     "binary-popcount models take one input and return one output")
+        name, shape, _ = g.inputs[0]
+        if len(shape) not in (2, 4):
+            raise UnsupportedOpError("input", name, self.target, f"the input must be (N, C, H, W) or (N, F), "
+                                     f"got shape {shape}")
+        self.index[name] = self.emit(InputSpec(shape), None)
+        for node in g.nodes:
+            handler = _HANDLERS.get(node.source) or _HANDLERS.get(node.op)
+            if handler is None:
+                raise self.fail(node, "the binary kernels have no such layer; " + _SUPPORTED)
+            handler(self, node)
+        out = g.outputs[0]
+        if self.index.get(out) != len(self.specs) - 1:
+            raise UnsupportedOpError("output", out, self.target, "the model output must be its last computed "
+                                     "activation")
+        if not any(isinstance(s, BINARY_LAYERS) for s in self.specs):
+            raise ConfigError(f"target {self.target!r} found no binarized layer in the model: {APPLY_HINT}")
+        return Lowered(self.specs, self.names, self._profile())
+
+    def _profile(self) -> list[dict]:
+        rows = []
+        for prof in cg.layer_profile(self.specs)[1:]:
+            i, spec = prof["index"], self.specs[prof["index"]]
+            params = sum(a.size for _, a in cg.layer_arrays(spec))
+            row = {"name": self.names[i], "module": self.modules[i], "op": f"{self.ops[i]}->{type(spec).__name__}",
+                   "in_shape": prof["input_shape"], "out_shape": prof["output_shape"], "params": int(params),
+                   "bytes": int(prof["param_bytes"]), "macs": int(prof["macs"]), "bops": int(prof["bops"])}
+            if isinstance(spec, BINARY_LAYERS):
+                row["params"] = self.fp32_weights[i] + spec.alpha.size
+                row["fp32_bytes"] = 4 * self.fp32_weights[i]
+                row["fp32_macs"] = row["bops"]
+            else:
+                row["fp32_bytes"] = row["bytes"]
+                row["fp32_macs"] = row["macs"]
+            rows.append(row)
+        return rows
+
+    # -- weighted layers -------------------------------------------------------------------
+    def _weighted(self, node: Node, make_binary: Callable, make_float: Callable) -> None:
+        w = self.const(node, 1)
+        bias = self.const(node, 2) if len(node.inputs) > 2 else None
+        src = self.src(node, packed=True)
+        magnitude = _row_magnitude(w)
+        if isinstance(self.specs[src], Sign):
+            if magnitude is None:
+                raise self.fail(node, "its input is binarized but its weights are not (one magnitude per output "
+                                      "channel); binarize the weights too: apply bnn or xnor")
+            idx = self.emit(make_binary(w, magnitude, src), node)
+            self.fp32_weights[idx] = w.size
+            if bias is not None:
+                idx = self.emit(ScaleBias(np.ones_like(bias), bias, src=idx), node, "/bias")
+        else:
+            if magnitude is not None and w[0].size > 1 and magnitude.any():
+                raise self.fail(node, "binary weights on real-valued input (a bwn layer): the popcount kernels "
+                                      "need binary activations too; apply xnor or bnn instead of bwn, or exclude "
+                                      "this layer from binarization")
+            idx = self.emit(make_float(w, bias, src), node)
+        self.index[node.name] = idx
+
+    def conv(self, node: Node) -> None:
+        a = node.attrs
+        k = a["kernel"]
+        if a["dims"] != 2:
+            raise self.fail(node, f"only 2-D convolutions run here, this is conv{a['dims']}d")
+        if (k[0] != k[1] or a["stride"][0] != a["stride"][1] or a["padding"][0] != a["padding"][1]
+                or a["dilation"] != (1, 1) or a["groups"] != 1):
+            raise self.fail(node, f"the kernels take square kernels with one stride and one padding, no dilation, "
+                                  f"groups=1; got kernel {k}, stride {a['stride']}, padding {a['padding']}, "
+                                  f"dilation {a['dilation']}, groups {a['groups']}: change the layer")
+        stride, pad = a["stride"][0], a["padding"][0]
+        self._weighted(node, lambda w, m, s: BinaryConv.from_float(w, m, stride, pad, src=s),
+                       lambda w, b, s: FloatConv(w, b, stride, pad, src=s))
+
+    def linear(self, node: Node) -> None:
+        if len(self.g.shape(node.inputs[0])) != 2:
+            raise self.fail(node, "linear layers take (N, features) input here; flatten before them")
+        self._weighted(node, lambda w, m, s: BinaryLinear.from_float(w, m, src=s),
+                       lambda w, b, s: FloatLinear(w, b, src=s))
+
+    # -- binary-network ops ----------------------------------------------------------------
+    def binarize(self, node: Node) -> None:
+        self.index[node.name] = self.emit(Sign(src=self.src(node)), node)
+
+    def mean_abs_window(self, node: Node) -> None:
+        _, args, _ = node.call
+        x, kernel, stride, padding, dilation = args
+        self.windows[node.name] = (x[1], tuple(kernel), tuple(stride), tuple(padding), tuple(dilation))
+
+    def hardtanh(self, node: Node) -> None:
+        users = self.g.users(node.name)
+        if not (node.attrs["min"] < 0 <= node.attrs["max"] and users
+                and all(u.source == BINARIZE_OP for u in users) and node.name not in self.g.outputs):
+            raise self.fail(node, "hardtanh only runs here right before edgepack.binarize (where it cannot change "
+                                  "a sign); use relu or remove it")
+        self.index[node.name] = self.src(node)
+
+    # -- elementwise -----------------------------------------------------------------------
+    def mul(self, node: Node) -> None:
+        if "scalar" in node.attrs:
+            self._scale_bias(node, self.src(node), scale=node.attrs["scalar"])
+            return
+        a, b = node.inputs
+        if a in self.windows or b in self.windows:
+            window, yi = (a, 1) if a in self.windows else (b, 0)
+            x, kernel, stride, padding, dilation = self.windows[window]
+            if kernel and (kernel[0] != kernel[1] or stride[0] != stride[1] or padding[0] != padding[1]
+                           or dilation != (1, 1)):
+                raise self.fail(node, f"K's window must be square with one stride and padding, no dilation; got "
+                                      f"kernel {kernel}, stride {stride}, padding {padding}, dilation {dilation}")
+            geometry = (kernel[0], stride[0], padding[0]) if kernel else (1, 1, 0)
+            other = self.index.get(x)
+            if other is None or isinstance(self.specs[other], Sign):
+                raise self.fail(node, "K must be computed from a real-valued activation")
+            self.index[node.name] = self.emit(MeanAbsScale(other, *geometry, src=self.src(node, yi)), node)
+            return
+        if self.g.is_const(a) or self.g.is_const(b):
+            ci, vi = (0, 1) if self.g.is_const(a) else (1, 0)
+            src = self.src(node, vi)
+            scale = self._per_channel(node, self.const(node, ci))
+            spec = self.specs[src]
+            if isinstance(spec, BINARY_LAYERS) and np.all(spec.alpha == 1) and len(self.g.users(node.inputs[vi])) == 1:
+                spec.alpha = scale          # α · (integer product): the same single rounding either way
+                self.index[node.name] = src
+                return
+            self._scale_bias(node, src, scale=scale)
+            return
+        raise self.fail(node, "the product of two activations only runs as XNOR-Net's y * K; " + _SUPPORTED)
+
+    def add(self, node: Node) -> None:
+        if "scalar" in node.attrs:
+            self._scale_bias(node, self.src(node), bias=node.attrs["scalar"])
+            return
+        a, b = node.inputs
+        if self.g.is_const(a) or self.g.is_const(b):
+            ci, vi = (0, 1) if self.g.is_const(a) else (1, 0)
+            self._scale_bias(node, self.src(node, vi), bias=self._per_channel(node, self.const(node, ci)))
+            return
+        if self.g.shape(a) != self.g.shape(b):
+            raise self.fail(node, f"residual adds need equal shapes, got {self.g.shape(a)} and {self.g.shape(b)}")
+        self.index[node.name] = self.emit(Add(other=self.src(node, 1), src=self.src(node, 0)), node)
+
+    def _per_channel(self, node: Node, value: np.ndarray) -> np.ndarray:
+        channels = node.shape[1]
+        if value.size == 1:
+            return np.full(channels, value.reshape(()), np.float32)
+        aligned = (1,) * (len(node.shape) - value.ndim) + value.shape
+        if value.size != channels or len(aligned) != len(node.shape) or aligned[1] != channels:
+            raise self.fail(node, f"only per-channel constants (shape {(1, channels) + (1,) * (len(node.shape) - 2)})"
+                                  f" run here, got shape {value.shape}")
+        return np.ascontiguousarray(value.reshape(channels), np.float32)
+
+    def _scale_bias(self, node: Node, src: int, scale: Any = 1.0, bias: Any = 0.0) -> None:
+        channels = node.shape[1]
+        scale, bias = (np.broadcast_to(np.float32(v), (channels,)) for v in (scale, bias))
+        self.index[node.name] = self.emit(ScaleBias(scale, bias, src=src), node)
+
+    def batch_norm(self, node: Node) -> None:
+        gamma, beta, mean, var = (self.const(node, i) for i in range(1, 5))
+        scale = (gamma / np.sqrt(var + np.float32(node.attrs["eps"]))).astype(np.float32)
+        self._scale_bias(node, self.src(node), scale=scale, bias=(beta - mean * scale).astype(np.float32))
+
+    def relu(self, node: Node) -> None:
+        self.index[node.name] = self.emit(ReLU(src=self.src(node)), node)
+
+    def prelu(self, node: Node) -> None:
+        self.index[node.name] = self.emit(PReLU(self.const(node, 1).reshape(-1), src=self.src(node)), node)
+
+    # -- pools and shapes ------------------------------------------------------------------
+    def _window(self, node: Node) -> tuple[int, int, int]:
+        a = node.attrs
+        if (a["kernel"][0] != a["kernel"][1] or a["stride"][0] != a["stride"][1] or a["padding"][0] != a["padding"][1]
+                or a.get("dilation", (1, 1)) != (1, 1) or a["ceil_mode"]):
+            raise self.fail(node, f"pools run with square windows, one stride and padding, no dilation or ceil_mode; "
+                                  f"got {a}")
+        return a["kernel"][0], a["stride"][0], a["padding"][0]
+
+    def max_pool2d(self, node: Node) -> None:
+        self.index[node.name] = self.emit(MaxPool(*self._window(node), src=self.src(node)), node)
+
+    def avg_pool2d(self, node: Node) -> None:
+        window = self._window(node)
+        if not node.attrs["count_include_pad"] or node.attrs["divisor_override"] is not None:
+            raise self.fail(node, "average pools divide by the window size here (count_include_pad=True, "
+                                  "no divisor_override)")
+        self.index[node.name] = self.emit(AvgPool(*window, src=self.src(node)), node)
+
+    def mean(self, node: Node) -> None:
+        if len(self.g.shape(node.inputs[0])) != 4 or node.attrs["dims"] != (2, 3):
+            raise self.fail(node, "only the global spatial mean (dims 2, 3) of a 4-D tensor runs here")
+        idx = self.emit(GlobalAvgPool(src=self.src(node)), node)
+        self.index[node.name] = idx if node.attrs["keepdim"] else self.emit(Flatten(src=idx), node, "/flatten")
+
+    def reshape(self, node: Node) -> None:
+        before, after = self.g.shape(node.inputs[0]), node.shape
+        if before == after:
+            self.index[node.name] = self.src(node)
+        elif len(after) == 2 and after[0] == before[0] and math.prod(after) == math.prod(before):
+            self.index[node.name] = self.emit(Flatten(src=self.src(node)), node)
+        else:
+            raise self.fail(node, f"only flattening (N, ...) to (N, features) runs here, got {before} -> {after}")
+
+
+_HANDLERS: dict[str, Callable[[_Lowerer, Node], None]] = {
+    BINARIZE_OP: _Lowerer.binarize, MEAN_ABS_WINDOW_OP: _Lowerer.mean_abs_window,
+    "conv": _Lowerer.conv, "linear": _Lowerer.linear, "batch_norm": _Lowerer.batch_norm,
+    "mul": _Lowerer.mul, "add": _Lowerer.add, "relu": _Lowerer.relu, "prelu": _Lowerer.prelu,
+    "hardtanh": _Lowerer.hardtanh, "max_pool2d": _Lowerer.max_pool2d, "avg_pool2d": _Lowerer.avg_pool2d,
+    "mean": _Lowerer.mean, "reshape": _Lowerer.reshape,
+}
+_SUPPORTED = ("binary-popcount runs: edgepack.binarize, conv, linear, batch_norm, relu, prelu, max_pool2d, "
+              "avg_pool2d, global mean, flatten, residual add, per-channel mul/add, XNOR-Net's K")
+
+
+def _row_magnitude(w: np.ndarray) -> np.ndarray | None:
+    """``s`` when every output channel ``o`` of ``w`` is ``±s[o]``, else None."""
+    m = np.abs(w.reshape(w.shape[0], -1))
+    return m[:, 0].copy() if np.all(m == m[:, :1]) else None

@@ -1,0 +1,240 @@
+"""numpy reference of the binary-popcount runtime.
+
+Written independently of the C kernels so the two can check each other:
+binary convs here sum each kernel tap separately and give padded taps 0
+(instead of im2col + a correction), binary products use ``np.bitwise_count``,
+and float ops are plain numpy.  Integer results (the popcount dot products)
+must equal the C runtime's bit for bit; float results agree to rounding.
+
+4-D activations are NHWC, packed ones ``[N, H, W, ceil(C/64)]`` (see
+``packing.py`` for the bit convention); :func:`run_reference` takes and
+returns torch-ordered tensors like the compiled model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .codegen import (
+    Add,
+    AvgPool,
+    BinaryConv,
+    BinaryLinear,
+    Flatten,
+    FloatConv,
+    FloatLinear,
+    GlobalAvgPool,
+    InputSpec,
+    LayerSpec,
+    MaxPool,
+    MeanAbsScale,
+    PReLU,
+    ReLU,
+    ScaleBias,
+    Sign,
+    infer_shapes,
+    source_index,
+)
+from .packing import pack_bits
+
+_CHUNK_ELEMS = 1 << 22  # bound the temporaries of the broadcasted XOR
+
+
+def sign_pack(x: np.ndarray, threshold: np.ndarray | None = None) -> np.ndarray:
+    """Binarize ``x[..., C]`` (-1 where ``x < threshold``, default 0) and pack
+    along the last axis into uint64 ``[..., ceil(C/64)]``."""
+    x = np.asarray(x, dtype=np.float32)
+    return pack_bits(x < (0 if threshold is None else np.asarray(threshold, np.float32)))
+
+
+def binary_gemm(a: np.ndarray, b: np.ndarray, k_bits: int) -> np.ndarray:
+    """int32 ``[M, N]`` dot products of +-1 rows: ``k_bits - 2*popcount(a ^ b)``
+    for packed ``a [M, Kw]`` and ``b [N, Kw]`` holding ``k_bits`` elements."""
+    a = np.asarray(a, dtype=np.uint64)
+    b = np.asarray(b, dtype=np.uint64)
+    out = np.empty((a.shape[0], b.shape[0]), dtype=np.int32)
+    step = max(1, _CHUNK_ELEMS // max(1, b.size))
+    for i in range(0, a.shape[0], step):
+        pc = np.bitwise_count(a[i:i + step, None, :] ^ b[None, :, :]).sum(axis=-1, dtype=np.int64)
+        out[i:i + step] = k_bits - 2 * pc
+    return out
+
+
+def _tap_indices(size: int, out: int, k: int, stride: int, pad: int):
+    """Input index per output position for tap k, clipped, and validity."""
+    idx = np.arange(out) * stride - pad + k
+    valid = (idx >= 0) & (idx < size)
+    return np.clip(idx, 0, size - 1), valid
+
+
+def binary_conv2d(x: np.ndarray, weight: np.ndarray, in_channels: int, stride: int = 1,
+                  padding: int = 0) -> np.ndarray:
+    """int32 NHWC binary convolution of packed ``x [N, H, W, Cw]`` with packed
+    ``weight [O, kh, kw, Cw]``, zero padded: a padded position adds 0, as in
+    a float conv of +-1 inputs with zero padding."""
+    x = np.asarray(x, dtype=np.uint64)
+    weight = np.asarray(weight, dtype=np.uint64)
+    n, h, w, _ = x.shape
+    o, kh, kw, _ = weight.shape
+    oh, ow = (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1
+    out = np.zeros((n, oh, ow, o), dtype=np.int32)
+    for ky in range(kh):
+        iy, vy = _tap_indices(h, oh, ky, stride, padding)
+        for kx in range(kw):
+            ix, vx = _tap_indices(w, ow, kx, stride, padding)
+            rows = x[:, iy][:, :, ix].reshape(-1, x.shape[-1])
+            dots = binary_gemm(rows, weight[:, ky, kx, :], in_channels).reshape(n, oh, ow, o)
+            valid = (vy[:, None] & vx[None, :])[None, :, :, None]
+            out += np.where(valid, dots, 0).astype(np.int32)
+    return out
+
+
+def _im2col(x: np.ndarray, k: int, stride: int, pad: int) -> np.ndarray:
+    n, h, w, c = x.shape
+    xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    oh, ow = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    cols = np.empty((n, oh, ow, k, k, c), dtype=x.dtype)
+    for ky in range(k):
+        for kx in range(k):
+            cols[:, :, :, ky, kx, :] = xp[:, ky:ky + stride * oh:stride, kx:kx + stride * ow:stride]
+    return cols
+
+
+def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None, stride: int = 1,
+           padding: int = 0) -> np.ndarray:
+    """Float NHWC convolution with a torch-layout weight ``[O, C, k, k]``."""
+    x = np.asarray(x, dtype=np.float32)
+    weight = np.asarray(weight, dtype=np.float32)
+    o, c, k, _ = weight.shape
+    cols = _im2col(x, k, stride, padding)
+    out = cols.reshape(-1, k * k * c) @ weight.transpose(2, 3, 1, 0).reshape(k * k * c, o)
+    if bias is not None:
+        out += np.asarray(bias, dtype=np.float32)
+    return out.reshape(cols.shape[:3] + (o,))
+
+
+def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    """``x @ weight.T + bias`` in float32 (weight ``[O, I]``)."""
+    out = np.asarray(x, dtype=np.float32) @ np.asarray(weight, dtype=np.float32).T
+    return out if bias is None else out + np.asarray(bias, dtype=np.float32)
+
+
+def scale_bias(x: np.ndarray, scale: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """Per-channel (last axis) ``x * scale + bias``: a folded BatchNorm."""
+    return (x * np.asarray(scale, np.float32) + np.asarray(bias, np.float32)).astype(np.float32)
+
+
+def mean_abs_scale(x: np.ndarray, other: np.ndarray, kernel: int = 1, stride: int = 1,
+                   padding: int = 0) -> np.ndarray:
+    """``x * K``: XNOR-Net's K, the mean of ``|other|`` over the channels and the
+    kernel window of each output position (NHWC, zero padding counted as 0),
+    or over the features of a 2-D ``other``.
+
+    Unlike the rest of this module it sums in the C runtime's order (channels,
+    then taps, sequentially) on purpose: K feeds the next Sign, so it must be
+    bit-identical for the binary layers after it to agree bit for bit."""
+    flat = np.ndim(other) == 2        # a linear layer: one window, all features
+    x = np.asarray(x, np.float32)[:, None, None, :] if flat else np.asarray(x, np.float32)
+    other = np.asarray(other, np.float32)[:, None, None, :] if flat else np.asarray(other, np.float32)
+    n, h, w, c = other.shape
+    a = np.zeros((n, h, w), np.float32)
+    for ch in range(c):
+        a = a + np.abs(other[..., ch])
+    a = np.pad(a / np.float32(c), ((0, 0), (padding, padding), (padding, padding)))
+    oh, ow = x.shape[1:3]
+    s = np.zeros((n, oh, ow), np.float32)
+    for ky in range(kernel):
+        for kx in range(kernel):
+            s = s + a[:, ky:ky + stride * oh:stride, kx:kx + stride * ow:stride][:, :oh, :ow]
+    out = (x * (s / np.float32(kernel * kernel))[..., None]).astype(np.float32)
+    return out[:, 0, 0, :] if flat else out
+
+
+def relu(x: np.ndarray) -> np.ndarray:
+    """max(x, 0)."""
+    return np.maximum(x, np.float32(0))
+
+
+def prelu(x: np.ndarray, slopes: np.ndarray) -> np.ndarray:
+    """x where x >= 0, else slope * x (one slope, or one per last-axis channel)."""
+    return np.where(x >= 0, x, x * np.asarray(slopes, np.float32)).astype(np.float32)
+
+
+def max_pool2d(x: np.ndarray, kernel: int, stride: int | None = None, padding: int = 0) -> np.ndarray:
+    """NHWC max pool; padding never wins."""
+    stride = kernel if stride is None else stride
+    xp = np.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)),
+                constant_values=-np.inf)
+    return _im2col(xp, kernel, stride, 0).max(axis=(3, 4)).astype(np.float32)
+
+
+def avg_pool2d(x: np.ndarray, kernel: int, stride: int | None = None, padding: int = 0) -> np.ndarray:
+    """NHWC average pool over kernel*kernel positions, padding counted as 0
+    (torch's count_include_pad=True)."""
+    stride = kernel if stride is None else stride
+    cols = _im2col(np.asarray(x, np.float32), kernel, stride, padding)
+    return (cols.sum(axis=(3, 4)) * np.float32(1.0 / (kernel * kernel))).astype(np.float32)
+
+
+def global_avg_pool(x: np.ndarray) -> np.ndarray:
+    """NHWC ``[N, H, W, C] -> [N, 1, 1, C]`` mean."""
+    return np.asarray(x, np.float32).mean(axis=(1, 2), keepdims=True, dtype=np.float32)
+
+
+def run_reference(specs: Sequence[LayerSpec], x: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Execute a layer spec list on ``x`` (the InputSpec shape, torch order).
+
+    Returns the output (NCHW if 4-D) and the int32 result of every binary
+    layer in layer order, NHWC ``[N, OH, OW, O]`` or ``[N, O]``: the same
+    values and layout as ``CompiledModel.run_debug``.
+    """
+    infos = infer_shapes(specs)
+    x = np.asarray(x, dtype=np.float32)
+    if x.shape != infos[0].shape:
+        raise ValueError(f"input must have shape {infos[0].shape}, got {x.shape}")
+    tensors: list[np.ndarray] = []
+    binary: list[np.ndarray] = []
+    for i, spec in enumerate(specs):
+        if isinstance(spec, InputSpec):
+            tensors.append(x.transpose(0, 2, 3, 1) if x.ndim == 4 else x)
+            continue
+        t = tensors[source_index(specs, i)]
+        if isinstance(spec, FloatConv):
+            y = conv2d(t, spec.weight, spec.bias, spec.stride, spec.padding)
+        elif isinstance(spec, BinaryConv):
+            acc = binary_conv2d(t, spec.weight, spec.in_channels, spec.stride, spec.padding)
+            binary.append(acc)
+            y = acc.astype(np.float32) * spec.alpha
+        elif isinstance(spec, BinaryLinear):
+            acc = binary_gemm(t, spec.weight, spec.in_features)
+            binary.append(acc)
+            y = acc.astype(np.float32) * spec.alpha
+        elif isinstance(spec, FloatLinear):
+            y = linear(t, spec.weight, spec.bias)
+        elif isinstance(spec, ScaleBias):
+            y = scale_bias(t, spec.scale, spec.bias)
+        elif isinstance(spec, MeanAbsScale):
+            y = mean_abs_scale(t, tensors[spec.other], spec.kernel, spec.stride, spec.padding)
+        elif isinstance(spec, Sign):
+            y = sign_pack(t, spec.threshold)
+        elif isinstance(spec, MaxPool):
+            y = max_pool2d(t, spec.kernel, spec.stride, spec.padding)
+        elif isinstance(spec, AvgPool):
+            y = avg_pool2d(t, spec.kernel, spec.stride, spec.padding)
+        elif isinstance(spec, ReLU):
+            y = relu(t)
+        elif isinstance(spec, PReLU):
+            y = prelu(t, spec.slopes)
+        elif isinstance(spec, Add):
+            y = (t + tensors[spec.other]).astype(np.float32)
+        elif isinstance(spec, GlobalAvgPool):
+            y = global_avg_pool(t)
+        elif isinstance(spec, Flatten):
+            y = t.transpose(0, 3, 1, 2).reshape(t.shape[0], -1) if t.ndim == 4 else t
+        else:  # infer_shapes has rejected anything else
+            raise AssertionError(spec)
+        tensors.append(y)
+    out = tensors[-1]
+    return (out.transpose(0, 3, 1, 2) if out.ndim == 4 else out), binary

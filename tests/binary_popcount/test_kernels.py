@@ -1,0 +1,304 @@
+"""Binary-popcount target: packing, numpy reference, C kernels and generated models.
+
+Layers of checks: the numpy reference against float torch on +-1 tensors
+(independent exact integers), then the compiled C kernels (every vector path
+this machine can build) against the reference bit for bit, then a generated
+network against ``run_reference``.  The network uses dyadic values (small
+multiples of powers of two) so that every float op before a Sign is exact in
+float32 and both implementations binarize identical values whatever their
+summation order.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sdk.errors import ConfigError, RunnerError, ToolchainError
+from targets.binary_popcount import build, packing
+from targets.binary_popcount import codegen as cg
+from targets.binary_popcount import reference as ref
+
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+SIMDE_NEON = Path("/usr/include/simde/arm/neon.h")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("edgepack_kernels")
+
+
+def _variants():
+    """Builds of the kernel library that exercise different vector paths."""
+    yield pytest.param({}, id="native")
+    yield pytest.param({"march": None}, id="baseline")  # portable on x86, NEON on AArch64
+    if X86:
+        yield pytest.param({"march": "x86-64-v3"}, id="avx2")
+        # NEON path compiled on x86 through SIMDe's NEON emulation headers
+        yield pytest.param({"march": "x86-64-v2", "neon_shim": True}, id="neon-simde",
+                           marks=pytest.mark.skipif(not SIMDE_NEON.exists(),
+                                                    reason="apt-get install libsimde-dev"))
+
+
+@pytest.fixture(scope="session", params=list(_variants()))
+def kernels(request, cache_dir, tmp_path_factory):
+    opts = dict(request.param)
+    flags = list(build.DEFAULT_FLAGS)
+    neon_shim = opts.pop("neon_shim", False)
+    if neon_shim:
+        shim = tmp_path_factory.mktemp("neon_shim")
+        # simde must not see the fake target macros, the kernels must
+        (shim / "arm_neon.h").write_text(
+            "#undef __ARM_NEON\n#undef __aarch64__\n#define SIMDE_ENABLE_NATIVE_ALIASES\n"
+            "#include <simde/arm/neon.h>\n#define __ARM_NEON 1\n#define __aarch64__ 1\n")
+        flags += [f"-I{shim}", "-D__ARM_NEON=1", "-D__aarch64__=1"]
+    lib = build.load_kernels(cache_dir=cache_dir, flags=flags, **opts)
+    if neon_shim:
+        assert lib.isa == "neon"
+    return lib
+
+
+def pm1(rng, *shape):
+    return rng.choice(np.array([-1.0, 1.0], dtype=np.float32), size=shape)
+
+
+# --------------------------------------------------------------------------- packing
+
+
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 130, 200])
+@pytest.mark.parametrize("axis", [0, -1])
+def test_pack_unpack_round_trip(n, axis):
+    rng = np.random.default_rng(n)
+    shape = (n, 3) if axis == 0 else (2, 3, n)
+    x = rng.standard_normal(shape).astype(np.float32)
+    packed = packing.pack_bits(x, axis=axis)
+    assert packed.dtype == np.uint64 and packed.shape[axis] == -(-n // 64)
+    np.testing.assert_array_equal(packing.unpack_bits(packed, n, axis=axis), packing.binarize(x))
+    np.testing.assert_array_equal(packing.unpack_bits(packed, n, axis=axis, dtype=bool), x < 0)
+    np.testing.assert_array_equal(packing.pack_bits(x < 0, axis=axis), packed)
+
+
+def test_bit_order_and_padding():
+    x = np.ones(70, dtype=np.float32)
+    x[[0, 3, 65]] = -1.0
+    x[5] = 0.0  # zero and -0.0 are +1
+    x[6] = -0.0
+    assert packing.pack_bits(x).tolist() == [0b1001, 0b10]
+    assert packing.packed_nbytes((8, 70, 3, 3), axis=1) == 8 * 9 * 2 * 8
+    w = np.random.default_rng(0).standard_normal((5, 70, 3, 3))
+    pw = packing.pack_conv_weight(w)
+    assert pw.shape == (5, 3, 3, 2)
+    np.testing.assert_array_equal(pw[:, 1, 2], packing.pack_bits(w[:, :, 1, 2]))
+    np.testing.assert_allclose(packing.channel_scales(w), np.abs(w).mean(axis=(1, 2, 3)), rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- reference vs torch
+
+
+@pytest.mark.parametrize("m,n,k", [(7, 5, 1), (16, 9, 64), (13, 11, 100), (4, 33, 300)])
+def test_reference_gemm_is_the_pm1_dot_product(m, n, k):
+    rng = np.random.default_rng(k)
+    a, b = pm1(rng, m, k), pm1(rng, n, k)
+    got = ref.binary_gemm(packing.pack_bits(a), packing.pack_bits(b), k)
+    np.testing.assert_array_equal(got, (a.astype(np.int64) @ b.T.astype(np.int64)))
+
+
+CONV_CASES = [(3, 1, 1), (3, 2, 1), (1, 1, 0), (1, 2, 0), (3, 1, 0), (5, 2, 2)]
+
+
+@pytest.mark.parametrize("k,stride,pad", CONV_CASES)
+@pytest.mark.parametrize("channels", [3, 64, 70])
+def test_reference_conv_equals_torch_zero_padded_conv(k, stride, pad, channels):
+    rng = np.random.default_rng(channels * 100 + k * 10 + stride)
+    x = pm1(rng, 2, channels, 9, 8)
+    w = pm1(rng, 6, channels, k, k)
+    expected = torch.nn.functional.conv2d(torch.from_numpy(x).double(), torch.from_numpy(w).double(),
+                                          stride=stride, padding=pad).numpy()
+    got = ref.binary_conv2d(ref.sign_pack(x.transpose(0, 2, 3, 1)), packing.pack_conv_weight(w),
+                            channels, stride, pad)
+    np.testing.assert_array_equal(got.transpose(0, 3, 1, 2), expected)
+
+
+# --------------------------------------------------------------------------- C kernels vs reference
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (5, 7, 100), (64, 64, 64), (33, 70, 1000),
+                                   (17, 130, 64 * 37 + 5), (100, 3, 129)])
+def test_kernel_gemm_bit_exact(kernels, m, n, k):
+    rng = np.random.default_rng(m * n + k)
+    a = packing.pack_bits(rng.standard_normal((m, k)))
+    b = packing.pack_bits(rng.standard_normal((n, k)))
+    np.testing.assert_array_equal(kernels.bgemm(a, b, k), ref.binary_gemm(a, b, k))
+
+
+def test_kernel_bitpack_bit_exact(kernels):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, 5, 7, 150)).astype(np.float32)
+    x[0, 0, 0, :6] = [0.0, -0.0, np.nan, -np.inf, np.inf, -1e-38]
+    thr = rng.standard_normal(150).astype(np.float32)
+    np.testing.assert_array_equal(kernels.bitpack(x), ref.sign_pack(x))
+    np.testing.assert_array_equal(kernels.bitpack(x, thr), ref.sign_pack(x, thr))
+
+
+@pytest.mark.parametrize("k,stride,pad", CONV_CASES)
+@pytest.mark.parametrize("channels,out_channels", [(64, 64), (70, 13), (200, 72)])
+def test_kernel_conv_bit_exact(kernels, k, stride, pad, channels, out_channels):
+    rng = np.random.default_rng(channels + k + stride)
+    x = kernels.bitpack(rng.standard_normal((2, 11, 9, channels)).astype(np.float32))
+    w = packing.pack_conv_weight(rng.standard_normal((out_channels, channels, k, k)))
+    np.testing.assert_array_equal(kernels.bconv2d(x, channels, w, stride, pad),
+                                  ref.binary_conv2d(x, w, channels, stride, pad))
+
+
+def test_kernel_scale(kernels):
+    acc = np.arange(-12, 12, dtype=np.int32).reshape(2, 3, 4)
+    alpha = np.array([0.5, 1.5, -2.0, 0.25], dtype=np.float32)
+    np.testing.assert_array_equal(kernels.scale(acc, alpha), acc * alpha)
+
+
+# --------------------------------------------------------------------------- generated network
+
+
+def dyadic(rng, shape, step=0.125, top=8):
+    """Multiples of ``step`` in [-top*step, top*step]: exact in float32 sums."""
+    return (rng.integers(-top, top + 1, size=shape) * step).astype(np.float32)
+
+
+def network(rng):
+    def sb(c):
+        return cg.ScaleBias(rng.integers(1, 9, c) * 0.25, dyadic(rng, c))
+
+    def bconv(cin, cout, k, stride, pad):
+        w = rng.standard_normal((cout, cin, k, k))
+        return cg.BinaryConv.from_float(w, alpha=rng.integers(1, 5, cout) * 0.125,
+                                        stride=stride, padding=pad)
+
+    return [
+        cg.InputSpec((2, 3, 16, 16)),                                            # 0
+        cg.FloatConv(dyadic(rng, (32, 3, 3, 3)), dyadic(rng, 32), 1, 1),         # 1
+        sb(32),                                                                  # 2
+        cg.Sign(),                                                               # 3
+        bconv(32, 32, 3, 1, 1),                                                  # 4  binary 0
+        sb(32),                                                                  # 5
+        cg.Add(other=2),                                                         # 6  residual
+        cg.MaxPool(2),                                                           # 7  8x8
+        cg.Sign(threshold=dyadic(rng, 32)),                                      # 8  RSign
+        bconv(32, 70, 3, 2, 1),                                                  # 9  binary 1, 4x4
+        cg.PReLU(np.full(70, 0.25)),                                             # 10
+        cg.Sign(),                                                               # 11
+        bconv(70, 70, 1, 1, 0),                                                  # 12 binary 2
+        cg.AvgPool(2),                                                           # 13 2x2
+        cg.AvgPool(2, src=10),                                                   # 14 shortcut
+        cg.Add(other=13),                                                        # 15
+        cg.ReLU(),                                                               # 16
+        cg.Flatten(),                                                            # 17 (2, 280)
+        cg.Sign(threshold=dyadic(rng, 280)),                                     # 18
+        cg.BinaryLinear.from_float(rng.standard_normal((40, 280)),
+                                   alpha=rng.integers(1, 5, 40) * 0.125),        # 19 binary 3
+        sb(40),                                                                  # 20
+        cg.FloatLinear(rng.standard_normal((10, 40)), rng.standard_normal(10)),  # 21
+        cg.GlobalAvgPool(src=16),                                                # 22
+        cg.Flatten(),                                                            # 23
+        cg.FloatLinear(rng.standard_normal((10, 70)) * 0.1),                     # 24
+        cg.Add(other=21),                                                        # 25
+    ]
+
+
+def test_generated_network_matches_reference(cache_dir):
+    rng = np.random.default_rng(7)
+    specs = network(rng)
+    x = dyadic(rng, (2, 3, 16, 16), step=0.25)
+    model = cg.compile_model(specs, cache_dir=cache_dir)
+    out, layers = model.run_debug(x)
+    ref_out, ref_layers = ref.run_reference(specs, x)
+    assert [a.shape for a in layers] == [(2, 16, 16, 32), (2, 4, 4, 70), (2, 4, 4, 70), (2, 40)]
+    for got, want in zip(layers, ref_layers, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert out.shape == (2, 10)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-4, atol=1e-4 * np.abs(ref_out).max())
+    np.testing.assert_array_equal(model.run(x), out)
+
+
+def test_generated_network_with_4d_output_and_standalone_sources(cache_dir, tmp_path):
+    rng = np.random.default_rng(11)
+    specs = [cg.InputSpec((1, 5, 7, 6)), cg.Sign(),
+             cg.BinaryConv.from_float(rng.standard_normal((9, 5, 3, 3)), stride=2, padding=1)]
+    files = cg.write_model(specs, tmp_path / "model")
+    names = {p.name for p in files}
+    assert {"model.c", "model.h", "weights.bin", "ep_kernels.h"} <= names
+    lib = build.compile_library([p for p in files if p.suffix in (".c", ".h")], cache_dir=cache_dir)
+    model = cg.CompiledModel(lib, specs, (tmp_path / "model" / "weights.bin").read_bytes())
+    x = rng.standard_normal((1, 5, 7, 6)).astype(np.float32)
+    out, (acc,) = model.run_debug(x)
+    ref_out, (ref_acc,) = ref.run_reference(specs, x)
+    np.testing.assert_array_equal(acc, ref_acc)
+    assert out.shape == (1, 9, 4, 3)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-6)
+
+
+def test_model_refuses_foreign_weights(cache_dir):
+    rng = np.random.default_rng(1)
+    specs = [cg.InputSpec((1, 70)), cg.Sign(),
+             cg.BinaryLinear.from_float(rng.standard_normal((4, 70)))]
+    model = cg.compile_model(specs, cache_dir=cache_dir)
+    x = rng.standard_normal((1, 70)).astype(np.float32)
+    model.run(x)
+    model.weights[20] ^= 1  # corrupt the fingerprint
+    with pytest.raises(RunnerError, match="weights.bin"):
+        model.run(x)
+
+
+def test_malformed_specs_are_config_errors():
+    rng = np.random.default_rng(0)
+    with pytest.raises(ConfigError, match="packed"):
+        cg.infer_shapes([cg.InputSpec((1, 64, 4, 4)),
+                         cg.BinaryConv.from_float(rng.standard_normal((8, 64, 3, 3)))])
+    with pytest.raises(ConfigError, match="channels"):
+        cg.infer_shapes([cg.InputSpec((1, 3, 4, 4)), cg.FloatConv(np.zeros((8, 4, 3, 3)))])
+    with pytest.raises(ConfigError, match="earlier"):
+        cg.infer_shapes([cg.InputSpec((1, 3, 4, 4)), cg.Add(other=5)])
+
+
+def test_layer_profile_counts_bops_and_bytes():
+    rng = np.random.default_rng(0)
+    specs = [cg.InputSpec((1, 64, 8, 8)), cg.Sign(),
+             cg.BinaryConv.from_float(rng.standard_normal((32, 64, 3, 3)), padding=1)]
+    row = cg.layer_profile(specs)[2]
+    assert row["bops"] == 8 * 8 * 32 * 64 * 9 and row["macs"] == 0
+    assert row["param_bytes"] == 32 * 9 * 8 + 32 * 4
+
+
+# --------------------------------------------------------------------------- toolchain
+
+
+def test_missing_compiler_is_toolchain_error(monkeypatch, cache_dir):
+    monkeypatch.setenv("CC", "/nonexistent/bin/edgepack-no-such-cc")
+    with pytest.raises(ToolchainError, match="apt-get install gcc"):
+        build.compile_library(build.kernel_sources(), cache_dir=cache_dir)
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is not None, reason="cross gcc installed")
+def test_missing_cross_compiler_names_its_package():
+    with pytest.raises(ToolchainError, match="apt-get install gcc-aarch64-linux-gnu"):
+        build.find_compiler("aarch64-linux-gnu-gcc")
+
+
+def test_compile_failure_carries_compiler_stderr(tmp_path, cache_dir):
+    bad = tmp_path / "bad.c"
+    bad.write_text("int broken(void) { return undeclared_identifier; }\n")
+    with pytest.raises(build.CompileError, match="undeclared_identifier") as info:
+        build.compile_library([bad], cache_dir=cache_dir)
+    assert isinstance(info.value, ToolchainError)
+    assert not list(Path(cache_dir).glob("*.tmp"))
+
+
+def test_build_is_cached(cache_dir):
+    first = build.build_shared_object(build.kernel_sources(), cache_dir=cache_dir)
+    stamp = first.stat().st_mtime_ns
+    assert build.build_shared_object(build.kernel_sources(), cache_dir=cache_dir) == first
+    assert first.stat().st_mtime_ns == stamp
