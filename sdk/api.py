@@ -14,11 +14,12 @@ The data flow of :func:`deploy`, one line per step::
 from __future__ import annotations
 
 import copy
+import json
 import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from . import plugins
+from . import __version__, plugins
 from .artifact import GOLDEN, FORMAT, FORMAT_VERSION, PROFILE, Artifact, Staging, load, save_npz
 from .errors import EdgepackError, InputError, RunnerError
 from .recipe import Recipe, Stage, as_recipe
@@ -105,7 +106,6 @@ def deploy(model, target: str, example_inputs, calibration: Iterable | None = No
     plan = quantizer.calibrate(graph, batches) if quantizer is not None else None
     package = tgt.pack(graph, plan, batches)
 
-    import numpy as np
     import torch
 
     with torch.no_grad():
@@ -117,8 +117,6 @@ def deploy(model, target: str, example_inputs, calibration: Iterable | None = No
     used = [_plugin_row(target_cls)] + ([_plugin_row(plugins.find_method(qstage.method, qstage.kind))]
                                         if qstage else [])
     used += [_plugin_row(plugins.find_method(s.method, s.kind)) for s in recipe.torch_stages]
-    from . import __version__
-
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -143,8 +141,6 @@ def deploy(model, target: str, example_inputs, calibration: Iterable | None = No
         latency, note = _smoke_and_time(staged, tgt.default_runner, [golden[f"input_{i}"]
                                                                      for i in range(len(example_inputs))])
         profile = _profile(tgt.name, package, latency, note, time.perf_counter() - started)
-        import json
-
         stage.add(PROFILE, (json.dumps(profile, indent=2) + "\n").encode())
         path = stage.commit(manifest)
     return load(path)

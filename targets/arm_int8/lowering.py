@@ -31,6 +31,8 @@ from sdk.graph import Graph, Node, macs
 from sdk.quant import QuantPlan, QuantSpec, qparams
 
 from .flatbuffer import ModelBuilder, TensorRef
+from .reference import same_padding
+from .runners import inverse_perm
 
 #: canonical ops this lowering handles (attribute limits are checked per node)
 SUPPORTED = frozenset({
@@ -81,13 +83,6 @@ def check(graph: Graph, target: str) -> None:
                 + ", ".join(sorted(SUPPORTED)))
         if node.op == "conv" and node.attrs["dims"] not in (1, 2):
             raise UnsupportedOpError(f"conv{node.attrs['dims']}d", node.name, target, "only Conv1d and Conv2d lower")
-
-
-def _inverse(perm):
-    inv = [0] * len(perm)
-    for i, p in enumerate(perm):
-        inv[p] = i
-    return tuple(inv)
 
 
 def _same_order(stored_shape, perm) -> bool:
@@ -149,7 +144,7 @@ class _Lowerer:
         """``v`` stored with layout ``perm`` (TRANSPOSE, or a RESHAPE when the data order is unchanged)."""
         if v.perm == perm:
             return v
-        inv = _inverse(v.perm)
+        inv = inverse_perm(v.perm)
         order = tuple(inv[p] for p in perm)            # stored_out[i] = stored_in[order[i]]
         shape = tuple(v.stored_shape[o] for o in order)
         out = self.tensor(self.name(f"{label}/layout"), shape, v.spec)
@@ -348,10 +343,9 @@ class _Lowerer:
         n, h, w, c = x.stored_shape
         same = True
         for size, k, s, p, d in zip((h, w), kernel, stride, pad, dil):
-            out = -(-size // s)
-            total = max((out - 1) * s + d * (k - 1) + 1 - size, 0)
+            out, before, after = same_padding(size, k, s, d)
             torch_out = (size + 2 * p - d * (k - 1) - 1) // s + 1
-            same &= total // 2 == p and total - total // 2 == p and torch_out == out
+            same &= before == after == p and torch_out == out
         if same:
             return x, "SAME"
         return self._pad_explicit(node, x, pad)
@@ -546,7 +540,7 @@ class _Lowerer:
     def _op_permute(self, node):
         x = self._in(node)
         q = node.attrs["perm"]
-        inv = _inverse(x.perm)
+        inv = inverse_perm(x.perm)
         order = tuple(inv[d] for d in q)
         shape = tuple(node.shape)
         spec = x.spec if self.q else None

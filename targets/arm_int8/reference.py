@@ -127,12 +127,19 @@ def _float_activation(x: np.ndarray, activation: str) -> np.ndarray:
     return np.clip(x, lo, hi)
 
 
+def same_padding(size: int, k: int, stride: int, dilation: int = 1) -> tuple[int, int, int]:
+    """TFLite's SAME padding of one spatial dim (ComputePadding): ``(out, before, after)``."""
+    eff = (k - 1) * dilation + 1
+    out = (size + stride - 1) // stride
+    total = max((out - 1) * stride + eff - size, 0)
+    return out, total // 2, total - total // 2
+
+
 def _out_size_and_pad(size: int, k: int, stride: int, dilation: int, same: bool) -> tuple[int, int]:
     """Output size and leading padding exactly as TFLite's ComputePadding does."""
-    eff = (k - 1) * dilation + 1
-    out = (size + stride - 1) // stride if same else (size - eff + stride) // stride
-    total = max((out - 1) * stride + eff - size, 0)
-    return out, total // 2
+    if same:
+        return same_padding(size, k, stride, dilation)[:2]
+    return (size - (k - 1) * dilation - 1 + stride) // stride, 0
 
 
 def _windows(x: np.ndarray, kh: int, kw: int, stride, dilation, same: bool, pad_value) -> np.ndarray:

@@ -18,11 +18,12 @@ from sdk.quant import dequantize, quantize
 LITERT_TARGETS = ("arm-int8", "arm-fp32")
 
 
-def _inverse(perm):
+def inverse_perm(perm) -> tuple[int, ...]:
+    """The permutation that undoes ``perm``."""
     inv = [0] * len(perm)
     for i, p in enumerate(perm):
         inv[p] = i
-    return inv
+    return tuple(inv)
 
 
 def to_stored(sig: dict, x: np.ndarray) -> np.ndarray:
@@ -39,7 +40,7 @@ def from_stored(sig: dict, y: np.ndarray) -> np.ndarray:
     if y.dtype == np.int8:
         q = sig["quantization"]
         y = dequantize(y, q["scale"][0], q["zero_point"][0])
-    return np.ascontiguousarray(y.astype(np.float32).transpose(_inverse(sig.get("layout") or range(y.ndim))))
+    return np.ascontiguousarray(y.astype(np.float32).transpose(inverse_perm(sig.get("layout") or range(y.ndim))))
 
 
 def adapt(artifact, run_stored: Callable[[list[np.ndarray]], list[np.ndarray]]):

@@ -14,7 +14,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from targets.arm_int8.reference import ReferenceInterpreter
+from targets.arm_int8.reference import ReferenceInterpreter, same_padding
+
+from .half import runs_in_fp32
 
 _ACT = {0: None, 1: "RELU", 2: "RELU_N1_TO_1", 3: "RELU6"}
 
@@ -28,12 +30,6 @@ def _act(y: torch.Tensor, op) -> torch.Tensor:
     if a == "RELU_N1_TO_1":
         return torch.clamp(y, -1, 1)
     return y
-
-
-def _same_pad(size: int, k: int, s: int, d: int) -> tuple[int, int]:
-    out = -(-size // s)
-    total = max((out - 1) * s + (k - 1) * d + 1 - size, 0)
-    return total // 2, total - total // 2
 
 
 def _nchw(x):
@@ -59,8 +55,8 @@ class TorchLiteRT:
             return x
         dh = getattr(o, "dilationHFactor", 1) or 1
         dw = getattr(o, "dilationWFactor", 1) or 1
-        t, b = _same_pad(x.shape[2], kh, o.strideH, dh)
-        l, r = _same_pad(x.shape[3], kw, o.strideW, dw)
+        _, t, b = same_padding(x.shape[2], kh, o.strideH, dh)
+        _, l, r = same_padding(x.shape[3], kw, o.strideW, dw)
         return F.pad(x, (l, r, t, b), value=value)
 
     def _op(self, name, op, vals, out_tensor):
@@ -138,8 +134,7 @@ class TorchLiteRT:
             env[idx] = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
         for name, op, node in self.ref._ops:
             out_t = self.ref._tensors[int(op.outputs[0])]
-            full = out_t.name in self.fp32 or out_t.name.split("#")[0] in self.fp32
-            dtype = torch.float32 if full else self.dtype
+            dtype = torch.float32 if runs_in_fp32(out_t.name, self.fp32) else self.dtype
             vals = [(env[i].to(dtype) if env[i].is_floating_point() else env[i]) if i >= 0 else None
                     for i in op.inputs]
             env[out_t.index] = self._op(name, op, vals, out_t)

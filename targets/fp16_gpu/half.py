@@ -147,23 +147,22 @@ _HALF = {
 }
 
 
+def runs_in_fp32(tensor_name: str, fp32: set[str]) -> bool:
+    """Whether the op writing ``tensor_name`` is one an fp16 artifact keeps in float32."""
+    return tensor_name in fp32 or tensor_name.split("#")[0] in fp32
+
+
 class HalfInterpreter(R.ReferenceInterpreter):
     """Float LiteRT model executed in float16 arithmetic (see module docstring).
 
     ``fp32``: output tensor names of ops that run in float32 instead.
     """
 
-    KERNELS = dict(R.ReferenceInterpreter.KERNELS)
-
     def __init__(self, model, fp32: set[str] | frozenset = frozenset()):
         super().__init__(model)
         self.fp32 = set(fp32)
-        half = {}
-        for name, (op_name, op, node) in zip(range(len(self._ops)), self._ops):
-            out_name = self._tensors[int(op.outputs[0])].name
-            if op_name in _HALF and out_name.split("#")[0] not in self.fp32 and out_name not in self.fp32:
-                half[name] = _HALF[op_name]
-        self._half = half
+        self._half = {k: _HALF[op_name] for k, (op_name, op, _) in enumerate(self._ops)
+                      if op_name in _HALF and not runs_in_fp32(self._tensors[int(op.outputs[0])].name, self.fp32)}
 
     def _execute(self, inputs):
         # inputs enter the GPU as float16
@@ -177,7 +176,7 @@ def _dispatch(name):
     base = R.ReferenceInterpreter.KERNELS[name]
 
     def kernel(interp, k, op, node, ins, vals, out):
-        fn = interp._half.get(k) if isinstance(interp, HalfInterpreter) else None
+        fn = interp._half.get(k)
         if fn is None:
             return base(interp, k, op, node, ins, vals, out)
         return np.asarray(fn(interp, k, op, node, ins, vals, out), np.float16).astype(np.float32)
