@@ -242,8 +242,9 @@ OPS: dict[str, OpSpec] = {
     "RELU6": OpSpec(_B.RELU6, _O.NONE, None, 2),
     "LEAKY_RELU": OpSpec(_B.LEAKY_RELU, _O.LeakyReluOptions, _leaky_relu_options, 2),
     "PRELU": OpSpec(_B.PRELU, _O.NONE, None, 1, 2),
-    "QUANTIZE": OpSpec(_B.QUANTIZE, _O.QuantizeOptions, _empty(fb.QuantizeOptionsT), 2),
-    "DEQUANTIZE": OpSpec(_B.DEQUANTIZE, _O.DequantizeOptions, _empty(fb.DequantizeOptionsT), 2),
+    # QUANTIZE and DEQUANTIZE options tables are empty: left out, as the converter does
+    "QUANTIZE": OpSpec(_B.QUANTIZE, _O.NONE, None, 2),
+    "DEQUANTIZE": OpSpec(_B.DEQUANTIZE, _O.NONE, None, 2),
     "CONCATENATION": OpSpec(_B.CONCATENATION, _O.ConcatenationOptions, _concat_options, 2),
     "PAD": OpSpec(_B.PAD, _O.PadOptions, _empty(fb.PadOptionsT), 2, 2),
     "TRANSPOSE": OpSpec(_B.TRANSPOSE, _O.TransposeOptions, _empty(fb.TransposeOptionsT), 2, 2),
@@ -289,6 +290,37 @@ class _AlignedBufferT(fb.BufferT):
         return fb.BufferEnd(builder)
 
 
+class _CompactTensorT(fb.TensorT):
+    """A tensor whose shape vector is shared with every earlier tensor of the same shape.
+
+    Flatbuffers allows any number of offsets to one vector; most activations
+    and every (float16 constant, DEQUANTIZE output) pair repeat a shape.
+    """
+
+    shared_shapes: dict = {}
+
+    def Pack(self, builder):  # noqa: N802 - flatbuffers object API name
+        shapes = self.shared_shapes        # one dict per ModelBuilder.finish()
+        key = tuple(self.shape)
+        shape = shapes.get(key)
+        if shape is None:
+            fb.TensorStartShapeVector(builder, len(key))
+            for d in reversed(key):
+                builder.PrependInt32(d)
+            shape = shapes[key] = builder.EndVector()
+        name = builder.CreateString(self.name) if self.name is not None else None
+        quantization = self.quantization.Pack(builder) if self.quantization is not None else None
+        fb.TensorStart(builder)
+        fb.TensorAddShape(builder, shape)
+        fb.TensorAddType(builder, self.type)
+        fb.TensorAddBuffer(builder, self.buffer)
+        if name is not None:
+            fb.TensorAddName(builder, name)
+        if quantization is not None:
+            fb.TensorAddQuantization(builder, quantization)
+        return fb.TensorEnd(builder)
+
+
 def _as_index(t) -> int:
     if t is None:
         return -1  # optional input left out (e.g. FULLY_CONNECTED without bias)
@@ -315,6 +347,10 @@ class ModelBuilder:
         self._inputs: list[int] = []
         self._outputs: list[int] = []
 
+    def has_name(self, name: str) -> bool:
+        """Whether a tensor called ``name`` was added already."""
+        return name in self._names
+
     @property
     def tensors(self) -> list[TensorRef]:
         """Every tensor added so far, in index order."""
@@ -340,7 +376,7 @@ class ModelBuilder:
             raise ConfigError(f"tensor name {name!r} is used twice")
         shape = tuple(int(d) for d in shape)
         np_dtype = numpy_dtype(dtype)
-        t = fb.TensorT()
+        t = _CompactTensorT()
         t.name = name
         t.shape = list(shape)
         t.type = DTYPES[dtype][0]
@@ -465,6 +501,9 @@ class ModelBuilder:
         m.subgraphs = [sg]
         m.buffers = self._buffers
         m.signatureDefs = [sig]
+        shapes: dict = {}
+        for t in self._tensors:
+            t.shared_shapes = shapes
         builder = flatbuffers.Builder(1024 + sum(len(b.data or b"") for b in self._buffers))
         builder.Finish(m.Pack(builder), file_identifier=FILE_IDENTIFIER)
         return bytes(builder.Output())

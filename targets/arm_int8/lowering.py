@@ -87,7 +87,7 @@ def check(graph: Graph, target: str) -> None:
 
 def _same_order(stored_shape, perm) -> bool:
     """True when moving dims by ``perm`` only moves size-1 dims (data order unchanged)."""
-    kept = [p for p, s in zip(perm, stored_shape) if s != 1]
+    kept = [p for p in perm if stored_shape[p] != 1]
     return kept == sorted(kept)
 
 
@@ -102,7 +102,6 @@ class _Lowerer:
         self.layers: list[dict] = []
         self.fused: dict[str, Node] = {}       # producer name -> activation node fused into it
         self.skip: set[str] = set()
-        self._uid = 0
         if io not in ("float", "int8"):
             raise ConfigError(f"{target}: io={io!r} is not allowed; choose 'float' or 'int8'")
         if self.q:
@@ -113,8 +112,12 @@ class _Lowerer:
 
     # -- helpers ---------------------------------------------------------------
     def name(self, base: str) -> str:
-        self._uid += 1
-        return f"{base}#{self._uid}"
+        """A tensor name not used yet: ``base``, else ``base#2``, ``base#3``..."""
+        name, n = base, 1
+        while self.b.has_name(name):
+            n += 1
+            name = f"{base}#{n}"
+        return name
 
     def unsupported(self, node: Node, why: str) -> UnsupportedOpError:
         return UnsupportedOpError(node.op, node.name, self.target, why)
@@ -531,7 +534,9 @@ class _Lowerer:
 
     def _op_reshape(self, node):
         x = self._in(node)
-        x = self.to_perm(x, tuple(range(len(x.perm))), node.name)
+        identity = tuple(range(len(x.perm)))
+        if not _same_order(x.stored_shape, inverse_perm(x.perm)):     # else RESHAPE reads the data as it is
+            x = self.to_perm(x, identity, node.name)
         shape = tuple(node.shape)
         out, _, _ = self._out(node, shape, tuple(range(len(shape))), spec=x.spec if self.q else None)
         self.b.add_op("RESHAPE", [x.ref, self.b.add_const(self.name(f"{node.name}/shape"), shape)], [out.ref])
