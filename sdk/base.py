@@ -182,7 +182,9 @@ class Target(Plugin):
     def verify_rules(self) -> dict:
         """Pass criteria for :meth:`sdk.Artifact.verify`.  Keys (all optional):
         ``max_lsb`` (vs the reference runner), ``min_bit_exact_ratio``,
-        ``min_sqnr_db`` and ``max_rel_err`` (vs the float model)."""
+        ``min_sqnr_db``, ``max_rel_err`` and ``min_top1_agreement`` (vs the
+        float model); ``runners``: ``{runner name: rules}`` overriding these
+        for one runner."""
         return {}
 
 

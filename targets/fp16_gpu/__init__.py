@@ -13,7 +13,7 @@ Runners: ``host`` (LiteRT on the CPU: fp16 weights, fp32 compute), ``fp16``
 one is present).
 
 >>> art = sdk.deploy(model, target="fp16-gpu", example_inputs=(x,), calibration=batches)   # doctest: +SKIP
->>> art.verify(model, runners=["fp16"]).max_rel_err["fp16"] < 1e-3                          # doctest: +SKIP
+>>> art.verify(model, runners=["host", "fp16"]).passed    # host within 1e-3, fp16 arithmetic within 1e-2  # doctest: +SKIP
 True
 """
 
@@ -71,7 +71,12 @@ class FP16GPU(Target):
                        outputs=[TensorSig.from_dict(r) for r in low.outputs], layers=layers, extra=extra)
 
     def verify_rules(self):
-        return {"max_rel_err": 1e-3}
+        # fp16 storage (host, reference): within 1e-3 of the float model.  fp16 arithmetic (fp16, cuda):
+        # 1e-3 is about one float16 ulp (2^-10) at the largest output, less than rounding the inputs and
+        # outputs alone can cost once a few layers accumulate in float16 (measured 1.1e-3 to 4.7e-3 on the
+        # zoo, benchmarks/results/fp16_gpu.json); 1e-2 still catches overflow, flushed activations and
+        # badly conditioned sums.
+        return {"max_rel_err": 1e-3, "runners": {"fp16": {"max_rel_err": 1e-2}, "cuda": {"max_rel_err": 1e-2}}}
 
 
 class FP16HostRunner(LiteRTHostRunner):
@@ -87,7 +92,10 @@ class FP16ReferenceRunner(ReferenceRunner):
 
 
 class HalfRunner(Runner):
-    """The flatbuffer executed in float16 arithmetic, as a GPU without fp32 accumulation would."""
+    """The flatbuffer in float16 arithmetic, as LiteRT's GPU delegate computes at F16 precision.
+
+    Float16 storage and float16 accumulators, in the shaders' order (see :mod:`.half`).
+    """
 
     name = "fp16"
     version = "1.0"

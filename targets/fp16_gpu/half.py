@@ -3,11 +3,15 @@ without fp32 accumulation does.
 
 :class:`HalfInterpreter` is the integer reference's interpreter with the
 float kernels swapped: every op reads float16 values and writes float16 values
-(an overflow becomes ±inf, a value below 2⁻²⁴ becomes 0), products are rounded
-to float16, and sums — the reductions of convolutions, fully connected layers,
-means and softmax — are accumulated in float16 by pairwise (tree) addition, the
-order GPU shaders reduce in.  Ops named in ``fp32`` (output tensor names) run in
-float32 instead: the layers an fp16 artifact keeps in full precision.
+(an overflow becomes ±inf, a value below the smallest subnormal becomes 0).
+Convolutions and fully connected layers accumulate as LiteRT's GPU shaders do
+in F16 precision: one float16 accumulator per output starting at 0, one fused
+multiply-add per term in ``(ky, kx, cin)`` order, the bias added at the end
+(``order="pairwise"`` gives tree sums instead, the best case of float16
+accumulation).  Means, average pools and softmax sums reduce pairwise, as the
+work-group reductions of GPU kernels do.  Ops named in ``fp32`` (output tensor
+names) run in float32 instead: the layers an fp16 artifact keeps in full
+precision.
 
 Ops that only move data (reshape, transpose, pad, concat, max-pool, dequantize
 of float16 weights) are exact in either precision and run unchanged.
@@ -40,9 +44,35 @@ def sum16(p: np.ndarray) -> np.ndarray:
     return p[..., 0]
 
 
-def dot16(a: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """``a [M, K] @ w.T [K, N]`` for float16 operands: products exact (a float16 × float16
-    product fits float32), sums in float16 as :func:`sum16`."""
+def mac16(a: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``a [..., K] · w [K, N]`` accumulated the way GPU convolution shaders do it in
+    half precision: one float16 accumulator per output, starting at 0, updated
+    term by term in ``K`` order (``ky, kx, cin`` for a convolution) with a fused
+    multiply-add, i.e. the exact product added and the sum rounded to float16 once.
+
+    (A float16 × float16 product is exact in float64, and so is its sum with a
+    float16 accumulator, so ``.astype(float16)`` is the single rounding of an FMA.)
+    """
+    a = a.astype(np.float16).astype(np.float64)
+    w = w.astype(np.float16).astype(np.float64)
+    acc = np.zeros(a.shape[:-1] + (w.shape[-1],), np.float16)
+    for j in range(a.shape[-1]):
+        acc = (acc + a[..., j, None] * w[j]).astype(np.float16)
+    return acc
+
+
+def dot16(a: np.ndarray, w: np.ndarray, order: str = "sequential") -> np.ndarray:
+    """``a [M, K] @ w.T [K, N]`` for float16 operands with float16 accumulation.
+
+    ``order="sequential"`` (:func:`mac16`): the shader order of LiteRT's GPU
+    convolution and fully connected kernels.  ``order="pairwise"``: products
+    exact, sums as :func:`sum16` — the most accurate order a float16 reduction
+    can have, for comparison.
+    """
+    if order == "sequential":
+        return mac16(a, w.T)
+    if order != "pairwise":
+        raise ValueError(f"unknown accumulation order {order!r}; valid: sequential, pairwise")
     a, w = a.astype(np.float16).astype(np.float32), w.astype(np.float16).astype(np.float32)
     m, k = a.shape
     rows = max(1, _CHUNK // max(1, k * w.shape[0]))
@@ -70,17 +100,24 @@ def _conv16(interp, k, op, node, ins, vals, out, depthwise: bool):
     if depthwise:
         mult = w.shape[3] // x.shape[3]
         win = np.repeat(win, mult, axis=5)                        # [n, oh, ow, kh, kw, cout]
-        prod = win.astype(np.float32) * w[0][None, None, None].astype(np.float32)   # exact products
-        y = sum16(prod.reshape(n, oh, ow, kh * kw, -1).transpose(0, 1, 2, 4, 3))
+        taps = win.reshape(n, oh, ow, kh * kw, -1).astype(np.float64)
+        wt = w[0].reshape(kh * kw, -1).astype(np.float64)
+        if interp.order == "sequential":      # one accumulator per output channel, taps in (ky, kx) order
+            y = np.zeros(taps.shape[:3] + taps.shape[4:], np.float16)
+            for t in range(kh * kw):
+                y = (y + taps[..., t, :] * wt[t]).astype(np.float16)
+        else:
+            y = sum16((taps * wt).transpose(0, 1, 2, 4, 3))
     else:
-        y = R._grouped(win, w, lambda a, ww: dot16(a.reshape(-1, a.shape[-1]), ww.T).reshape(a.shape[:-1] + (-1,)))
+        y = R._grouped(win, w, lambda a, ww: dot16(a.reshape(-1, a.shape[-1]), ww.T, interp.order)
+                       .reshape(a.shape[:-1] + (-1,)))
     return _act16(y + b, R._activation(op, node))
 
 
 def _fc16(interp, k, op, node, ins, vals, out):
     x, w = _h(vals[0]), _h(vals[1])
     x2 = x.reshape(-1, w.shape[1])
-    y = dot16(x2, w)
+    y = dot16(x2, w, interp.order)
     if len(vals) > 2 and vals[2] is not None:
         y = y + _h(vals[2])
     return _act16(y, R._activation(op, node)).reshape(out.shape)
@@ -156,10 +193,18 @@ class HalfInterpreter(R.ReferenceInterpreter):
     """Float LiteRT model executed in float16 arithmetic (see module docstring).
 
     ``fp32``: output tensor names of ops that run in float32 instead.
+    ``order``: how convolutions and fully connected layers accumulate —
+    ``"sequential"`` (LiteRT GPU shaders: one float16 FMA per term) or
+    ``"pairwise"`` (tree sums, the best case of float16 accumulation).
     """
 
-    def __init__(self, model, fp32: set[str] | frozenset = frozenset()):
+    ORDERS = ("sequential", "pairwise")
+
+    def __init__(self, model, fp32: set[str] | frozenset = frozenset(), order: str = "sequential"):
         super().__init__(model)
+        if order not in self.ORDERS:
+            raise ValueError(f"unknown accumulation order {order!r}; valid: {', '.join(self.ORDERS)}")
+        self.order = order
         self.fp32 = set(fp32)
         self._half = {k: _HALF[op_name] for k, (op_name, op, _) in enumerate(self._ops)
                       if op_name in _HALF and not runs_in_fp32(self._tensors[int(op.outputs[0])].name, self.fp32)}
