@@ -237,9 +237,130 @@ class PercentileObserver(_SampleObserver):
         return np.float64(lo), np.float64(hi)
 
 
+class MSEObserver(_SampleObserver):
+    """The clipping range that minimises the mean squared quantize-dequantize error.
+
+    Candidates shrink the observed range ``[lo, hi]`` by factors ``α`` in
+    ``[α_min, 1]`` (``grid`` of them; both ends together, so zero stays where
+    it is); each is scored on a ``bins``-bin histogram of the observed values
+    with the same :func:`qparams` rule the plan will use (``symmetric``,
+    ``dtype``).  Outliers are clipped when the precision gained on the bulk of
+    the values outweighs their clipping error.
+    """
+
+    def __init__(self, axis: int | None = None, *, symmetric: bool = False, dtype: str = "int8",
+                 grid: int = 100, alpha_min: float = 0.05, bins: int = 2048):
+        super().__init__(axis)
+        self.symmetric, self.dtype, self.grid, self.alpha_min, self.bins = symmetric, dtype, grid, alpha_min, bins
+
+    def _range(self):
+        v = self.all().astype(np.float64)
+        lo, hi = min(float(v.min()), 0.0), max(float(v.max()), 0.0)
+        if hi - lo == 0:
+            return np.float64(lo), np.float64(hi)
+        counts, edges = np.histogram(v, bins=self.bins, range=(lo, hi))
+        centers = (edges[:-1] + edges[1:]) / 2
+        best, best_err = (lo, hi), np.inf
+        for a in np.linspace(1.0, self.alpha_min, self.grid):
+            err = quantization_mse(centers, counts, a * lo, a * hi, symmetric=self.symmetric, dtype=self.dtype)
+            if err < best_err:
+                best, best_err = (a * lo, a * hi), err
+        return np.float64(best[0]), np.float64(best[1])
+
+
+def quantization_mse(values: np.ndarray, weights: np.ndarray, lo: float, hi: float, *, symmetric: bool,
+                     dtype: str = "int8") -> float:
+    """Weighted mean of ``(x − dequantize(quantize(x)))²`` with the parameters of ``[lo, hi]``."""
+    scale, zero = qparams(lo, hi, dtype=dtype, symmetric=symmetric, narrow=False)
+    qmin, qmax = qrange(dtype)
+    q = np.clip(np.round(values / float(scale) + int(zero)), qmin, qmax)
+    err = (values - (q - int(zero)) * float(scale)) ** 2
+    return float(np.sum(err * weights) / max(float(np.sum(weights)), 1.0))
+
+
+class EntropyObserver(_SampleObserver):
+    """TensorRT's calibration (Migacz, "8-bit Inference with TensorRT", GTC 2017):
+    the threshold whose quantized distribution loses the least information.
+
+    A histogram of |x| (of x when no value is negative; ``bins`` bins, fewer
+    when there are under 8 values per bin) is cut at every candidate bin
+    ``i ≥ levels``: ``P`` is the first ``i`` bins
+    with the clipped tail added to the last one, ``Q`` merges those bins into
+    ``levels`` quantization levels and spreads each level's mass evenly over its
+    non-empty bins; the chosen threshold minimises ``KL(P ‖ Q)``.  Exact zeros
+    are left out: zero is representable at any threshold, and a ReLU output's
+    spike at zero would pull the threshold down for nothing.  ``levels`` is
+    127 for values of both signs (one side of a symmetric int8 grid) and 255 for
+    non-negative values.  The range is ``[-T, T]`` (``[0, T]``), clipped to what
+    was observed.
+    """
+
+    def __init__(self, axis: int | None = None, *, bins: int = 2048, stride: int = 1):
+        super().__init__(axis)
+        self.bins, self.stride = bins, stride
+
+    def _range(self):
+        v = self.all().astype(np.float64)
+        lo, hi = float(v.min()), float(v.max())
+        signed = lo < 0
+        mags = np.abs(v) if signed else v
+        top = float(mags.max())
+        if top == 0:
+            return np.float64(min(lo, 0.0)), np.float64(max(hi, 0.0))
+        # at least ~8 values per bin on average: a sparse histogram is no distribution to compare
+        # (too few values for more bins than levels: no clipping)
+        mags = mags[mags > 0]      # zero is exact at every threshold: ReLU's spike would only skew the fit
+        bins = max(1, min(self.bins, mags.size // 8))
+        hist, _ = np.histogram(mags, bins=bins, range=(0.0, top))
+        levels = 127 if signed else 255
+        i = kl_threshold_bin(hist, levels, self.stride)
+        t = (i + 0.5) * top / bins if i < bins else top
+        return np.float64(max(lo, -t) if signed else min(lo, 0.0)), np.float64(min(hi, t))
+
+
+def kl_threshold_bin(hist: np.ndarray, levels: int, stride: int = 1) -> int:
+    """Number of histogram bins to keep (see :class:`EntropyObserver`)."""
+    hist = np.asarray(hist, np.float64)
+    n = hist.size
+    if n <= levels:
+        return n
+    best_i, best_kl = n, np.inf
+    for i in range(levels, n + 1, stride):
+        p = hist[:i].copy()
+        p[-1] += hist[i:].sum()
+        # merge the i bins into `levels` consecutive groups, then spread each group's mass evenly
+        # over its non-empty bins
+        group = np.arange(i) * levels // i
+        nonempty = p > 0
+        mass = np.bincount(group, weights=hist[:i], minlength=levels)
+        count = np.bincount(group, weights=nonempty, minlength=levels)
+        q = np.where(nonempty, mass[group] / np.maximum(count[group], 1), 0.0)
+        kl = _kl(p, q)
+        if kl < best_kl:
+            best_i, best_kl = i, kl
+    return best_i
+
+
+def _smooth(d: np.ndarray, eps: float = 1e-4) -> np.ndarray:
+    """Normalise ``d``, give its empty bins ``eps`` of mass, and normalise again."""
+    d = d / d.sum()
+    d = np.where(d == 0, eps, d)
+    return d / d.sum()
+
+
+def _kl(p: np.ndarray, q: np.ndarray) -> float:
+    """``KL(P ‖ Q)`` over P's support, both normalised; Q smoothed where P has mass and Q none."""
+    if q.sum() == 0:
+        return np.inf
+    p, q = p / p.sum(), _smooth(q)
+    m = p > 0
+    return float(np.sum(p[m] * np.log(p[m] / q[m])))
+
+
 def make_observer(kind: str, axis: int | None = None, **options: Any) -> Observer:
-    """Observer by name: ``minmax``, ``moving-minmax``, ``percentile``."""
-    table = {"minmax": MinMaxObserver, "moving-minmax": MovingMinMaxObserver, "percentile": PercentileObserver}
+    """Observer by name: ``minmax``, ``moving-minmax``, ``percentile``, ``mse``, ``entropy``."""
+    table = {"minmax": MinMaxObserver, "moving-minmax": MovingMinMaxObserver, "percentile": PercentileObserver,
+             "mse": MSEObserver, "entropy": EntropyObserver}
     if kind not in table:
         from .errors import ConfigError
 
@@ -247,4 +368,4 @@ def make_observer(kind: str, axis: int | None = None, **options: Any) -> Observe
     return table[kind](axis, **options)
 
 
-OBSERVERS = ("minmax", "moving-minmax", "percentile")
+OBSERVERS = ("minmax", "moving-minmax", "percentile", "mse", "entropy")

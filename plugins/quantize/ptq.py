@@ -6,7 +6,9 @@ observers that watch representative data flow through the captured graph
 Integer-Arithmetic-Only Inference", CVPR 2018; Krishnamoorthi, "Quantizing deep
 convolutional networks for efficient inference", 2018).  Observers:
 ``minmax`` (running extremes), ``moving-minmax`` (EMA of per-batch extremes),
-``percentile`` (outlier clipping).
+``percentile`` (outlier clipping), ``mse`` (the clipping range with the least
+mean squared quantization error) and ``entropy`` (the KL-divergence threshold of
+TensorRT's calibrator, Migacz 2017); see :mod:`sdk.quant`.
 
 >>> from plugins.quantize.ptq import PTQ
 >>> PTQ(activation_observer="percentile", percentile=99.9).config.weight_granularity
@@ -69,7 +71,9 @@ class PTQ(Quantizer):
 
     def calibrate(self, graph, batches: Sequence[tuple]) -> QuantPlan:
         cfg = self.config
-        opts = {"percentile": cfg.percentile} if cfg.activation_observer == "percentile" else {}
+        opts = {"percentile": {"percentile": cfg.percentile},
+                "mse": {"symmetric": cfg.activation_scheme == "symmetric", "dtype": cfg.dtype}}.get(
+                    cfg.activation_observer, {})
         observers = {name: make_observer(cfg.activation_observer, **opts) for name, _, _ in graph.inputs}
         observers.update({n.name: make_observer(cfg.activation_observer, **opts) for n in graph.nodes})
         used = list(batches)[: cfg.num_batches] if cfg.num_batches else list(batches)
