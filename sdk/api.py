@@ -22,7 +22,7 @@ from typing import Any, Iterable
 from . import __version__, plugins
 from .artifact import GOLDEN, FORMAT, FORMAT_VERSION, PROFILE, Artifact, Staging, load, save_npz
 from .errors import EdgepackError, InputError, RunnerError
-from .recipe import Recipe, Stage, as_recipe
+from .recipe import Stage, as_recipe
 
 __all__ = ["deploy", "compress", "load", "list_plugins"]
 

@@ -115,6 +115,7 @@ def plugins_markdown(rows: list[dict]) -> str:
                 cls = obj
         doc = ((cls.__doc__ or "").strip().splitlines() or [""])[0] if cls else ""
         name = r["name"] + (f" ({', '.join(r['targets'])})" if r.get("targets") else "")
+        doc = doc.replace("|", "\\|")          # a literal pipe would split the table cell
         lines.append(f"| {r['kind']} | `{name}` | `{r['module']}` | {doc} |")
     return "\n".join(lines)
 

@@ -24,9 +24,24 @@ class _Mask(torch.nn.Module):
 
 def prunable_layers(model: torch.nn.Module, layer_types=("Conv1d", "Conv2d", "Linear"),
                     exclude=()) -> list[tuple[str, torch.nn.Module]]:
-    """``(name, module)`` of the layers whose class name is in ``layer_types``."""
+    """``(name, module)`` of the layers whose class name is in ``layer_types`` (masked layers
+    included: parametrize renames their class ``Parametrized<Class>``)."""
     return [(n, m) for n, m in model.named_modules()
-            if type(m).__name__ in layer_types and n not in exclude and getattr(m, "weight", None) is not None]
+            if parametrize.type_before_parametrizations(m).__name__ in layer_types and n not in exclude
+            and getattr(m, "weight", None) is not None]
+
+
+def smallest_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Float mask with exactly ``round(sparsity·n)`` zeros at the smallest scores.
+
+    A stable sort breaks ties by position, so the count is exact even when many
+    scores are equal.
+    """
+    k = int(round(sparsity * scores.numel()))
+    mask = torch.ones_like(scores)
+    if k:
+        mask[torch.sort(scores, stable=True).indices[:k]] = 0.0
+    return mask
 
 
 def apply_mask(module: torch.nn.Module, mask: torch.Tensor, name: str = "weight") -> None:

@@ -107,6 +107,19 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
     return batch, None
 
 
+def classification_loss(model: torch.nn.Module, batch: Any, *, who: str = "training",
+                        hint: str = "") -> torch.Tensor:
+    """Cross-entropy of ``model(x)`` against ``y`` for an ``(x, y)`` batch.
+
+    Batches without labels raise :class:`InputError` naming ``who`` needs them
+    (and ``hint``, another way out, when there is one).
+    """
+    x, y = split_batch(batch)
+    if y is None:
+        raise InputError(f"{who} needs labelled data: pass (x, y) batches as data=" + (f" ({hint})" if hint else ""))
+    return torch.nn.functional.cross_entropy(model(x), y)
+
+
 def make_loader(x: Any, y: Any = None, *, batch_size: int = 64, shuffle: bool = True, seed: int = 0):
     """A seeded ``DataLoader`` over arrays/tensors ``x`` (and labels ``y``)."""
     x = torch.as_tensor(x, dtype=torch.float32)

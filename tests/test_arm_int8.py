@@ -1,6 +1,5 @@
 """arm-int8 / arm-fp32: every zoo model packs, runs in LiteRT, and equals the integer reference."""
 
-import json
 import sys
 from pathlib import Path
 

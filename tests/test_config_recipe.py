@@ -4,7 +4,6 @@ import dataclasses
 
 import pytest
 
-import sdk
 import sdk.plugins as p
 from sdk.errors import ConfigError, RecipeError, UnknownPluginError
 from sdk.recipe import Recipe

@@ -1,13 +1,11 @@
 """Graph capture, trainer determinism, lazy imports, CLI."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 import sdk

@@ -26,7 +26,7 @@ import torch
 from sdk import hookimpl
 from sdk.base import Pruner
 from sdk.config import Config, check_choice, check_range
-from sdk.masks import apply_mask, prunable_layers
+from sdk.masks import apply_mask, prunable_layers, smallest_mask
 
 
 class MagnitudePruner(Pruner):
@@ -52,27 +52,16 @@ class MagnitudePruner(Pruner):
         if cfg.scope == "layer":
             for _, mod in layers:
                 w = mod.weight.detach()
-                apply_mask(mod, _smallest_mask(w.abs().reshape(-1), cfg.sparsity).reshape(w.shape))
+                apply_mask(mod, smallest_mask(w.abs().reshape(-1), cfg.sparsity).reshape(w.shape))
         else:
             scores = torch.cat([m.weight.detach().abs().reshape(-1) for _, m in layers])
-            keep = _smallest_mask(scores, cfg.sparsity)
+            keep = smallest_mask(scores, cfg.sparsity)
             offset = 0
             for _, mod in layers:
                 n = mod.weight.numel()
                 apply_mask(mod, keep[offset:offset + n].reshape(mod.weight.shape))
                 offset += n
         return model
-
-
-def _smallest_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Float mask with exactly ``round(sparsity·n)`` zeros at the smallest scores."""
-    k = int(round(sparsity * scores.numel()))
-    mask = torch.ones_like(scores)
-    if k:
-        # stable sort: equal magnitudes are pruned in index order, so the count is exact
-        order = torch.sort(scores, stable=True).indices
-        mask[order[:k]] = 0.0
-    return mask
 
 
 @hookimpl

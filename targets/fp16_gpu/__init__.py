@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
-
 from sdk import Package, Runner, Target, TensorSig, hookimpl
 from sdk.config import Config
 from sdk.quant import FP16_MAX

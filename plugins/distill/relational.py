@@ -1,0 +1,168 @@
+"""``relational`` — Relational Knowledge Distillation: match how samples relate.
+
+Park, Kim, Lu & Cho, "Relational Knowledge Distillation", CVPR 2019.
+
+Instead of matching each sample's output, the student matches the *structure*
+of the batch in embedding space: distances between pairs and angles in
+triplets.  Both are invariant to rotating, translating and (after the
+normalisation below) scaling the embedding, so the student's embedding may
+even have a different size from the teacher's.
+
+For a batch of embeddings ``e_1 … e_N`` (flattened layer outputs):
+
+distance-wise
+    ``ψ_D(i, j) = ‖e_i − e_j‖ / μ`` with ``μ`` the mean of ``‖e_i − e_j‖`` over
+    the ordered pairs ``i ≠ j``;
+    ``L_dist = mean_{i ≠ j} huber(ψ_D^s(i, j) − ψ_D^t(i, j))``.
+angle-wise
+    ``ψ_A(i, j, k) = ⟨(e_i − e_j)/‖e_i − e_j‖, (e_k − e_j)/‖e_k − e_j‖⟩``, the
+    cosine of the angle at ``e_j``;
+    ``L_angle = mean over triplets of distinct i, j, k of huber(ψ_A^s − ψ_A^t)``.
+
+``huber`` is the smooth-L1 of the paper (δ = 1): ``½x²`` for ``|x| < 1``,
+``|x| − ½`` otherwise.  The objective is
+
+    loss = lambda_distance · L_dist + lambda_angle · L_angle + ce_weight · CE(s, y)
+
+(defaults 1 : 2 between the two relational terms, as in the paper's
+metric-learning runs; ``ce_weight = 0`` drops the label term, so unlabeled
+data works).  ``student_layer`` / ``teacher_layer`` name the modules whose
+outputs are the embeddings (``named_modules`` names; ``""``, the default, is
+the models' outputs); bad names raise a :class:`~sdk.errors.ConfigError`
+listing the available ones.  Batches need at least three samples.
+
+>>> import torch
+>>> from plugins.distill.relational import distance_loss
+>>> e = torch.randn(6, 4)
+>>> float(distance_loss(3 * e, e)) < 1e-12      # scaling the student changes nothing
+True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from sdk import hookimpl
+from sdk.base import Distiller
+from sdk.config import Config, check_range
+from sdk.errors import InputError
+from sdk.trainer import TrainConfig, fit, split_batch
+
+from .fitnets import capture, named_module
+
+_EPS = 1e-12
+
+
+def _flat(e: torch.Tensor) -> torch.Tensor:
+    if e.dim() < 2 or e.shape[0] < 3:
+        raise InputError(f"relational distillation needs embeddings of at least 3 samples, got shape "
+                         f"{tuple(e.shape)}; use batches of 3 or more")
+    return e.reshape(e.shape[0], -1)
+
+
+def normalised_distances(e: torch.Tensor) -> torch.Tensor:
+    """``(N, N)`` pairwise Euclidean distances divided by their mean over ``i ≠ j``."""
+    e = _flat(e)
+    diff = e.unsqueeze(1) - e.unsqueeze(0)
+    # sqrt of a clamped square: the diagonal's zero distance would give a NaN gradient
+    d = diff.pow(2).sum(-1).clamp_min(_EPS).sqrt()
+    n = e.shape[0]
+    off = ~torch.eye(n, dtype=torch.bool, device=e.device)
+    return d / d[off].mean().clamp_min(_EPS)
+
+
+def angle_cosines(e: torch.Tensor) -> torch.Tensor:
+    """``(N, N, N)`` tensor whose ``[i, j, k]`` is the cosine of the angle at ``e_j`` between ``e_i`` and ``e_k``."""
+    e = _flat(e)
+    diff = e.unsqueeze(0) - e.unsqueeze(1)            # [j, i] = e_i − e_j
+    unit = diff / diff.norm(dim=-1, keepdim=True).clamp_min(_EPS)
+    cos_jik = torch.bmm(unit, unit.transpose(1, 2))   # [j, i, k]
+    return cos_jik.permute(1, 0, 2)
+
+
+def distance_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """RKD distance-wise loss: Huber between normalised distances, mean over pairs ``i ≠ j``."""
+    ds, dt = normalised_distances(student), normalised_distances(teacher)
+    off = ~torch.eye(ds.shape[0], dtype=torch.bool, device=ds.device)
+    return F.smooth_l1_loss(ds[off], dt[off], beta=1.0)
+
+
+def angle_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """RKD angle-wise loss: Huber between triplet cosines, mean over distinct ``i, j, k``."""
+    a_s, a_t = angle_cosines(student), angle_cosines(teacher)
+    n = a_s.shape[0]
+    # Degenerate triplets add nothing to the sum: with i = j or k = j both cosines are 0
+    # (a zero vector), with i = k both are 1.  Summing the full cube and dividing by the
+    # number of distinct triplets is the mean over distinct ones, without an N³ mask.
+    return F.smooth_l1_loss(a_s, a_t, beta=1.0, reduction="sum") / (n * (n - 1) * (n - 2))
+
+
+class Relational(Distiller):
+    """Distance- and angle-wise relational distillation (RKD-DA), optionally with CE."""
+
+    name = "relational"
+    version = "1.0"
+
+    @dataclasses.dataclass(frozen=True)
+    class Config(Config):
+        lambda_distance: float = 1.0
+        lambda_angle: float = 2.0
+        ce_weight: float = 1.0        # weight of CE on labels; 0 for unlabeled data
+        student_layer: str = ""       # "" = the model's output
+        teacher_layer: str = ""
+        epochs: int = 1
+        lr: float = 1e-3
+        optimizer: str = "adam"
+        seed: int = 0
+        progress: bool = True
+
+        def __post_init__(self):
+            check_range("relational", "lambda_distance", self.lambda_distance, 0.0)
+            check_range("relational", "lambda_angle", self.lambda_angle, 0.0)
+            check_range("relational", "ce_weight", self.ce_weight, 0.0)
+            check_range("relational", "epochs", self.epochs, 1)
+            check_range("relational", "lr", self.lr, 0.0, lo_open=True)
+
+    def loss(self, student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor | None = None,
+             logits: torch.Tensor | None = None) -> torch.Tensor:
+        """The objective for one batch of student and teacher embeddings.
+
+        The CE term uses ``logits`` (default: ``student``, right when the
+        embeddings are the outputs) and ``target``; it is skipped when
+        ``ce_weight`` is 0.
+        """
+        cfg = self.config
+        total = cfg.lambda_distance * distance_loss(student, teacher) + cfg.lambda_angle * angle_loss(student, teacher)
+        if cfg.ce_weight > 0:
+            if target is None:
+                raise InputError("relational ce_weight > 0 needs labels: pass (x, y) batches, or set ce_weight=0")
+            total = total + cfg.ce_weight * F.cross_entropy(student if logits is None else logits, target)
+        return total
+
+    def apply(self, student: torch.nn.Module, teacher, data) -> torch.nn.Module:
+        if not isinstance(teacher, torch.nn.Module):
+            raise InputError("relational needs a teacher model: sdk.compress(model, recipe, data=..., "
+                             "teacher=big_model)")
+        cfg = self.config
+        named_module(teacher, cfg.teacher_layer, "teacher_layer")    # fail on bad names before any training
+        named_module(student, cfg.student_layer, "student_layer")
+        teacher.eval()
+
+        def step(model, batch):
+            x, y = split_batch(batch)
+            with torch.no_grad():
+                _, (t,) = capture(teacher, x, [cfg.teacher_layer], ["teacher_layer"], stop=True)
+            out, (s,) = capture(model, x, [cfg.student_layer], ["student_layer"])
+            return self.loss(s, t, y, logits=out)
+
+        fit(student, data, step, TrainConfig(epochs=cfg.epochs, lr=cfg.lr, optimizer=cfg.optimizer, seed=cfg.seed,
+                                             progress=cfg.progress), desc="relational")
+        return student
+
+
+@hookimpl
+def register_distillers(register):
+    register(Relational)
