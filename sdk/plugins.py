@@ -36,6 +36,8 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "plugins.prune.threshold",
     "plugins.prune.agp",
     "plugins.prune.granularity",
+    "plugins.prune.filter_l1",
+    "plugins.prune.slimming",
     "plugins.quantize.ptq",
     "plugins.quantize.fp16",
     "plugins.quantize.bnn",

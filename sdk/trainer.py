@@ -120,6 +120,22 @@ def classification_loss(model: torch.nn.Module, batch: Any, *, who: str = "train
     return torch.nn.functional.cross_entropy(model(x), y)
 
 
+def finetune(model: torch.nn.Module, data: Any, *, epochs: int, lr: float, optimizer: str = "adam", seed: int = 0,
+             progress: bool = True, desc: str = "fine-tune", penalty: Callable[[], torch.Tensor] | None = None
+             ) -> list[float]:
+    """Cross-entropy training on ``(x, y)`` batches, plus ``penalty()`` when given (pruners'
+    fine-tuning and sparsity training)."""
+    if data is None:
+        raise InputError(f"{desc} needs labelled data: pass data= as (x, y) batches")
+
+    def step(m: torch.nn.Module, batch: Any) -> torch.Tensor:
+        loss = classification_loss(m, batch, who=desc)
+        return loss + penalty() if penalty is not None else loss
+
+    return fit(model, data, step, TrainConfig(epochs=epochs, lr=lr, optimizer=optimizer, seed=seed,
+                                              progress=progress), desc=desc)
+
+
 def make_loader(x: Any, y: Any = None, *, batch_size: int = 64, shuffle: bool = True, seed: int = 0):
     """A seeded ``DataLoader`` over arrays/tensors ``x`` (and labels ``y``)."""
     x = torch.as_tensor(x, dtype=torch.float32)
