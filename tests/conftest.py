@@ -22,6 +22,16 @@ def digits():
     return torch.from_numpy(xtr), torch.from_numpy(ytr), torch.from_numpy(xte), torch.from_numpy(yte)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module of tiny models: OpenMP hand-offs cost more than they save,
+    badly so on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def example_plugin():
     """The example third-party plugin, registered for one test (llm's habit: unregister in finally)."""

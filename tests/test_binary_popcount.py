@@ -42,13 +42,7 @@ BNN_RECIPE = {"stages": [{"method": "bnn", "config": {"epochs": 5, "lr": 3e-3, "
 MIN_BINARY_ACCURACY = 0.90
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models: OpenMP hand-offs cost more than they save, badly so on a busy 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: one thread is faster
 
 
 def window_mean_abs(x, k, stride, pad):

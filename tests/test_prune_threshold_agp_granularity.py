@@ -18,13 +18,7 @@ from sdk.masks import bake, mask_of, prunable_layers
 from sdk.trainer import TrainConfig, fit, make_loader
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models train several times faster on one thread than on two busy cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: one thread is faster
 
 
 @pytest.fixture(scope="module")

@@ -24,13 +24,7 @@ from sdk.graph import capture, macs
 from sdk.trainer import evaluate
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train faster on one thread, and the machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: one thread is faster
 
 
 class Branchy(nn.Module):
