@@ -169,11 +169,15 @@ class FitNets(Distiller):
         pred = regressor(guided)
         return 0.5 * F.mse_loss(pred.reshape(hint.shape), hint)
 
+    def _kd(self) -> KD:
+        """Stage 2 as a kd distiller with this config's objective and training options."""
+        cfg = self.config
+        return KD(objective=cfg.objective, temperature=cfg.temperature, alpha=cfg.alpha, epochs=cfg.epochs,
+                  lr=cfg.lr, optimizer=cfg.optimizer, seed=cfg.seed, progress=cfg.progress)
+
     def loss(self, student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
         """Stage 2: kd's loss between student and teacher logits."""
-        cfg = self.config
-        return KD(objective=cfg.objective, temperature=cfg.temperature, alpha=cfg.alpha, progress=False).loss(
-            student, teacher, target)
+        return self._kd().loss(student, teacher, target)
 
     # pieces of training
 
@@ -229,19 +233,8 @@ class FitNets(Distiller):
         return regressor
 
     def train_kd(self, student: torch.nn.Module, teacher: torch.nn.Module, data: Iterable) -> torch.nn.Module:
-        """Stage 2: train the whole student with kd's loss; return it."""
-        cfg = self.config
-        teacher.eval()
-
-        def step(model, batch):
-            x, y = split_batch(batch)
-            with torch.no_grad():
-                t = teacher(x)
-            return self.loss(model(x), t, y)
-
-        fit(student, data, step, TrainConfig(epochs=cfg.epochs, lr=cfg.lr, optimizer=cfg.optimizer, seed=cfg.seed,
-                                             progress=cfg.progress), desc="fitnets kd")
-        return student
+        """Stage 2: train the whole student with kd; return it."""
+        return self._kd().apply(student, teacher, data)
 
     def apply(self, student: torch.nn.Module, teacher, data) -> torch.nn.Module:
         if not isinstance(teacher, torch.nn.Module):
