@@ -35,12 +35,13 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "deploy": "sdk.api", "compress": "sdk.api", "load": "sdk.artifact", "list_plugins": "sdk.api",
+    "sign": "sdk.signing",
     "Recipe": "sdk.recipe", "Stage": "sdk.recipe", "Artifact": "sdk.artifact", "VerifyReport": "sdk.verify",
     "TrainConfig": "sdk.trainer", "QuantSpec": "sdk.quant", "QuantPlan": "sdk.quant", "Graph": "sdk.graph",
 }
 
 __all__ = [
-    "deploy", "compress", "load", "list_plugins", "Recipe", "Stage", "Artifact", "VerifyReport", "TrainConfig",
+    "deploy", "compress", "load", "sign", "list_plugins", "Recipe", "Stage", "Artifact", "VerifyReport", "TrainConfig",
     "QuantSpec", "QuantPlan", "Graph", "Config", "Distiller", "Pruner", "Quantizer", "Target", "Runner",
     "Package", "TensorSig", "hookimpl", "hookspec", "__version__",
     "EdgepackError", "UnknownPluginError", "PluginConflictError", "PluginLoadError", "ConfigError", "RecipeError",

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from . import __version__, plugins
-from .artifact import GOLDEN, FORMAT, FORMAT_VERSION, PROFILE, Artifact, Staging, load, save_npz
+from .artifact import GOLDEN, FORMAT, FORMAT_VERSION, PROFILE, Artifact, Staging, check_output, load, save_npz
 from .errors import EdgepackError, InputError, RunnerError
 from .recipe import Stage, as_recipe
 
@@ -65,7 +65,7 @@ def compress(model, recipe, data: Iterable | None = None, teacher=None):
 
 def deploy(model, target: str, example_inputs, calibration: Iterable | None = None, recipe=None,
            output: str | Path | None = None, *, data: Iterable | None = None, teacher=None,
-           progress: bool = True, **target_options: Any) -> Artifact:
+           overwrite: bool = False, progress: bool = True, **target_options: Any) -> Artifact:
     """Compress (optional), capture, quantize and pack ``model`` for ``target``.
 
     ``model`` is never mutated.  ``calibration`` is an iterable of input
@@ -74,7 +74,9 @@ def deploy(model, target: str, example_inputs, calibration: Iterable | None = No
     stages (``data``/``teacher`` feed its training stages).  Extra keyword
     options go to the target's config (e.g. ``io="int8"`` for ``arm-int8``).
     The artifact is written atomically to ``output`` (a temporary directory
-    when omitted) and returned opened.
+    when omitted) and returned opened.  An existing artifact at ``output`` is
+    replaced only with ``overwrite=True``; any other non-empty directory there
+    is refused (:class:`ArtifactError`) before any slow work and never deleted.
 
     >>> art = sdk.deploy(net, target="arm-int8", example_inputs=(x,), calibration=batches)  # doctest: +SKIP
     """
@@ -82,6 +84,10 @@ def deploy(model, target: str, example_inputs, calibration: Iterable | None = No
     from .graph import capture, check_example_inputs, fold_batch_norm
 
     started = time.perf_counter()
+    if not isinstance(overwrite, bool):
+        raise InputError(f"overwrite must be True or False, got {overwrite!r}")
+    if output is not None:
+        check_output(Path(output).absolute(), overwrite)
     target_cls = plugins.get("target", target)
     tgt = target_cls(**target_options)
     example_inputs = check_example_inputs(model, example_inputs)
@@ -133,11 +139,11 @@ def deploy(model, target: str, example_inputs, calibration: Iterable | None = No
         "verify": tgt.verify_rules(),
         **package.extra,
     }
-    with Staging(output) as stage:
+    with Staging(output, overwrite=overwrite) as stage:
         for name, blob in package.files.items():
             stage.add(name, blob)
         stage.add(GOLDEN, save_npz(golden))
-        staged = Artifact(stage.path, manifest, {})
+        staged = Artifact(stage.path, {**manifest, "files": stage.file_table()}, {})
         latency, note = _smoke_and_time(staged, tgt.default_runner, [golden[f"input_{i}"]
                                                                      for i in range(len(example_inputs))])
         profile = _profile(tgt.name, package, latency, note, time.perf_counter() - started)

@@ -34,7 +34,7 @@ def test_flipped_byte_is_refused(art, name):
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
-    with pytest.raises(ArtifactError, match=f"{name} does not match its sha256"):
+    with pytest.raises(ArtifactError, match=f"{name} is missing or does not match its size and sha256"):
         sdk.load(art.path)
 
 
@@ -44,7 +44,7 @@ def test_missing_extra_foreign_and_newer(art, tmp_path):
         sdk.load(art.path)
     os.remove(art.path / "notes.txt")
     os.remove(art.path / "golden.npz")
-    with pytest.raises(ArtifactError, match="missing golden.npz"):
+    with pytest.raises(ArtifactError, match="golden.npz is missing or does not match"):
         sdk.load(art.path)
 
     foreign = tmp_path / "foreign"
@@ -63,8 +63,14 @@ def test_missing_extra_foreign_and_newer(art, tmp_path):
 
 
 def test_redeploy_replaces_artifact_and_refuses_foreign_dir(example_plugin, art, small_cnn, tmp_path):
-    again = sdk.deploy(small_cnn, target="torch-ir", example_inputs=(torch.randn(1, 1, 8, 8),), output=art.path)
+    before = (art.path / "manifest.json").read_bytes()
+    with pytest.raises(ArtifactError, match="overwrite=True"):
+        sdk.deploy(small_cnn, target="torch-ir", example_inputs=(torch.randn(1, 1, 8, 8),), output=art.path)
+    assert (art.path / "manifest.json").read_bytes() == before
+    again = sdk.deploy(small_cnn, target="torch-ir", example_inputs=(torch.randn(1, 1, 8, 8),), output=art.path,
+                       overwrite=True)
     assert sdk.load(again.path).target == "torch-ir"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]     # no staging, lock or old copy left
     other = tmp_path / "mine"
     other.mkdir()
     (other / "keep.txt").write_text("precious")
