@@ -2,6 +2,7 @@
 
 The data flow of :func:`deploy`, one line per step::
 
+    target.check(capture(model))      a recipe without training-time quantizers: refuse before training
     compress(model, recipe)           torch-side stages: distill, prune, train-time quantizers
     capture(model, example_inputs)    torch.export -> canonical Graph
     fold_batch_norm, target.prepare   graph passes
@@ -93,6 +94,11 @@ def deploy(model, target: str, example_inputs, calibration: Iterable | None = No
     example_inputs = check_example_inputs(model, example_inputs)
     recipe = as_recipe(recipe)
 
+    if recipe.torch_stages and not any(s.kind == "quantizer" for s in recipe.torch_stages):
+        # Distillers and pruners keep the model's operators, so the target can refuse an
+        # unsupported model before hours of training; training-time quantizers add their own
+        # ops (binarize, fake-quant), checked after they ran.
+        tgt.check(tgt.prepare(fold_batch_norm(capture(copy.deepcopy(model).eval(), example_inputs))))
     packed_model = compress(model, recipe, data=data, teacher=teacher) if recipe.torch_stages \
         else copy.deepcopy(model).eval()
     graph = tgt.prepare(fold_batch_norm(capture(packed_model, example_inputs)))
