@@ -291,9 +291,21 @@ class Artifact:
             raise ArtifactError(f"artifact {self.path} has no file {name!r}")
         return self.path / name
 
+    def read_bytes(self, name: str) -> bytes:
+        """The bytes of one of the artifact's files, checked again against the manifest's
+        size and sha256 (the file may have changed since :func:`load` checked it)."""
+        meta = self.manifest.get("files", {}).get(name)
+        if meta is None:
+            raise ArtifactError(f"artifact {self.path} has no file {name!r}")
+        data = _read_file(self.path, name, meta)
+        if data is None or sha256(data) != meta["sha256"]:
+            raise ArtifactError(f"artifact {self.path}: {name} changed after it was loaded (it no longer "
+                                f"matches its size and sha256 in {MANIFEST}); load the artifact again")
+        return data
+
     def golden(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """``(inputs, float_outputs)`` recorded at deploy time."""
-        with np.load(self.path / GOLDEN) as z:
+        with np.load(io.BytesIO(self.read_bytes(GOLDEN)), allow_pickle=False) as z:
             ins = [z[f"input_{i}"] for i in range(len(self.manifest["inputs"]))]
             outs = [z[f"output_{i}"] for i in range(len(self.manifest["outputs"]))]
         return ins, outs

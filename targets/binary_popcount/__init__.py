@@ -12,10 +12,21 @@ take with any C99 compiler::
 
 ``model.h`` declares ``edgepack_model_run(input, output, weights)``; the
 vector path (AVX-512 VPOPCNTDQ, AVX2, NEON, portable C) is picked from the
-compiler's target flags.  ``layers.json`` describes the layers for the
-``reference`` runner.  ``bwn`` layers (binary weights, float activations) are
-refused with a message to use ``xnor`` or ``bnn``; the kernels XNOR two packed
-operands.
+compiler's target flags.  ``layers.json`` describes the layers and where their
+arrays lie in ``weights.bin``.  ``bwn`` layers (binary weights, float
+activations) are refused with a message to use ``xnor`` or ``bnn``; the kernels
+XNOR two packed operands.
+
+The C files are shipped for firmware builds; edgepack itself never compiles or
+loads anything an artifact contains.  Its runners (:mod:`.runners`) read
+``layers.json`` and ``weights.bin`` as untrusted data through a strict
+validator, refuse an artifact whose ``model.c``/``model.h`` differ from what
+this edgepack generates from them or whose ``ep_*`` files differ from the
+kernels installed with it, and the ``host`` runner compiles only that freshly
+generated C with the installed kernels, through a compile cache that loads
+only shared objects it signed (:mod:`.build`).  A tampered artifact, even one
+whose manifest hashes were rewritten, gets an ``ArtifactError`` that says to
+deploy again.
 
 Outputs are float, so :meth:`verify_rules` compare with the binary torch model
 (the one after the quantizer) by relative error and top-1 agreement; that the
@@ -34,9 +45,9 @@ import dataclasses
 
 from sdk import Package, Target, TensorSig, hookimpl
 from sdk.config import Config
-from sdk.errors import ConfigError
+from sdk.errors import ArtifactError, ConfigError
 
-from .runners import LAYERS_FILE, HostRunner, ReferenceRunner, binary_layer_agreement, dump_specs
+from .runners import LAYERS_FILE, HostRunner, ReferenceRunner, binary_layer_agreement, dump_specs, load_specs
 
 __all__ = ["BinaryPopcount", "binary_layer_agreement"]
 
@@ -66,8 +77,13 @@ class BinaryPopcount(Target):
                               "its layers are binarized by bnn or xnor in the recipe")
         low = lower(graph, self.name)
         model_c, model_h = generate_sources(low.specs)
+        weights, layers = write_weights_bin(low.specs), dump_specs(low.specs, low.names)
+        try:
+            load_specs(layers, weights)
+        except ArtifactError as exc:   # the runners' bounds: never write an artifact they would refuse
+            raise ConfigError(f"{self.name} cannot pack this model: {exc}") from None
         files = {"model.c": model_c.encode(), "model.h": model_h.encode(),
-                 "weights.bin": write_weights_bin(low.specs), LAYERS_FILE: dump_specs(low.specs, low.names)}
+                 "weights.bin": weights, LAYERS_FILE: layers}
         files.update({p.name: p.read_bytes() for p in kernel_sources()})
         (iname, ishape, _), oname = graph.inputs[0], graph.outputs[0]
         binary = [r["name"] for r in low.layers if "Binary" in r["op"]]

@@ -7,18 +7,30 @@ of the compilation (``cc -###``), which carries its version and, for
 between machines therefore never hands one CPU a binary built for another.
 Builds write to a temporary name and ``os.replace`` it into place, so
 concurrent builders and interrupted builds never leave a torn file behind.
+
+A shared object in the cache is code this process will run, so the cache is
+keyed: the directory must belong to the user and be writable by no one else
+(it is created 0700), it holds a random secret ``cache.key`` (0600), and every
+``ep_<hash>.so`` has a sidecar ``ep_<hash>.so.hmac``, the HMAC-SHA256 under that
+key of its name and bytes, written when edgepack built it.  A shared object
+whose sidecar is missing or wrong (planted, edited, or from another key) is
+never loaded: it is rebuilt from the sources.
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import hmac
 import os
 import re
+import secrets
 import shlex
 import shutil
+import stat
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -31,6 +43,9 @@ KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
 DEFAULT_FLAGS: tuple[str, ...] = ("-O3", "-std=c99")
 _ALWAYS_FLAGS = ("-fPIC", "-shared")
 _INSTALL_HINT = "install a C compiler, e.g. `apt-get install gcc` (or build-essential)"
+_KEY_FILE = "cache.key"
+_KEY_BYTES = 32
+_MAC_SUFFIX = ".hmac"
 
 
 def kernel_sources() -> list[Path]:
@@ -102,8 +117,12 @@ def build_shared_object(
     by ``flags``).  Works with cross compilers (``cc="aarch64-linux-gnu-gcc"``,
     ``march="armv8.2-a"``); the result is then not loadable here.
 
-    Raises ToolchainError when no compiler is found, CompileError (a
-    ToolchainError) with the compiler's stderr when compilation fails.
+    A cached object is reused only when its HMAC sidecar checks under the
+    cache's key; anything else at its name is rebuilt over (see the module doc).
+
+    Raises ToolchainError when no compiler is found or the cache directory is
+    not private to this user, CompileError (a ToolchainError) with the
+    compiler's stderr when compilation fails.
     """
     units, others = _split_sources(sources)
     argv = find_compiler(cc)
@@ -117,12 +136,14 @@ def build_shared_object(
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     key = digest.hexdigest()[:32]
 
-    out_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    out_dir = _private_dir(Path(cache_dir) if cache_dir is not None else default_cache_dir())
+    mac_key = _mac_key(out_dir)
     target = out_dir / f"ep_{key}.so"
-    if target.is_file():
+    if _signed(target, mac_key):
         return target
-    out_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".ep_{key}.", suffix=".so.tmp", dir=out_dir)
+    os.close(fd)
+    fd, tmp_mac = tempfile.mkstemp(prefix=f".ep_{key}.", suffix=".hmac.tmp", dir=out_dir)
     os.close(fd)
     command = [*argv, *all_flags, *(f"-I{d}" for d in include_dirs),
                *map(str, units), "-o", tmp_name]
@@ -130,11 +151,78 @@ def build_shared_object(
         proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
             raise CompileError(command, proc.stderr)
+        Path(tmp_mac).write_text(_mac(mac_key, target.name, Path(tmp_name).read_bytes()))
+        os.replace(tmp_mac, _mac_path(target))
         os.replace(tmp_name, target)
     finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
+        for name in (tmp_name, tmp_mac):
+            if os.path.exists(name):
+                os.unlink(name)
     return target
+
+
+def _private_dir(path: Path) -> Path:
+    """``path``, created 0700 when missing, once it is known that only this user can
+    write into it: otherwise anyone could plant the code the next load runs."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = path.stat()
+    except OSError as exc:
+        raise ToolchainError(f"cannot use the compile cache {path}: {exc.strerror or exc}; set "
+                             "EDGEPACK_CACHE to a directory of your own") from None
+    if st.st_uid != os.getuid():
+        raise ToolchainError(f"the compile cache {path} belongs to uid {st.st_uid}, not to you (uid "
+                             f"{os.getuid()}), so its shared objects are not yours to load; set EDGEPACK_CACHE "
+                             "to a directory of your own")
+    if st.st_mode & 0o022:
+        raise ToolchainError(f"the compile cache {path} is writable by group or others (mode "
+                             f"{stat.S_IMODE(st.st_mode):04o}), so anyone could plant a shared object there; run "
+                             f"`chmod go-w {shlex.quote(str(path))}` or set EDGEPACK_CACHE to a private directory")
+    return path
+
+
+def _mac_key(cache: Path) -> bytes:
+    """The cache's secret, made on first use."""
+    path = cache / _KEY_FILE
+    if not os.path.lexists(path):
+        fd, tmp = tempfile.mkstemp(prefix=".key.", suffix=".tmp", dir=cache)   # mode 0600
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(_KEY_BYTES))
+            # link, not replace: a process that raced us here may already sign with its key
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+        finally:
+            os.unlink(tmp)
+    try:
+        st = os.lstat(path)
+        key = path.read_bytes() if stat.S_ISREG(st.st_mode) else b""
+    except OSError as exc:
+        raise ToolchainError(f"cannot read the compile cache key {path}: {exc.strerror or exc}") from None
+    if st.st_uid != os.getuid() or st.st_mode & 0o077 or len(key) != _KEY_BYTES:
+        raise ToolchainError(f"the compile cache key {path} is not a {_KEY_BYTES}-byte file readable only by you; "
+                             "delete it (edgepack makes a new one and rebuilds what it signed)")
+    return key
+
+
+def _mac_path(so: Path) -> Path:
+    return so.with_name(so.name + _MAC_SUFFIX)
+
+
+def _mac(key: bytes, name: str, data: bytes) -> str:
+    # the name is signed too, so a genuine object cannot be renamed into another's place
+    return hmac.new(key, name.encode() + b"\0" + data, hashlib.sha256).hexdigest()
+
+
+def _signed(so: Path, key: bytes) -> bool:
+    """True when ``so`` is a file this cache's key signed, as built."""
+    try:
+        data, tag = so.read_bytes(), _mac_path(so).read_bytes()
+    except OSError:
+        return False
+    return hmac.compare_digest(tag, _mac(key, so.name, data).encode())
 
 
 def compile_library(
@@ -145,8 +233,9 @@ def compile_library(
     march: str | None = "native",
     cache_dir: str | Path | None = None,
 ) -> ctypes.CDLL:
-    """Compile (or reuse from the cache) ``sources`` and load the result with
-    ctypes.  Same arguments and errors as :func:`build_shared_object`."""
+    """Compile (or reuse from the cache, once its signature checks) ``sources`` and
+    load the result with ctypes.  Same arguments and errors as
+    :func:`build_shared_object`."""
     return ctypes.CDLL(str(build_shared_object(sources, cc=cc, flags=flags, march=march,
                                                cache_dir=cache_dir)))
 
@@ -179,14 +268,15 @@ _SIGNATURES = {
 class KernelLibrary:
     """The compiled kernel library with numpy-level wrappers of its binary
     kernels (used by tests and benchmarks; generated models call the C
-    functions directly).  Arrays follow the layouts of ``ep_kernels.h``."""
+    functions directly).  Arrays follow the layouts of ``ep_kernels.h``.
+    Safe to call from several threads: each has its own workspace."""
 
     def __init__(self, lib: ctypes.CDLL):
         self.lib = lib
         for name, (restype, argtypes) in _SIGNATURES.items():
             fn = getattr(lib, name)
             fn.restype, fn.argtypes = restype, argtypes
-        self._work = aligned_empty(0)
+        self._local = threading.local()
 
     @property
     def isa(self) -> str:
@@ -194,9 +284,10 @@ class KernelLibrary:
         return self.lib.ep_kernel_isa().decode()
 
     def _workspace(self, nbytes: int) -> np.ndarray:
-        if self._work.size < nbytes:
-            self._work = aligned_empty(nbytes)
-        return self._work
+        work = getattr(self._local, "work", None)
+        if work is None or work.size < nbytes:
+            work = self._local.work = aligned_empty(nbytes)
+        return work
 
     def bitpack(self, x: np.ndarray, threshold: np.ndarray | None = None,
                 out: np.ndarray | None = None) -> np.ndarray:

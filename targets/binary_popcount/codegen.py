@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sdk.errors import ConfigError, RunnerError
+from sdk.errors import ConfigError, InputError, RunnerError
 
 from .build import DEFAULT_FLAGS, aligned_empty, compile_library, kernel_sources
 from .packing import channel_scales, pack_conv_weight, pack_linear_weight, words
@@ -871,8 +871,25 @@ _ERRORS = {1: "out of memory",
            2: "weights.bin does not belong to this model (or the host is big endian)"}
 
 
+def model_input(x, shape: tuple[int, ...]) -> np.ndarray:
+    """``x`` as the contiguous float32 array of ``shape`` that a model takes.
+
+    Raises InputError for anything else."""
+    try:
+        arr = np.ascontiguousarray(x, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"model input must be a float32 array of shape {tuple(shape)}: {exc}") from None
+    if arr.shape != tuple(shape):
+        raise InputError(f"model input must have shape {tuple(shape)}, got {arr.shape}")
+    return arr
+
+
 class CompiledModel:
-    """A generated model compiled for this machine and loaded with ctypes."""
+    """A generated model compiled for this machine and loaded with ctypes.
+
+    One instance serves several threads at once: each call has its own input,
+    output and debug buffers, the C model allocates its arena per call, and the
+    weights are only read."""
 
     def __init__(self, lib: ctypes.CDLL, specs: Sequence[LayerSpec], weights: bytes):
         self.lib = lib
@@ -886,10 +903,7 @@ class CompiledModel:
         self.weights[:] = np.frombuffer(weights, dtype=np.uint8)
 
     def _call(self, x: np.ndarray, debug: bool):
-        shape = self.infos[0].shape
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if x.shape != shape:
-            raise ValueError(f"model input must have shape {shape}, got {x.shape}")
+        x = model_input(x, self.infos[0].shape)
         out = np.empty(self.infos[-1].shape, dtype=np.float32)
         ptrs = [x.ctypes.data, out.ctypes.data, self.weights.ctypes.data]
         if debug:

@@ -35,6 +35,7 @@ from .codegen import (
     ScaleBias,
     Sign,
     infer_shapes,
+    model_input,
     source_index,
 )
 from .packing import pack_bits
@@ -188,12 +189,11 @@ def run_reference(specs: Sequence[LayerSpec], x: np.ndarray) -> tuple[np.ndarray
 
     Returns the output (NCHW if 4-D) and the int32 result of every binary
     layer in layer order, NHWC ``[N, OH, OW, O]`` or ``[N, O]``: the same
-    values and layout as ``CompiledModel.run_debug``.
+    values and layout as ``CompiledModel.run_debug``.  Raises InputError for an
+    ``x`` of another shape.  Safe to call from several threads: it keeps no state.
     """
     infos = infer_shapes(specs)
-    x = np.asarray(x, dtype=np.float32)
-    if x.shape != infos[0].shape:
-        raise ValueError(f"input must have shape {infos[0].shape}, got {x.shape}")
+    x = model_input(x, infos[0].shape)
     tensors: list[np.ndarray] = []
     binary: list[np.ndarray] = []
     for i, spec in enumerate(specs):

@@ -1,12 +1,27 @@
-"""Runners for binary-popcount artifacts: ``host`` (the artifact's C sources compiled
-here with the system compiler, called through ctypes) and ``reference`` (the
-numpy implementation in :mod:`.reference`).  Both take and return torch-layout
-float arrays.
+"""Runners for binary-popcount artifacts: ``host`` (C generated here, compiled with the
+system compiler and called through ctypes) and ``reference`` (the numpy
+implementation in :mod:`.reference`).  Both take and return torch-layout float
+arrays, refuse inputs of another shape with ``InputError``, and may be called
+from several threads at once.
 
-Both rebuild the layer list from ``layers.json``, which :meth:`BinaryPopcount.pack`
-writes beside ``weights.bin``: each layer's type and scalar fields, and the
-byte offset of each of its arrays inside ``weights.bin``, so the reference
-reads the very bytes the C code reads.
+An artifact is data, never code.  Both runners rebuild the layer list from
+``layers.json`` and ``weights.bin`` with :func:`load_specs`, which treats them as
+hostile: a strict schema, known layer types only, typed and bounded fields,
+arrays of the expected dtype and rank lying where this edgepack puts them inside
+``weights.bin``, and ``weights.bin`` byte for byte what those specs give.  Then
+:func:`artifact_specs` checks that the C files the artifact ships (for firmware
+builds) are exactly what this edgepack makes: ``model.c`` and ``model.h`` what
+:func:`.codegen.generate_sources` gives for the specs, each ``ep_*`` kernel file
+the one installed with edgepack, and no other C file; anything else is refused
+with ``ArtifactError``.  The host runner compiles the freshly generated C and the
+installed kernels, never a file of the artifact, and loads only shared objects
+that its compile cache signed (:mod:`.build`).
+
+``layers.json`` is what :meth:`BinaryPopcount.pack` writes beside ``weights.bin``:
+each layer's type, name and integer fields, and the dtype, stored shape and byte
+offset of each of its arrays inside ``weights.bin``, so the reference reads the
+very bytes the C code reads.  Names label reports only; nothing from
+``layers.json`` but validated integers reaches the generated C.
 """
 
 from __future__ import annotations
@@ -19,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from sdk import Runner
-from sdk.errors import ArtifactError, ToolchainError
+from sdk import Runner, __version__
+from sdk.errors import ArtifactError, ConfigError, InputError, ToolchainError
 
 from . import codegen as cg
 
@@ -28,8 +43,25 @@ TARGETS = ("binary-popcount",)
 LAYERS_FILE = "layers.json"
 LAYERS_FORMAT = 1
 SPEC_TYPES = {cls.__name__: cls for cls in typing.get_args(cg.LayerSpec)}
-#: inverse of the transposes codegen.layer_arrays applies on the way into weights.bin
-_FROM_STORED = {("FloatConv", "weight"): (3, 2, 0, 1), ("FloatLinear", "weight"): (1, 0)}
+#: per layer type, the arrays it keeps in weights.bin: dtype and rank as stored, and the
+#: inverse of the transpose codegen.layer_arrays applies on the way in
+_ARRAYS: dict[str, dict[str, tuple[str, int, tuple[int, ...] | None]]] = {
+    "FloatConv": {"weight": ("<f4", 4, (3, 2, 0, 1)), "bias": ("<f4", 1, None)},
+    "BinaryConv": {"weight": ("<u8", 4, None), "alpha": ("<f4", 1, None)},
+    "BinaryLinear": {"weight": ("<u8", 2, None), "alpha": ("<f4", 1, None)},
+    "ScaleBias": {"scale": ("<f4", 1, None), "bias": ("<f4", 1, None)},
+    "Sign": {"threshold": ("<f4", 1, None)},
+    "PReLU": {"slopes": ("<f4", 1, None)},
+    "FloatLinear": {"weight": ("<f4", 2, (1, 0)), "bias": ("<f4", 1, None)},
+}
+_MAX_LAYERS_JSON_BYTES = 16 << 20
+_MAX_LAYERS = 4096              # the memory planner is quadratic in the layer count
+_MAX_NAME = 1024
+#: kernel sizes, strides, paddings, channel counts, layer indices: far beyond real layers,
+#: and small enough that the kernels' int arithmetic on sums of them cannot overflow
+_MAX_FIELD = 1 << 24
+_MAX_ELEMENTS = 1 << 27         # per array and per tensor
+_MAX_ACTIVATION_BYTES = 1 << 31  # all tensors of one run together: the reference keeps every one
 
 
 def dump_specs(specs: list, names: list[str]) -> bytes:
@@ -48,47 +80,181 @@ def dump_specs(specs: list, names: list[str]) -> bytes:
     return (json.dumps({"format": LAYERS_FORMAT, "layers": layers}, indent=1) + "\n").encode()
 
 
-def load_specs(layers_json: bytes, weights: bytes) -> tuple[list, list[str]]:
-    """Inverse of :func:`dump_specs`: ``(specs, names)``, the arrays read from ``weights``."""
-    try:
-        doc = json.loads(layers_json)
-        if doc.get("format") != LAYERS_FORMAT:
-            raise ArtifactError(f"{LAYERS_FILE} has format {doc.get('format')!r}; this edgepack reads "
-                                f"{LAYERS_FORMAT}")
-        specs, names = [], []
-        for layer in doc["layers"]:
-            kwargs = dict(layer["fields"])
-            for key, ref in layer["arrays"].items():
-                shape = tuple(ref["shape"])
-                arr = np.frombuffer(weights, np.dtype(ref["dtype"]), math.prod(shape), ref["offset"]).reshape(shape)
-                perm = _FROM_STORED.get((layer["type"], key))
-                kwargs[key] = arr.transpose(perm) if perm else arr
-            if "shape" in kwargs:
-                kwargs["shape"] = tuple(kwargs["shape"])
-            specs.append(SPEC_TYPES[layer["type"]](**kwargs))
-            names.append(layer["name"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ArtifactError(f"{LAYERS_FILE} does not describe weights.bin: {exc}") from None
-    return specs, names
-
-
 def _plain(v: Any) -> Any:
     return list(v) if isinstance(v, tuple) else v
 
 
+def load_specs(layers_json: bytes, weights: bytes) -> tuple[list, list[str]]:
+    """Inverse of :func:`dump_specs`: ``(specs, names)``, the arrays read from ``weights``
+    (read-only views).  Both come from whoever sent the artifact, so every value is
+    checked before it is used; shapes must make a network :func:`.codegen.infer_shapes`
+    accepts, within size bounds, and ``weights`` must be exactly the blob
+    :func:`.codegen.write_weights_bin` makes of the result.
+
+    Raises ArtifactError, saying which layer and what is wrong, for anything else.
+    """
+    if len(layers_json) > _MAX_LAYERS_JSON_BYTES:
+        raise ArtifactError(f"{LAYERS_FILE} is larger than {_MAX_LAYERS_JSON_BYTES} bytes")
+    try:
+        doc = json.loads(layers_json)
+    except (ValueError, RecursionError) as exc:      # UnicodeDecodeError is a ValueError
+        raise ArtifactError(f"{LAYERS_FILE} is not valid JSON ({exc})") from None
+    _check_keys(doc, {"format", "layers"}, "the document")
+    if not _is_int(doc["format"], LAYERS_FORMAT, LAYERS_FORMAT):
+        raise ArtifactError(f"{LAYERS_FILE} has format {_show(doc['format'])}; this edgepack reads {LAYERS_FORMAT}")
+    layers = doc["layers"]
+    if not isinstance(layers, list) or not 1 <= len(layers) <= _MAX_LAYERS:
+        raise ArtifactError(f"{LAYERS_FILE}: 'layers' must be a list of 1 to {_MAX_LAYERS} layers")
+    specs, names, offsets = [], [], {}
+    for i, layer in enumerate(layers):
+        _check_keys(layer, {"type", "name", "fields", "arrays"}, f"layer {i}")
+        kind, name = layer["type"], layer["name"]
+        if not isinstance(kind, str) or kind not in SPEC_TYPES:
+            raise ArtifactError(f"{LAYERS_FILE}: layer {i} has type {_show(kind)}; known types: "
+                                f"{', '.join(sorted(SPEC_TYPES))}")
+        if not isinstance(name, str) or len(name) > _MAX_NAME or not name.isprintable():
+            raise ArtifactError(f"{LAYERS_FILE}: layer {i} ({kind}) needs a name of at most {_MAX_NAME} printable "
+                                f"characters, got {_show(name)}")
+        where = f"layer {i} ({kind} {_show(name)})"
+        kwargs = _fields(layer["fields"], kind, where)
+        stored = _ARRAYS.get(kind, {})
+        arrays = layer["arrays"]
+        if not isinstance(arrays, dict) or not set(arrays) <= set(stored):
+            raise ArtifactError(f"{LAYERS_FILE}: {where}: 'arrays' must be an object with keys among "
+                                f"{sorted(stored)}, got {_show(arrays)}")
+        for key, ref in arrays.items():
+            kwargs[key] = _array(ref, *stored[key], weights, f"{where}, array {key!r}")
+            offsets[(i, key)] = ref["offset"]
+        missing = sorted(f.name for f in dataclasses.fields(SPEC_TYPES[kind])
+                         if f.default is dataclasses.MISSING and f.name not in kwargs)
+        if missing:
+            raise ArtifactError(f"{LAYERS_FILE}: {where} lacks {', '.join(missing)}")
+        try:
+            specs.append(SPEC_TYPES[kind](**kwargs))
+        except ConfigError as exc:
+            raise ArtifactError(f"{LAYERS_FILE}: {where}: {exc}") from None
+        names.append(name)
+    try:
+        infos = cg.infer_shapes(specs)
+    except ConfigError as exc:
+        raise ArtifactError(f"{LAYERS_FILE} describes no valid network: {exc}") from None
+    # math.prod, not TensorInfo.nbytes: numpy's int64 product could wrap on hostile shapes
+    sizes = [math.prod(t.shape) for t in infos]
+    if max(sizes) > _MAX_ELEMENTS or sum(sizes) * 4 > _MAX_ACTIVATION_BYTES:
+        raise ArtifactError(f"{LAYERS_FILE} describes tensors beyond this edgepack's bounds ({_MAX_ELEMENTS} "
+                            f"elements each, {_MAX_ACTIVATION_BYTES} bytes in all)")
+    if cg.weight_layout(specs)[0] != offsets:
+        raise ArtifactError(f"{LAYERS_FILE} places arrays in weights.bin where this edgepack does not")
+    if cg.write_weights_bin(specs) != weights:
+        raise ArtifactError(f"weights.bin is not the blob {LAYERS_FILE} describes (its header, fingerprint, "
+                            "padding or size differs)")
+    return specs, names
+
+
+def _is_int(v: Any, lo: int, hi: int) -> bool:
+    # JSON's true/false arrive as bools, which are ints to Python
+    return type(v) is int and lo <= v <= hi
+
+
+def _show(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_keys(obj: Any, keys: set[str], where: str) -> None:
+    if not isinstance(obj, dict) or set(obj) != keys:
+        got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+        raise ArtifactError(f"{LAYERS_FILE}: {where} must be an object with keys {sorted(keys)}, got {_show(got)}")
+
+
+def _fields(fields: Any, kind: str, where: str) -> dict:
+    """The spec's keyword arguments from a layer's ``fields``: every one an int but
+    InputSpec's shape, a list of 2 or 4 positive ints."""
+    allowed = {f.name for f in dataclasses.fields(SPEC_TYPES[kind])} - set(_ARRAYS.get(kind, {}))
+    if not isinstance(fields, dict) or not set(fields) <= allowed:
+        raise ArtifactError(f"{LAYERS_FILE}: {where}: 'fields' must be an object with keys among "
+                            f"{sorted(allowed)}, got {_show(fields)}")
+    kwargs = {}
+    for key, value in fields.items():
+        if kind == "InputSpec":
+            if (not isinstance(value, list) or len(value) not in (2, 4)
+                    or not all(_is_int(d, 1, _MAX_ELEMENTS) for d in value) or math.prod(value) > _MAX_ELEMENTS):
+                raise ArtifactError(f"{LAYERS_FILE}: {where}: shape must be 2 or 4 positive integers of at most "
+                                    f"{_MAX_ELEMENTS} elements in all, got {_show(value)}")
+            kwargs[key] = tuple(value)
+        elif _is_int(value, 0, _MAX_FIELD):
+            kwargs[key] = value
+        else:
+            raise ArtifactError(f"{LAYERS_FILE}: {where}: {key} must be an integer from 0 to {_MAX_FIELD}, "
+                                f"got {_show(value)}")
+    return kwargs
+
+
+def _array(ref: Any, dtype: str, ndim: int, perm: tuple[int, ...] | None, weights: bytes,
+           where: str) -> np.ndarray:
+    """The array ``ref`` points at in ``weights``, in the spec's layout."""
+    _check_keys(ref, {"offset", "dtype", "shape"}, where)
+    if ref["dtype"] != dtype:
+        raise ArtifactError(f"{LAYERS_FILE}: {where} has dtype {_show(ref['dtype'])}; it is stored as {dtype!r}")
+    shape = ref["shape"]
+    if (not isinstance(shape, list) or len(shape) != ndim or not all(_is_int(d, 1, _MAX_ELEMENTS) for d in shape)
+            or math.prod(shape) > _MAX_ELEMENTS):
+        raise ArtifactError(f"{LAYERS_FILE}: {where} must have {ndim} positive dimensions of at most "
+                            f"{_MAX_ELEMENTS} elements in all, got shape {_show(shape)}")
+    count, offset = math.prod(shape), ref["offset"]
+    if not _is_int(offset, 0, len(weights)) or offset + count * np.dtype(dtype).itemsize > len(weights):
+        raise ArtifactError(f"{LAYERS_FILE}: {where} at offset {_show(offset)} does not lie inside weights.bin "
+                            f"({len(weights)} bytes)")
+    arr = np.frombuffer(weights, np.dtype(dtype), count, offset).reshape(shape)
+    return arr.transpose(perm) if perm else arr
+
+
 def artifact_specs(artifact) -> tuple[list, list[str]]:
-    """``(specs, names)`` of an artifact, from its ``layers.json`` and ``weights.bin``."""
-    return load_specs(artifact.file(LAYERS_FILE).read_bytes(), artifact.file("weights.bin").read_bytes())
+    """``(specs, names)`` of an artifact, from its ``layers.json`` and ``weights.bin``
+    (see :func:`load_specs`), once its manifest's input and output shapes and its C
+    files are checked against them: ``model.c``/``model.h`` as generated from the
+    specs, every ``ep_*`` kernel file as installed with this edgepack, no other C file.
+
+    Raises ArtifactError, with what differs and what to do, otherwise.
+    """
+    from .build import kernel_sources
+
+    redeploy = (f"the artifact was damaged, edited, or made by another edgepack version; nothing of it was "
+                f"compiled or run: deploy the model again with this edgepack ({__version__})")
+    try:
+        specs, names = load_specs(artifact.read_bytes(LAYERS_FILE), artifact.read_bytes("weights.bin"))
+    except ArtifactError as exc:
+        raise ArtifactError(f"artifact {artifact.path}: {exc}; {redeploy}") from None
+    infos = cg.infer_shapes(specs)
+    shapes = ([tuple(t.shape) for t in artifact.inputs], [tuple(t.shape) for t in artifact.outputs])
+    if shapes != ([infos[0].shape], [infos[-1].shape]):
+        raise ArtifactError(f"artifact {artifact.path}: its manifest gives inputs and outputs of shapes {shapes}, "
+                            f"its {LAYERS_FILE} {[infos[0].shape]} and {[infos[-1].shape]}; {redeploy}")
+    model_c, model_h = cg.generate_sources(specs)
+    expected = {"model.c": model_c.encode(), "model.h": model_h.encode(),
+                **{p.name: p.read_bytes() for p in kernel_sources()}}
+    shipped = {n for n in artifact.manifest["files"] if n.lower().endswith((".c", ".h"))}
+    problems = []
+    for name in sorted(shipped | set(expected)):
+        if name not in expected:
+            problems.append(f"{name} is not a file this edgepack ships")
+        elif name not in shipped:
+            problems.append(f"{name} is missing")
+        elif artifact.read_bytes(name) != expected[name]:
+            problems.append(f"{name} differs from " + (f"what this edgepack generates from {LAYERS_FILE} and "
+                                                       "weights.bin" if name.startswith("model.")
+                                                       else "the kernel installed with this edgepack"))
+    if problems:
+        raise ArtifactError(f"artifact {artifact.path}: {'; '.join(problems)}; {redeploy}")
+    return specs, names
 
 
 def compile_artifact(artifact) -> cg.CompiledModel:
-    """The artifact's ``model.c`` + kernel sources compiled for this machine (cached by
-    content hash in ``build.default_cache_dir()``) and loaded."""
-    from .build import compile_library, kernel_sources
-
-    sources = [artifact.file(n) for n in ("model.c", "model.h")] + [artifact.file(p.name) for p in kernel_sources()]
+    """The checked artifact (:func:`artifact_specs`) as a :class:`.codegen.CompiledModel`:
+    C generated afresh from its specs and the kernels installed with edgepack, compiled
+    for this machine (cached in ``build.default_cache_dir()``) and loaded."""
     specs, _ = artifact_specs(artifact)
-    return cg.CompiledModel(compile_library(sources), specs, artifact.file("weights.bin").read_bytes())
+    return cg.compile_model(specs)
 
 
 def binary_layer_agreement(artifact, inputs) -> list[dict]:
@@ -102,11 +268,10 @@ def binary_layer_agreement(artifact, inputs) -> list[dict]:
     """
     from .reference import run_reference
 
-    model = compile_artifact(artifact)
     specs, names = artifact_specs(artifact)
+    model = cg.compile_model(specs)
     rows = [{"name": n, "elements": 0, "mismatches": 0} for s, n in zip(specs, names) if isinstance(s, cg.BINARY_LAYERS)]
     for x in inputs:
-        x = np.asarray(x, np.float32)
         _, got = model.run_debug(x)
         _, want = run_reference(specs, x)
         for row, a, b in zip(rows, got, want, strict=True):
@@ -115,8 +280,16 @@ def binary_layer_agreement(artifact, inputs) -> list[dict]:
     return rows
 
 
+def _only_input(inputs) -> Any:
+    if not isinstance(inputs, (list, tuple)) or len(inputs) != 1:
+        got = f"{len(inputs)}" if isinstance(inputs, (list, tuple)) else type(inputs).__name__
+        raise InputError(f"a binary-popcount model takes one input, got {got}")
+    return inputs[0]
+
+
 class HostRunner(Runner):
-    """The generated C model and the kernel library, compiled with ``cc -O3 -march=native``."""
+    """The C model generated from the artifact's layer specs and the kernel library
+    installed with edgepack, compiled with ``cc -O3 -march=native``."""
 
     name = "host"
     version = "1.0"
@@ -133,7 +306,7 @@ class HostRunner(Runner):
 
     def open(self, artifact):
         model = compile_artifact(artifact)
-        return lambda inputs: [model.run(inputs[0])]
+        return lambda inputs: [model.run(_only_input(inputs))]
 
 
 class ReferenceRunner(Runner):
@@ -147,4 +320,4 @@ class ReferenceRunner(Runner):
         from .reference import run_reference
 
         specs, _ = artifact_specs(artifact)
-        return lambda inputs: [run_reference(specs, inputs[0])[0]]
+        return lambda inputs: [run_reference(specs, _only_input(inputs))[0]]
