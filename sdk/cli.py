@@ -1,14 +1,24 @@
 """The ``edgepack`` command (also ``python -m sdk``).
 
     edgepack plugins
-    edgepack deploy MODEL.pt2 --target arm-int8 --calibration DATA.npz [--recipe R.yaml] -o OUT
-    edgepack verify OUT [--inputs DATA.npz] [--runner host --runner reference]
-    edgepack inspect OUT
+    edgepack deploy MODEL.pt2 --target arm-int8 --calibration DATA.npz [--recipe R.yaml] -o OUT [--force]
+                    [--trust-pickle]
+    edgepack sign OUT --key KEYFILE
+    edgepack verify OUT [--inputs DATA.npz] [--runner host --runner reference] [--key KEYFILE]
+    edgepack inspect OUT [--key KEYFILE]
     edgepack emulator install [--cache DIR] [--force]   (the ARM64 emulator of runner qemu-aarch64)
     edgepack emulator status [--cache DIR] [--json]    (exit 0 when installed and usable, else 1)
 
-Exit codes: 0 ok, 1 verification failed, 2 usage or input error.  Errors are
-one line on stderr (``--debug`` shows the traceback).
+Exit codes: 0 ok; 1 verification failed (and ``emulator status``: not
+installed); 2 usage or input error (bad arguments, files, data, options, an
+unknown runner, a damaged or unsigned artifact: every :class:`EdgepackError`
+and file-system error); 3 internal error (an exception edgepack did not mean
+to raise: a bug, please report it).  Errors are one line on stderr;
+``--debug`` shows the traceback instead.
+
+``deploy`` refuses ``.pt2`` files from which torch would unpickle anything
+(see :mod:`sdk.pt2`); ``--trust-pickle`` lets it, which means running code
+from the file: only for files you made yourself.
 """
 
 from __future__ import annotations
@@ -16,11 +26,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Sequence
 
-from .errors import EdgepackError
+from .errors import EdgepackError, InputError, RecipeError, VerificationError
 
-EXIT_OK, EXIT_VERIFY, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_VERIFY, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,15 +58,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--option", "-O", action="append", default=[], metavar="KEY=VALUE",
                    help="target option (YAML value), e.g. -O io=int8")
     s.add_argument("--output", "-o", required=True)
+    s.add_argument("--force", action="store_true", help="replace an existing edgepack artifact at --output")
+    s.add_argument("--trust-pickle", action="store_true",
+                   help="let torch unpickle the .pt2 file's pickled entries: this RUNS CODE FROM THE FILE; "
+                        "only for files you made yourself")
+
+    s = sub.add_parser("sign", help="sign an artifact's manifest with a key (HMAC secret or Ed25519 PEM)")
+    s.add_argument("artifact")
+    s.add_argument("--key", "-k", required=True, metavar="KEYFILE", help="the signing key file")
 
     s = sub.add_parser("verify", help="check an artifact's hashes and run it against its reference")
     s.add_argument("artifact")
     s.add_argument("--inputs", help=".npz of inputs (default: the golden inputs stored in the artifact)")
     s.add_argument("--runner", action="append", help="runner(s) to use (repeatable)")
+    s.add_argument("--key", "-k", metavar="KEYFILE", help="refuse the artifact unless this key signed it")
     s.add_argument("--json", action="store_true")
 
     s = sub.add_parser("inspect", help="print an artifact's profile")
     s.add_argument("artifact")
+    s.add_argument("--key", "-k", metavar="KEYFILE", help="refuse the artifact unless this key signed it")
     s.add_argument("--json", action="store_true")
 
     s = sub.add_parser("emulator", help="install or inspect the ARM64 emulator (runner qemu-aarch64)")
@@ -71,19 +92,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:          # usage errors (2) and --help (0) return their code instead of exiting
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
         return _COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("edgepack: interrupted", file=sys.stderr)
+        return 130
     except EdgepackError as exc:
         if args.debug:
             raise
         print(f"edgepack: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except (OSError, ValueError) as exc:
+        return EXIT_VERIFY if isinstance(exc, VerificationError) else EXIT_USAGE
+    except OSError as exc:             # a path, permission or disk problem on the user's side
         if args.debug:
             raise
         print(f"edgepack: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except Exception as exc:           # noqa: BLE001 -- nothing edgepack means to raise: say so, in one line
+        if args.debug:
+            raise
+        text = " ".join(str(exc).split())[:300]
+        print(f"edgepack: internal error: {type(exc).__name__}{': ' + text if text else ''}; rerun with --debug "
+              "for the traceback and report it", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 def _cmd_plugins(args) -> int:
@@ -120,59 +157,178 @@ def plugins_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _load_npz(path: str) -> list:
+def _load_npz(path: str, what: str) -> list:
+    """The arrays of an ``.npz`` file, in order; InputError for a missing, foreign or empty file.
+    Object arrays are refused (loading them would unpickle)."""
+    import zipfile
+
     import numpy as np
 
-    with np.load(path) as z:
-        return [z[k] for k in z.files]
+    if not Path(path).is_file():
+        raise InputError(f"{what} file {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if not hasattr(z, "files"):
+                raise InputError(f"{what} file {path} is a single .npy array, not an .npz; save it with "
+                                 "numpy.savez(path, x=array)")
+            arrays = [(k, z[k]) for k in z.files]
+    except InputError:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        hint = ("it holds object arrays, which edgepack does not unpickle; save numeric arrays"
+                if "allow_pickle" in str(exc) else "write it with numpy.savez(path, x=array, ...)")
+        raise InputError(f"{what} file {path} is not a readable .npz ({type(exc).__name__}: {exc}); {hint}") \
+            from None
+    if not arrays:
+        raise InputError(f"{what} file {path} holds no arrays; save one array per model input, samples on the "
+                         "first axis: numpy.savez(path, x=samples)")
+    for k, a in arrays:
+        if a.dtype.kind not in "biuf":
+            raise InputError(f"{what} file {path}: array {k!r} has dtype {a.dtype}; save numeric (float) arrays")
+        if a.ndim == 0:
+            raise InputError(f"{what} file {path}: array {k!r} is a scalar; each array needs samples on its "
+                             "first axis")
+    return [a for _, a in arrays]
+
+
+def _read_key(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"key file {path} does not exist (or is not a file)")
+    try:
+        return p.read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read key file {path}: {exc.strerror or exc}") from None
+
+
+def _deploy_option(item: str, reserved: set[str]):
+    import yaml
+
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise InputError(f"--option {item!r} is not KEY=VALUE, e.g. -O io=int8")
+    if not key.isidentifier():
+        raise InputError(f"--option {item!r}: {key!r} is not an option name")
+    if key in reserved:
+        raise InputError(f"--option {key}=... is not a target option; use the deploy flag for it "
+                         f"(edgepack deploy --help)")
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        reason = " ".join(str(exc).split())
+        raise InputError(f"--option {item!r}: the value is not valid YAML ({reason}); write a YAML value "
+                         f"(a number, true/false, [a, b]) or quote a string: -O {key}=\"'text'\"") from None
+    return key, parsed
+
+
+def _load_recipe(path: str | None):
+    from .recipe import as_recipe
+
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise InputError(f"recipe file {path} does not exist")
+    try:
+        return as_recipe(Path(path))
+    except EdgepackError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
+        # a recipe of the right syntax with values of the wrong type (version: abc, stages: 5, ...)
+        raise RecipeError(f"recipe {path} has a value of the wrong type ({type(exc).__name__}: {exc}); a recipe "
+                          "is 'version: 1' (an integer) and 'stages: [{method: NAME, config: {...}}, ...]'") from None
 
 
 def _cmd_deploy(args) -> int:
-    from pathlib import Path
-
-    import torch
-    import yaml
+    import inspect
 
     from .api import deploy
     from .data import split_batches
-    from .errors import InputError
+    from .pt2 import load_exported
 
-    if not Path(args.model).is_file():
-        raise InputError(f"model file {args.model} does not exist")
-    try:
-        ep = torch.export.load(args.model)
-    except Exception as exc:
-        raise InputError(f"{args.model} is not a torch.export.save() file: {exc}") from None
-    example = tuple(ep.example_inputs[0]) if ep.example_inputs else None
+    reserved = {n for n, prm in inspect.signature(deploy).parameters.items() if prm.kind != prm.VAR_KEYWORD}
+    options = dict(_deploy_option(item, reserved) for item in args.option)
+    if args.batch_size is not None and args.batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
+    recipe = _load_recipe(args.recipe)
+    calibration_arrays = _load_npz(args.calibration, "calibration") if args.calibration else None
+
+    ep = load_exported(args.model, trust_pickle=args.trust_pickle)
+    ex = ep.example_inputs
+    example = tuple(ex[0]) if isinstance(ex, (tuple, list)) and ex and isinstance(ex[0], (tuple, list)) else None
     if not example:
-        raise InputError(f"{args.model} carries no example inputs; export it with example inputs")
+        raise InputError(f"{args.model} carries no example inputs; export it with example inputs: "
+                         "torch.export.export(model, (x,))")
+    if isinstance(ex, (tuple, list)) and len(ex) > 1 and ex[1]:
+        raise InputError(f"{args.model} was exported with keyword inputs ({', '.join(map(str, ex[1]))}); "
+                         "edgepack takes positional inputs only: export with torch.export.export(model, (x, ...))")
     calibration = None
-    if args.calibration:
-        arrays = _load_npz(args.calibration)
-        calibration = split_batches(arrays, args.batch_size or example[0].shape[0])
-    options = {}
-    for item in args.option:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise InputError(f"--option {item!r} is not KEY=VALUE")
-        options[key] = yaml.safe_load(value)
+    if calibration_arrays is not None:
+        if len(calibration_arrays) != len(example):
+            raise InputError(f"calibration file {args.calibration} holds {len(calibration_arrays)} array(s); the "
+                             f"model takes {len(example)} input(s): save one array per input, in order")
+        batch = args.batch_size or (example[0].shape[0] if getattr(example[0], "ndim", 0) else 1) or 1
+        calibration = split_batches(calibration_arrays, batch)
     art = deploy(ep.module(), target=args.target, example_inputs=example, calibration=calibration,
-                 recipe=args.recipe, output=args.output, **options)
+                 recipe=recipe, output=args.output, overwrite=args.force, **options)
     size = sum(m["bytes"] for m in art.manifest["files"].values())
     print(f"wrote {art.path} ({args.target}, {size} bytes)")
     return EXIT_OK
 
 
-def _cmd_verify(args) -> int:
-    from .artifact import load
+def _cmd_sign(args) -> int:
+    from .signing import sign
 
-    art = load(args.artifact)
-    inputs = None
-    if args.inputs:
-        arrays = _load_npz(args.inputs)
-        n = arrays[0].shape[0] // art.inputs[0].shape[0]
-        b = art.inputs[0].shape[0]
-        inputs = [tuple(a[i * b:(i + 1) * b] for a in arrays) for i in range(n)]
+    key = _read_key(args.key)
+    out = sign(args.artifact, key)
+    print(f"signed {args.artifact}" + (f" ({out})" if out else ""))
+    return EXIT_OK
+
+
+def _verify_inputs(path: str, art) -> list[tuple]:
+    """The samples of an ``.npz`` cut into calls of the artifact's static batch."""
+    arrays = _load_npz(path, "inputs")
+    sig = art.signature
+    if len(arrays) != len(sig):
+        raise InputError(f"inputs file {path} holds {len(arrays)} array(s); the artifact takes {len(sig)} "
+                         f"input(s) ({', '.join(f'{n} {tuple(s)}' for n, s, _ in sig)}): one array per input")
+    for a, (name, shape, _) in zip(arrays, sig):
+        if not shape:
+            raise InputError(f"the artifact's input {name!r} is a scalar; it has no batch axis to cut "
+                             f"{path} along: call art.run() from Python instead")
+        if a.ndim != len(shape) or tuple(a.shape[1:]) != tuple(shape[1:]):
+            raise InputError(f"inputs file {path}: the array for input {name!r} has shape {tuple(a.shape)}; "
+                             f"expected (N, {', '.join(map(str, shape[1:]))}) with N a multiple of {shape[0]}")
+    counts = sorted({a.shape[0] for a in arrays})
+    if len(counts) > 1:
+        raise InputError(f"inputs file {path}: the arrays hold different numbers of samples "
+                         f"({', '.join(map(str, counts))}); give every input the same number")
+    n, b = counts[0], sig[0][1][0]
+    if b < 1 or n == 0 or n % b:
+        raise InputError(f"inputs file {path} holds {n} sample(s); the artifact was packed for batches of {b}: "
+                         f"give a positive multiple of {b} samples"
+                         + (f" (e.g. the first {n - n % b})" if n >= b and b else ""))
+    return [tuple(a[i * b:(i + 1) * b] for a in arrays) for i in range(n // b)]
+
+
+def _cmd_verify(args) -> int:
+    from . import plugins
+    from .artifact import load
+    from .errors import ToolchainError
+
+    art = load(args.artifact, verify_key=_read_key(args.key))
+    if args.runner:       # a misspelt runner is a usage error (2), not a failed verification (1)
+        valid = art.runner_names()
+        for name in args.runner:
+            if name not in valid:
+                raise InputError(f"unknown runner {name!r} for a {art.target} artifact; valid runners: "
+                                 f"{', '.join(valid) or '(none registered)'} (edgepack plugins lists them)")
+            reason = plugins.get_runner(name, art.target)().unavailable()
+            if reason:        # asked for by name but cannot run on this machine: not a verification result
+                raise ToolchainError(f"runner {name!r} cannot run here: {reason}")
+    inputs = _verify_inputs(args.inputs, art) if args.inputs else None
     rep = art.verify(inputs=inputs, runners=args.runner)
     print(json.dumps(rep.to_dict(), indent=2) if args.json else rep)
     return EXIT_OK if rep.passed else EXIT_VERIFY
@@ -181,7 +337,7 @@ def _cmd_verify(args) -> int:
 def _cmd_inspect(args) -> int:
     from .artifact import load
 
-    art = load(args.artifact)
+    art = load(args.artifact, verify_key=_read_key(args.key))
     prof = art.profile
     if args.json:
         print(json.dumps(prof, indent=2))
@@ -246,5 +402,5 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-_COMMANDS = {"plugins": _cmd_plugins, "deploy": _cmd_deploy, "verify": _cmd_verify, "inspect": _cmd_inspect,
-             "emulator": _cmd_emulator}
+_COMMANDS = {"plugins": _cmd_plugins, "deploy": _cmd_deploy, "sign": _cmd_sign, "verify": _cmd_verify,
+             "inspect": _cmd_inspect, "emulator": _cmd_emulator}

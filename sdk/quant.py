@@ -148,6 +148,14 @@ class Observer:
 
     def update(self, x: np.ndarray) -> None:
         x = np.asarray(x, np.float32)
+        if x.size == 0:
+            raise CalibrationError(
+                f"a layer produced an empty tensor (shape {tuple(x.shape)}) during calibration: a layer with "
+                "0 channels or features has nothing to quantize; remove it from the model (or give it at "
+                "least one output) before deploying")
+        if self.axis is not None and not -x.ndim <= self.axis < x.ndim:
+            raise CalibrationError(f"observer channel axis {self.axis} does not exist in a tensor of shape "
+                                   f"{tuple(x.shape)}")
         if not np.all(np.isfinite(x)):
             raise CalibrationError("non-finite values (NaN or inf) reached an observer")
         self._update(x)
