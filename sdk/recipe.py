@@ -100,7 +100,11 @@ class Recipe:
         unknown = set(data) - {"stages", "version"}
         if unknown:
             raise RecipeError(f"unknown recipe key(s) {', '.join(sorted(unknown))}; valid: stages, version")
-        if data.get("version", RECIPE_VERSION) > RECIPE_VERSION:
+        version = data.get("version", RECIPE_VERSION)
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise RecipeError(f"recipe version {version!r} is not a version number (a positive integer; "
+                              f"this edgepack writes {RECIPE_VERSION})")
+        if version > RECIPE_VERSION:
             raise RecipeError(f"recipe version {data['version']} is newer than this edgepack ({RECIPE_VERSION})")
         return cls(data.get("stages", []))
 

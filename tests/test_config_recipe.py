@@ -95,3 +95,9 @@ def test_recipe_errors(tmp_path):
         Recipe.from_yaml(tmp_path / "missing.yaml")
     with pytest.raises(RecipeError, match="not valid YAML"):
         Recipe.from_yaml("stages: [\n  - {method: kd")
+
+
+@pytest.mark.parametrize("version", ["abc", True, 0, 1.5, None])
+def test_recipe_version_must_be_a_positive_integer(version):
+    with pytest.raises(RecipeError, match="not a version number"):
+        Recipe.from_dict({"version": version, "stages": []})
