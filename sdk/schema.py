@@ -165,8 +165,6 @@ def check_manifest(m: Any, format_name: str, format_version: int) -> dict:
         _str(f"{where}: target.{key}", t.get(key))
     if "default_runner" in t:
         _str(f"{where}: target.default_runner", t["default_runner"])
-    if "entry" in t and not re.match(r"^[A-Za-z_]\w{0,63}$", _str(f"{where}: target.entry", t["entry"])):
-        raise _fail(f"{where}: target.entry", f"{t['entry']!r} is not a C identifier")
     _dict(f"{where}: target.config", t.get("config", {}))
     for i, row in enumerate(_list(f"{where}: plugins", m.get("plugins", []))):
         row = _dict(f"{where}: plugins[{i}]", row)

@@ -1,21 +1,33 @@
-"""Verification: run an artifact and compare it with its float model and with
-the SDK's own reference.
+"""Verification: run an artifact and compare it with its float model, with the
+float outputs stored at deploy time, and with the SDK's own reference.
 
 For each runner the report holds, over all verification inputs:
 
 ``max_abs_err`` / ``max_rel_err`` / ``sqnr_db`` / ``top1_agreement``
     against the float model (the model given, or the golden outputs recorded
-    at deploy time);
+    at deploy time when neither a model nor inputs are given);
+``golden_max_abs_err`` / ``golden_max_rel_err`` / ``golden_sqnr_db``
+    against the golden outputs (``golden.npz``: the float model's outputs on the
+    example inputs, recorded at deploy time), always: with a model, or with
+    inputs but no model, the golden inputs are run once more for this;
 ``bit_exact_ratio`` / ``max_lsb``
     against the ``reference`` runner, in units of the output quantization step
     (only for targets with a reference and quantized outputs);
+``compared_with``
+    which of ``"float model"``, ``"golden outputs"`` and ``"reference"`` the
+    runner was held against (a runner compared with nothing fails);
 ``latency_ms``
     median wall time of one call in this runner (emulated runners report
     emulated time, not device time).
 
-Pass criteria come from the target (``manifest["verify"]``); a target may
-give a runner its own criteria under ``"runners"`` (fp16-gpu holds its
-float16-arithmetic runners to a looser error bound than fp16 storage).
+Pass criteria come from the target: the rules recorded in the manifest at
+deploy time (``manifest["verify"]``), tightened by those the installed target
+states now (:func:`target_rules`), so an edited manifest cannot loosen them.  A
+target may give a runner its own criteria under ``"runners"`` (fp16-gpu holds
+its float16-arithmetic runners to a looser error bound than fp16 storage).
+The float-model bounds (``min_sqnr_db``, ``max_rel_err``) apply to the golden
+comparison too; ``min_top1_agreement`` only to the float model on the inputs
+given (one golden sample says little about agreement).
 """
 
 from __future__ import annotations
@@ -27,7 +39,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import VerificationError
+from .errors import InputError, VerificationError
+
+FLOAT_MODEL, GOLDEN, REFERENCE = "float model", "golden outputs", "reference"
 
 
 @dataclasses.dataclass
@@ -40,6 +54,10 @@ class RunnerReport:
     bit_exact_ratio: float = math.nan
     max_lsb: float = math.nan
     latency_ms: float = math.nan
+    golden_max_abs_err: float = math.nan
+    golden_max_rel_err: float = math.nan
+    golden_sqnr_db: float = math.nan
+    compared_with: list = dataclasses.field(default_factory=list)
     extra: dict = dataclasses.field(default_factory=dict)
     error: str | None = None
 
@@ -67,6 +85,9 @@ class VerifyReport:
     bit_exact_ratio = property(lambda self: self._col("bit_exact_ratio"))
     max_lsb = property(lambda self: self._col("max_lsb"))
     latency_ms = property(lambda self: self._col("latency_ms"))
+    golden_sqnr_db = property(lambda self: self._col("golden_sqnr_db"))
+    golden_max_rel_err = property(lambda self: self._col("golden_max_rel_err"))
+    compared_with = property(lambda self: self._col("compared_with"))
 
     def raise_for_failure(self) -> "VerifyReport":
         if self.failures:
@@ -79,13 +100,14 @@ class VerifyReport:
 
     def __str__(self) -> str:
         cols = ("bit_exact_ratio", "max_lsb", "sqnr_db", "max_abs_err", "max_rel_err", "top1_agreement",
-                "latency_ms")
-        lines = [f"{'runner':14s}" + "".join(f"{c:>17s}" for c in cols)]
+                "golden_sqnr_db", "latency_ms")
+        lines = [f"{'runner':14s}" + "".join(f"{c:>17s}" for c in cols) + "  compared with"]
         for name, r in self.runners.items():
             if r.error:
                 lines.append(f"{name:14s} ERROR: {r.error}")
                 continue
-            lines.append(f"{name:14s}" + "".join(f"{getattr(r, c):17.6g}" for c in cols))
+            lines.append(f"{name:14s}" + "".join(f"{getattr(r, c):17.6g}" for c in cols)
+                         + "  " + (", ".join(r.compared_with) or "nothing"))
         lines.append("PASSED" if self.passed else "FAILED: " + "; ".join(self.failures))
         return "\n".join(lines)
 
@@ -96,6 +118,50 @@ def runner_rules(rules: dict, runner: str) -> dict:
     out = {k: v for k, v in rules.items() if k != "runners"}
     out.update(rules.get("runners", {}).get(runner, {}))
     return out
+
+
+def _stricter(key: str, a, b):
+    if key.startswith("min_"):
+        return max(a, b)
+    if key.startswith("max_"):
+        return min(a, b)
+    return a
+
+
+def merge_rules(stored: dict, stated: dict) -> dict:
+    """``stored`` rules tightened by ``stated`` ones: per key the stricter bound
+    (the larger ``min_*``, the smaller ``max_*``), runner sections likewise."""
+    out = {k: v for k, v in stored.items() if k != "runners"}
+    for k, v in stated.items():
+        if k != "runners":
+            out[k] = _stricter(k, out[k], v) if k in out else v
+    runners = {r: dict(v) for r, v in (stored.get("runners") or {}).items()}
+    for r, sub in (stated.get("runners") or {}).items():
+        mine = runners.setdefault(r, {})
+        for k, v in sub.items():
+            mine[k] = _stricter(k, mine[k], v) if k in mine else v
+    if runners:
+        out["runners"] = runners
+    return out
+
+
+def target_rules(artifact) -> dict:
+    """The pass criteria the installed target states for ``artifact`` (``{}``
+    when the target plugin is not installed or cannot be built)."""
+    from . import plugins
+
+    try:
+        cls = plugins.get("target", artifact.target)
+    except Exception:  # noqa: BLE001 - an unknown target falls back to the manifest's rules
+        return {}
+    config = (artifact.manifest.get("target") or {}).get("config") or {}
+    for kwargs in (config, {}):
+        try:
+            rules = cls(**kwargs).verify_rules()
+            return rules if isinstance(rules, dict) else {}
+        except Exception:  # noqa: BLE001 - a config this version does not take: try the defaults
+            continue
+    return {}
 
 
 def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
@@ -128,29 +194,47 @@ def _float_outputs(model: Any, samples: list[list[np.ndarray]]) -> list[list[np.
     return outs
 
 
+def _compare(outs: list[list[np.ndarray]], expected: list[list[np.ndarray]]) -> tuple[float, float, float]:
+    """``(max_abs_err, max_rel_err, sqnr_db)`` of runner outputs against expected ones."""
+    flat_ref = np.concatenate([np.asarray(o, np.float64).reshape(-1) for e in expected for o in e])
+    flat = np.concatenate([np.asarray(o, np.float64).reshape(-1) for r in outs for o in r])
+    if flat.shape != flat_ref.shape:
+        raise InputError(f"the runner gave {flat.size} output values where {flat_ref.size} were expected")
+    diff = np.abs(flat - flat_ref)
+    return (float(diff.max()), float(diff.max() / max(float(np.abs(flat_ref).max()), 1e-12)),
+            sqnr_db(flat_ref, flat))
+
+
 def verify(artifact, model: Any = None, inputs: Sequence | None = None, runners: Sequence[str] | None = None,
            *, repeats: int = 5, strict: bool = False) -> VerifyReport:
     """Run ``artifact`` in each runner on ``inputs`` and compare (see module docstring).
 
     ``inputs``: a list of samples, each a tensor/array or a tuple of them,
-    shaped exactly as the artifact's inputs; default: the golden inputs.
+    shaped exactly as the artifact's inputs; default: the golden inputs; an
+    empty list is an :class:`~sdk.errors.InputError` (nothing would be compared).
     ``runners``: default, the target's default runner and ``reference``.
     ``strict=True`` raises :class:`VerificationError` instead of returning a failed report.
     """
     from .data import as_inputs
 
+    gin, gout = artifact.golden()
     if inputs is None:
-        gin, gout = artifact.golden()
         samples = [gin]
         expected = [gout] if model is None else _float_outputs(model, samples)
+        golden_in_samples = True        # the golden comparison reuses the outputs on sample 0
     else:
+        inputs = [] if isinstance(inputs, (str, bytes)) else list(inputs)
+        if not inputs:
+            raise InputError("verify needs at least one input: pass a non-empty list of samples "
+                             "(or no inputs at all to use the golden inputs stored in the artifact)")
         samples = [as_inputs(s, artifact.signature) for s in inputs]
         expected = _float_outputs(model, samples) if model is not None else None
+        golden_in_samples = False
     available = artifact.runner_names()
     if runners is None:
         default = artifact.manifest["target"].get("default_runner", "host")
         runners = [default] + (["reference"] if "reference" in available and default != "reference" else [])
-    all_rules = artifact.manifest.get("verify", {})
+    all_rules = merge_rules(artifact.manifest.get("verify", {}) or {}, target_rules(artifact))
     steps = _output_step(artifact)
 
     results: dict[str, list[list[np.ndarray]]] = {}
@@ -168,24 +252,25 @@ def verify(artifact, model: Any = None, inputs: Sequence | None = None, runners:
                     t0 = time.perf_counter()
                     fn(s)
                     times.append(time.perf_counter() - t0)
+            golden_outs = outs[0] if golden_in_samples else fn(gin)
             results[name] = outs
             row.latency_ms = float(np.median(times)) * 1e3 if times else math.nan
             if getattr(fn, "latency_ms", None) is not None:     # emulated runners time the invoke itself
                 row.extra["emulated_invoke_ms"] = fn.latency_ms
+            if expected is not None:
+                row.max_abs_err, row.max_rel_err, row.sqnr_db = _compare(outs, expected)
+                agree = [np.argmax(r[0].reshape(r[0].shape[0], -1), -1) ==
+                         np.argmax(e[0].reshape(e[0].shape[0], -1), -1) for r, e in zip(outs, expected)]
+                row.top1_agreement = float(np.mean(np.concatenate(agree)))
+                if model is not None:
+                    row.compared_with.append(FLOAT_MODEL)
+            row.golden_max_abs_err, row.golden_max_rel_err, row.golden_sqnr_db = _compare([golden_outs], [gout])
+            row.compared_with.append(GOLDEN)
         except Exception as exc:  # a runner failing is a verification failure, reported by name
             row.error = f"{type(exc).__name__}: {exc}"
             failures.append(f"runner {name!r} failed: {row.error}")
+            results.pop(name, None)
             continue
-        if expected is not None:
-            flat_ref = np.concatenate([o.reshape(-1) for e in expected for o in e])
-            flat = np.concatenate([o.reshape(-1) for r in outs for o in r]).astype(np.float64)
-            diff = np.abs(flat - flat_ref)
-            row.max_abs_err = float(diff.max())
-            row.max_rel_err = float(diff.max() / max(float(np.abs(flat_ref).max()), 1e-12))
-            row.sqnr_db = sqnr_db(flat_ref, flat)
-            agree = [np.argmax(r[0].reshape(r[0].shape[0], -1), -1) == np.argmax(e[0].reshape(e[0].shape[0], -1), -1)
-                     for r, e in zip(outs, expected)]
-            row.top1_agreement = float(np.mean(np.concatenate(agree)))
 
     if "reference" in results:
         ref = results["reference"]
@@ -204,9 +289,13 @@ def verify(artifact, model: Any = None, inputs: Sequence | None = None, runners:
                     total += units.size
             report[name].max_lsb = lsb
             report[name].bit_exact_ratio = exact / total if total else math.nan
+            report[name].compared_with.append(REFERENCE)
 
     for name, row in report.items():
         if row.error:
+            continue
+        if not row.compared_with:
+            failures.append(f"{name}: compared with nothing")
             continue
         rules = runner_rules(all_rules, name)
         if name != "reference" and "reference" in results:
@@ -214,11 +303,20 @@ def verify(artifact, model: Any = None, inputs: Sequence | None = None, runners:
                 failures.append(f"{name}: {row.max_lsb:g} LSB from the reference (allowed {rules['max_lsb']})")
             if "min_bit_exact_ratio" in rules and row.bit_exact_ratio < rules["min_bit_exact_ratio"]:
                 failures.append(f"{name}: bit-exact ratio {row.bit_exact_ratio:.4f} < {rules['min_bit_exact_ratio']}")
-        if "min_sqnr_db" in rules and row.sqnr_db < rules["min_sqnr_db"]:
-            failures.append(f"{name}: SQNR {row.sqnr_db:.1f} dB < {rules['min_sqnr_db']} dB vs the float model")
-        if "max_rel_err" in rules and row.max_rel_err > rules["max_rel_err"]:
-            failures.append(f"{name}: max relative error {row.max_rel_err:.3g} > {rules['max_rel_err']}")
-        if "min_top1_agreement" in rules and row.top1_agreement < rules["min_top1_agreement"]:
+        checks = []
+        if expected is not None:
+            checks.append((row.sqnr_db, row.max_rel_err, "the float model" if model is not None
+                           else "the golden outputs stored at deploy time"))
+        if model is not None or not golden_in_samples:
+            checks.append((row.golden_sqnr_db, row.golden_max_rel_err, "the golden outputs stored at deploy time"))
+        for sqnr, rel, what in checks:
+            # NaN (nothing computed) fails too: `not x >= bound` rather than `x < bound`
+            if "min_sqnr_db" in rules and not sqnr >= rules["min_sqnr_db"]:
+                failures.append(f"{name}: SQNR {sqnr:.1f} dB < {rules['min_sqnr_db']} dB vs {what}")
+            if "max_rel_err" in rules and not rel <= rules["max_rel_err"]:
+                failures.append(f"{name}: max relative error {rel:.3g} > {rules['max_rel_err']} vs {what}")
+        if expected is not None and "min_top1_agreement" in rules \
+                and not row.top1_agreement >= rules["min_top1_agreement"]:
             failures.append(f"{name}: top-1 agreement {row.top1_agreement:.3f} < {rules['min_top1_agreement']}")
     rep = VerifyReport(artifact.target, report, failures, all_rules)
     if strict:

@@ -37,14 +37,24 @@ def _interpreter_module():
     return mod
 
 
-def load_interpreter(model, num_threads: int = 1, delegate: bool = True):
+def load_interpreter(model, num_threads: int = 1, delegate: bool = True, *, check: bool = False,
+                     manifest: dict | None = None):
     """A ready (tensors allocated) LiteRT interpreter for ``model``.
 
     ``model`` is the flatbuffer bytes or a path.  ``delegate=False`` disables
     the default XNNPACK delegate so every op runs in TFLite's builtin kernels.
+    ``check=True`` (or a ``manifest``) first runs :func:`.fbcheck.check_model`
+    on the bytes and hands LiteRT exactly the bytes it checked: LiteRT does not
+    validate a flatbuffer's contents and can crash on a damaged one.
+    The interpreter is not thread-safe; share it behind a lock.
     """
     mod = _interpreter_module()
     kwargs = {"num_threads": int(num_threads)}
+    if check or manifest is not None:
+        from .fbcheck import check_model
+
+        model = Path(model).read_bytes() if isinstance(model, (str, Path)) else bytes(model)
+        check_model(model, manifest)
     if isinstance(model, (str, Path)):
         kwargs["model_path"] = str(model)
     else:

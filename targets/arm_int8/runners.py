@@ -4,10 +4,23 @@
 Both take and return torch-layout float arrays: inputs are transposed to the
 stored layout (NHWC) and, for ``io="int8"`` artifacts, quantized with the
 manifest's parameters; outputs are dequantized and transposed back.
+
+``model.tflite`` goes through :func:`.fbcheck.check_model` (against the
+manifest) before either runtime reads it: LiteRT trusts the flatbuffer it is
+given, so a damaged or hostile file would crash the process instead of raising.
+
+Sessions may be called from several threads: a LiteRT interpreter is not
+thread-safe (set_tensor / invoke / get_tensor from two threads interleave and
+give errors or, worse, another call's outputs), so every session serialises its
+calls with a lock (:func:`serialised`).  One interpreter per thread was the
+alternative; it multiplies the packed weights per thread and needs clean-up for
+threads that end, for no gain on the one-thread interpreters these runners use.
 """
 
 from __future__ import annotations
 
+import functools
+import threading
 from typing import Callable
 
 import numpy as np
@@ -43,13 +56,38 @@ def from_stored(sig: dict, y: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(y.astype(np.float32).transpose(inverse_perm(sig.get("layout") or range(y.ndim))))
 
 
+def serialised(fn: Callable) -> Callable:
+    """``fn`` behind a lock of its own: one call at a time, from any number of threads."""
+    lock = threading.Lock()
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        with lock:
+            return fn(*args, **kwargs)
+
+    call.lock = lock
+    return call
+
+
+def checked_model(artifact, name: str = "model.tflite") -> bytes:
+    """The bytes of ``name``, after the structural check against the manifest
+    (:class:`~sdk.errors.ArtifactError` when it fails)."""
+    from .fbcheck import check_file
+
+    return check_file(artifact, name)
+
+
 def adapt(artifact, run_stored: Callable[[list[np.ndarray]], list[np.ndarray]]):
+    """Torch-layout float calls around ``run_stored``; the stored-layout call is
+    :func:`serialised` (the layout and quantization steps run outside the lock)."""
     ins, outs = artifact.manifest["inputs"], artifact.manifest["outputs"]
+    run_locked = serialised(run_stored)
 
     def run(inputs: list[np.ndarray]) -> list[np.ndarray]:
-        ys = run_stored([to_stored(s, x) for s, x in zip(ins, inputs)])
+        ys = run_locked([to_stored(s, x) for s, x in zip(ins, inputs)])
         return [from_stored(s, y) for s, y in zip(outs, ys)]
 
+    run.lock = run_locked.lock
     return run
 
 
@@ -74,7 +112,7 @@ class LiteRTHostRunner(Runner):
     def open(self, artifact):
         from . import litert
 
-        interp = litert.load_interpreter(artifact.file("model.tflite"), num_threads=self.num_threads)
+        interp = litert.load_interpreter(checked_model(artifact), num_threads=self.num_threads)
         return adapt(artifact, lambda xs: litert.run(interp, xs))
 
 
@@ -89,5 +127,5 @@ class ReferenceRunner(Runner):
     def open(self, artifact):
         from .reference import ReferenceInterpreter
 
-        interp = ReferenceInterpreter(artifact.file("model.tflite").read_bytes())
+        interp = ReferenceInterpreter(checked_model(artifact))
         return adapt(artifact, interp.run)

@@ -10,7 +10,9 @@ manifest under ``quantization.keep_fp32``).
 Runners: ``host`` (LiteRT on the CPU: fp16 weights, fp32 compute), ``fp16``
 (the same flatbuffer executed in float16 arithmetic, see :mod:`.half`),
 ``reference`` (float64 numpy), ``cuda`` (torch half precision on a GPU, when
-one is present).
+one is present).  Each checks ``model.tflite`` with
+:func:`targets.arm_int8.fbcheck.check_model` before reading it, and each
+session serialises its calls, so it may be shared between threads.
 
 >>> art = sdk.deploy(model, target="fp16-gpu", example_inputs=(x,), calibration=batches)   # doctest: +SKIP
 >>> art.verify(model, runners=["host", "fp16"]).passed    # host within 1e-3, fp16 arithmetic within 1e-2  # doctest: +SKIP
@@ -24,7 +26,7 @@ import dataclasses
 from sdk import Package, Runner, Target, TensorSig, hookimpl
 from sdk.config import Config
 from sdk.quant import FP16_MAX
-from targets.arm_int8.runners import LiteRTHostRunner, ReferenceRunner, adapt
+from targets.arm_int8.runners import LiteRTHostRunner, ReferenceRunner, adapt, checked_model
 
 NAME = "fp16-gpu"
 
@@ -41,6 +43,11 @@ class FP16GPU(Target):
     class Config(Config):
         keep_fp32: tuple[str, ...] = ()      # nodes/modules kept in float32
         auto_fp32: bool = False              # keep exactly the out-of-range nodes in float32
+
+        def __post_init__(self):
+            from plugins.quantize.fp16 import check_fp32_fields
+
+            check_fp32_fields(NAME, self)
 
     def default_quantizer_config(self):
         return {"keep_fp32": list(self.config.keep_fp32), "auto_fp32": self.config.auto_fp32}
@@ -103,7 +110,7 @@ class HalfRunner(Runner):
         from .half import HalfInterpreter
 
         keep = set(artifact.manifest.get("fp16", {}).get("keep_fp32", ()))
-        interp = HalfInterpreter(artifact.file("model.tflite").read_bytes(), fp32=keep)
+        interp = HalfInterpreter(checked_model(artifact), fp32=keep)
         return adapt(artifact, interp.run)
 
 
@@ -124,7 +131,7 @@ class CudaRunner(Runner):
     def open(self, artifact):
         from .cuda import TorchLiteRT
 
-        model = TorchLiteRT(artifact.file("model.tflite").read_bytes(),
+        model = TorchLiteRT(checked_model(artifact),
                             fp32=set(artifact.manifest.get("fp16", {}).get("keep_fp32", ())))
         return adapt(artifact, model.run)
 

@@ -69,13 +69,18 @@ def _stored_shape(sig: dict) -> list[int]:
 
 def open_litert(artifact, emu, config) -> EmulatedSession:
     """arm-int8 / arm-fp32: ``model.tflite`` in the aarch64 LiteRT."""
-    from targets.arm_int8.runners import adapt
+    from targets.arm_int8.runners import adapt, checked_model
 
-    artifact.file("model.tflite")
-    spec = {"kind": "litert", "model": "artifact/model.tflite", "num_threads": config.num_threads,
-            "delegate": config.delegate}
-    return EmulatedSession(emu, artifact, spec, cpu=config.cpu or None, timeout_s=config.timeout_s,
-                           adapt=lambda run_stored: adapt(artifact, run_stored))
+    # the emulated LiteRT reads exactly the bytes fbcheck accepted (a copy), not the artifact's file again
+    data = checked_model(artifact)
+    with tempfile.TemporaryDirectory(prefix="edgepack-qemu-model-") as tmp:
+        model = Path(tmp) / "model.tflite"
+        model.write_bytes(data)
+        spec = {"kind": "litert", "model": "checked-model.tflite", "num_threads": config.num_threads,
+                "delegate": config.delegate}
+        return EmulatedSession(emu, artifact, spec, cpu=config.cpu or None, timeout_s=config.timeout_s,
+                               adapt=lambda run_stored: adapt(artifact, run_stored),
+                               extra_files={"checked-model.tflite": model})
 
 
 def cross_compile(sources: list[Path], output: Path, flags=CROSS_FLAGS, march: str = CROSS_MARCH) -> Path:
@@ -92,29 +97,33 @@ def cross_compile(sources: list[Path], output: Path, flags=CROSS_FLAGS, march: s
 
 
 def open_kernel_library(artifact, emu, config) -> EmulatedSession:
-    """binary-popcount (and any artifact of generated C): every ``.c``/``.h`` file of the
-    artifact is cross-compiled for aarch64 and the emulated Python calls
+    """binary-popcount: the C generated afresh from the artifact's (validated) layer
+    specs and the kernel sources installed with edgepack are cross-compiled for
+    aarch64 — never the artifact's own C, which must equal that generation or the
+    artifact is refused — and the emulated Python calls
 
         int edgepack_model_run(const float *input, float *output, const void *weights)
 
-    with ``weights.bin`` (when the artifact has one) 64-byte aligned, one float32
-    input and one float32 output in their stored layout (manifest ``layout``).
-    A target whose artifact names a different entry point sets
-    ``manifest["target"]["entry"]``.
+    with ``weights.bin`` 64-byte aligned, one float32 input and one float32 output in
+    their stored layout (manifest ``layout``).
     """
     from targets.arm_int8.runners import adapt
+    from targets.binary_popcount.build import kernel_sources
+    from targets.binary_popcount.codegen import generate_sources
+    from targets.binary_popcount.runners import artifact_specs
 
-    files = artifact.manifest.get("files", {})
-    sources = [artifact.file(n) for n in sorted(files) if n.endswith((".c", ".h"))]
-    if not any(s.suffix == ".c" for s in sources):
-        raise RunnerError(f"artifact {artifact.path} has no C sources to cross-compile")
     if len(artifact.manifest["inputs"]) != 1 or len(artifact.manifest["outputs"]) != 1:
         raise RunnerError("qemu-aarch64 runs C artifacts with exactly one input and one output")
+    specs, _ = artifact_specs(artifact)            # ArtifactError unless the shipped C is what we generate
+    model_c, model_h = generate_sources(specs)
     with tempfile.TemporaryDirectory(prefix="edgepack-xc-") as tmp:
-        lib = cross_compile(sources, Path(tmp) / "model.so")
-        spec = {"kind": "clib", "library": "model.so",
-                "weights": "artifact/weights.bin" if "weights.bin" in files else None,
-                "entry": artifact.manifest["target"].get("entry", "edgepack_model_run"),
+        src = Path(tmp) / "src"
+        src.mkdir()
+        (src / "model.c").write_text(model_c)
+        (src / "model.h").write_text(model_h)
+        lib = cross_compile([src / "model.c", src / "model.h", *kernel_sources()], Path(tmp) / "model.so")
+        spec = {"kind": "clib", "library": "model.so", "weights": "artifact/weights.bin",
+                "entry": "edgepack_model_run",
                 "output_shapes": [_stored_shape(s) for s in artifact.manifest["outputs"]]}
         return EmulatedSession(emu, artifact, spec, cpu=config.cpu or None, timeout_s=config.timeout_s,
                                adapt=lambda run_stored: adapt(artifact, run_stored),

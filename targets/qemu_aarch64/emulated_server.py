@@ -5,7 +5,7 @@ never imported by edgepack on the host.
 
 ``SPEC_JSON`` says where the aarch64 site folder is and what to load:
 
-``{"kind": "litert", "model": "artifact/model.tflite", "num_threads": 1, "delegate": true}``
+``{"kind": "litert", "model": "checked-model.tflite", "num_threads": 1, "delegate": true}``
     a LiteRT flatbuffer, run by ai_edge_litert's aarch64 build;
 ``{"kind": "clib", "library": "model.so", "weights": "artifact/weights.bin",
 "entry": "edgepack_model_run", "output_shapes": [[1, 10]]}``

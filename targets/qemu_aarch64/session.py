@@ -75,7 +75,7 @@ class EmulatedSession:
         self.artifact_path = Path(artifact.path)
         self.timeout_s = float(timeout_s)
         self.latencies_ms: list[float] = []
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()     # one request at a time on the pipe; time() holds it across its call
         self.workdir = Path(tempfile.mkdtemp(prefix="edgepack-qemu-"))
         try:
             art_dir = self.workdir / ARTIFACT_DIR
@@ -171,12 +171,14 @@ class EmulatedSession:
     @property
     def latency_ms(self) -> float:
         """Median emulated invoke time so far (ms); NaN before the first call."""
-        return statistics.median(self.latencies_ms) if self.latencies_ms else float("nan")
+        times = list(self.latencies_ms)
+        return statistics.median(times) if times else float("nan")
 
     def time(self, stored_inputs: Sequence[Any], runs: int = 20) -> float:
         """Median emulated time (ms) of ``runs`` back-to-back invokes on stored-layout inputs."""
-        self.run_stored(stored_inputs, repeat=max(int(runs), 1) + 1)
-        return statistics.median(self.last_ms[1:])
+        with self._lock:
+            self.run_stored(stored_inputs, repeat=max(int(runs), 1) + 1)
+            return statistics.median(self.last_ms[1:])
 
     @property
     def pid(self) -> int:
