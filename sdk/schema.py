@@ -128,7 +128,8 @@ def check_tensor_sig(where: str, d: Any) -> dict:
         if (key == "dtype" or d.get(key) is not None) and d.get(key) not in DTYPES:
             raise _fail(f"{where}.{key}", f"{d.get(key)!r} is not one of {', '.join(DTYPES)}")
     layout = d.get("layout")
-    if layout is not None and sorted(_list(f"{where}.layout", layout)) != list(range(len(shape))):
+    if layout is not None and (not all(_int(p) for p in _list(f"{where}.layout", layout))
+                               or sorted(layout) != list(range(len(shape)))):
         raise _fail(f"{where}.layout", f"{layout!r} is not a permutation of the {len(shape)} dimensions")
     check_quantization(f"{where}.quantization", d.get("quantization"),
                        tuple(shape[i] for i in layout) if layout is not None else shape)
