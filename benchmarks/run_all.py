@@ -14,6 +14,7 @@ BENCHES = {
     "bench_arm_int8.py": ["--out", str(HERE / "results" / "arm_int8.json")],
     "bench_binary.py": ["--out", str(HERE / "results" / "binary.json")],
     "bench_fp16_gpu.py": ["--out", str(HERE / "results" / "fp16_gpu.json")],
+    "bench_gallery.py": ["--out", str(HERE / "results" / "gallery.json")],
 }
 
 

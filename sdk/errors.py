@@ -9,6 +9,7 @@ to do next.  Several also subclass the matching builtin (``ValueError``,
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 from typing import Sequence
 
@@ -59,19 +60,62 @@ class ExportError(EdgepackError):
     unsupported Python, ...).  The message carries torch's reason."""
 
 
+@dataclasses.dataclass(frozen=True)
+class RefusedNode:
+    """One graph node a target cannot lower: its op, node name, owning module
+    path and what to do about it."""
+
+    op: str
+    node: str
+    module: str = ""
+    hint: str = ""
+
+
 class UnsupportedOpError(EdgepackError):
-    """An operator that the chosen target cannot lower.
+    """Operators that the chosen target cannot lower.
 
     Attributes: ``op`` (the operator), ``node`` (graph node name), ``target``
-    and ``hint`` (what to do instead).
+    and ``hint`` (what to do instead) of the first refused node, and
+    ``refused``: every refused node (:class:`RefusedNode`), so that one error
+    lists all a model needs changed.  :meth:`of` builds one from that list.
+
+    >>> e = UnsupportedOpError.of("arm-int8", [RefusedNode("aten.cumsum.default", "cumsum", "body", "no kernel")])
+    >>> (e.op, e.node, len(e.refused))
+    ('aten.cumsum.default', 'cumsum', 1)
     """
 
-    def __init__(self, op: str, node: str, target: str, hint: str = ""):
-        self.op, self.node, self.target, self.hint = op, node, target, hint
-        msg = f"target {target!r} cannot lower op {op!r} (node {node!r})"
-        if hint:
-            msg += f": {hint}"
-        super().__init__(msg)
+    def __init__(self, op: str, node: str, target: str, hint: str = "", *, module: str = "",
+                 refused: Sequence[RefusedNode] = ()):
+        self.op, self.node, self.target, self.hint, self.module = op, node, target, hint, module
+        self._refused = list(refused) or [RefusedNode(op, node, module, hint)]
+        super().__init__(_refusal_message(target, self._refused))
+
+    @classmethod
+    def of(cls, target: str, refused: Sequence[RefusedNode]) -> "UnsupportedOpError":
+        first = refused[0]
+        return cls(first.op, first.node, target, first.hint, module=first.module, refused=refused)
+
+    @property
+    def refused(self) -> list[RefusedNode]:
+        # subclasses that set the attributes themselves (channel pruning) still answer
+        found = getattr(self, "_refused", None)
+        return found if found else [RefusedNode(self.op, self.node, getattr(self, "module", ""), self.hint)]
+
+
+def _refusal_message(target: str, refused: Sequence[RefusedNode]) -> str:
+    """One line for a single node; otherwise one line per (op, fix), naming every node and module."""
+    where = lambda r: f"{r.node!r}" + (f" in {r.module}" if r.module else "")  # noqa: E731
+    if len(refused) == 1:
+        r = refused[0]
+        return f"target {target!r} cannot lower op {r.op!r} (node {where(r)})" + (f": {r.hint}" if r.hint else "")
+    groups: dict[tuple[str, str], list[RefusedNode]] = {}
+    for r in refused:
+        groups.setdefault((r.op, r.hint), []).append(r)
+    lines = [f"target {target!r} cannot lower {len(refused)} nodes:"]
+    for (op, hint), rs in groups.items():
+        lines.append(f"  - op {op!r} at {len(rs)} node(s): " + ", ".join(where(r) for r in rs)
+                     + (f"\n    fix: {hint}" if hint else ""))
+    return "\n".join(lines)
 
 
 class CalibrationError(EdgepackError, ValueError):

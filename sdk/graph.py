@@ -2,10 +2,14 @@
 
 :func:`capture` exports a module, folds constants (parameters, buffers, pruning
 masks), and maps each ATen call to a small canonical op set with normalised
-attributes (``conv``, ``linear``, ``batch_norm``, ``relu``, ``add``, ...).  Ops
-outside that set keep the name ``"aten.<op>"``: targets reject those with
-:class:`~sdk.errors.UnsupportedOpError`.  Layout stays PyTorch's (NCHW); each
-target converts at its own boundary.
+attributes (``conv``, ``linear``, ``batch_norm``, ``relu``, ``add``, ``slice``,
+...).  Models are taken as torchvision and timm write them: in-place ops
+(``relu_``, ``out += identity``) become their functional op, every ATen form
+of eval batch norm is one ``batch_norm``, ``clamp``/``relu6`` are ``hardtanh``
+with their bounds, and chunk/split/unbind/select/narrow become ``slice`` nodes
+(plus a ``reshape`` where a dim goes away).  Ops outside that set keep the name
+``"aten.<op>"``: targets reject those with :class:`~sdk.errors.UnsupportedOpError`.
+Layout stays PyTorch's (NCHW); each target converts at its own boundary.
 
 :meth:`Graph.run` executes the canonical graph with torch, so calibration
 observes exactly the tensors the target will quantize (after BN folding), and
@@ -186,23 +190,49 @@ def check_example_inputs(model: Any, example_inputs: Any) -> tuple[torch.Tensor,
     out = []
     for i, x in enumerate(example_inputs):
         if isinstance(x, np.ndarray):
-            x = torch.from_numpy(x)
+            if x.dtype.kind != "f":
+                raise InputError(f"example_inputs[{i}] is an array of dtype {x.dtype}; edgepack targets take "
+                                 "float inputs")
+            x = torch.from_numpy(np.ascontiguousarray(x))
         if not isinstance(x, torch.Tensor):
             raise InputError(f"example_inputs[{i}] is a {type(x).__name__}, not a tensor")
         if not x.is_floating_point():
             raise InputError(f"example_inputs[{i}] has dtype {x.dtype}; edgepack targets take float inputs")
-        out.append(x.detach().float())
+        if x.layout != torch.strided or x.device.type == "meta":
+            raise InputError(f"example_inputs[{i}] is a {x.layout if x.layout != torch.strided else 'meta'} "
+                             "tensor; pass a dense tensor holding real sample values")
+        if x.numel() == 0:
+            raise InputError(f"example_inputs[{i}] has shape {tuple(x.shape)}: no elements; pass a batch of at "
+                             "least one real sample, e.g. x[:1] of shape (1, ...) (the artifact is packed for this "
+                             "batch size and stores it as its golden input)")
+        x = x.detach().float()
+        if not bool(torch.isfinite(x).all()):
+            bad = int((~torch.isfinite(x)).sum())
+            raise InputError(f"example_inputs[{i}] has {bad} NaN/inf value(s); pass real, finite samples "
+                             "(the artifact stores them as its golden input and verifies against them)")
+        out.append(x)
     return tuple(out)
 
 
 def from_exported(ep: "torch.export.ExportedProgram") -> Graph:
-    """Canonicalise an :class:`torch.export.ExportedProgram` into a :class:`Graph`."""
+    """Canonicalise an :class:`torch.export.ExportedProgram` into a :class:`Graph`.
+
+    In-place ops (``relu_``, ``add_`` from ``out += identity``, ...) become
+    their functional op, and later reads of the tensor they overwrote read the
+    new node instead.  Where the overwritten tensor shares storage with another
+    value still read afterwards (a view of it, or the tensor it views), that
+    renaming would be wrong: the program is functionalized by torch first.
+    """
+    if _aliased_mutation(ep.graph):
+        ep = ep.run_decompositions({})
     sig = ep.graph_signature
     state = {**ep.state_dict, **getattr(ep, "constants", {})}
     lifted = {**sig.inputs_to_parameters, **sig.inputs_to_buffers,
               **getattr(sig, "inputs_to_lifted_tensor_constants", {})}
     consts: dict[str, torch.Tensor] = {}
     values: dict[str, Any] = {}          # fx node name -> value name or python scalar
+    pieces: dict[str, dict[int, str]] = {}   # multi-output fx node -> {output index: value name}
+    versions: dict[str, list[str]] = {}      # fx names holding one tensor that in-place ops rewrote
     inputs: list[tuple[str, tuple[int, ...], str]] = []
     nodes: list[Node] = []
     user_inputs = set(sig.user_inputs)
@@ -226,16 +256,23 @@ def from_exported(ep: "torch.export.ExportedProgram") -> Graph:
         target = fx.target
         tname = _aten_name(target)
         args, kwargs = fx.args, fx.kwargs
+        mutated = _mutated_input(fx)
+        if mutated is not None:
+            tname = _functional_name(tname)
 
         # constant folding: every tensor argument is a constant (masks, reshaped weights, ...)
         tensor_args = [a for a in _flat(args) + _flat(list(kwargs.values())) if isinstance(a, torch.fx.Node)]
         if tensor_args and all(values.get(a.name) in consts for a in tensor_args):
-            sub = lambda a: consts[values[a.name]] if isinstance(a, torch.fx.Node) else a  # noqa: E731
+            # an in-place op writes its input: give it a copy, never the model's own parameter
+            sub = lambda a: (consts[values[a.name]].clone() if a is mutated else consts[values[a.name]]) \
+                if isinstance(a, torch.fx.Node) else a  # noqa: E731
             with torch.no_grad():
                 res = target(*_map(args, sub), **_map(kwargs, sub))
             if isinstance(res, torch.Tensor):
                 consts[fx.name] = res.detach()
                 values[fx.name] = fx.name
+                if mutated is not None:
+                    _rebind(values, versions, mutated.name, fx.name)
                 continue
         if tname in _IDENTITY:
             values[fx.name] = values[args[0].name]
@@ -243,31 +280,153 @@ def from_exported(ep: "torch.export.ExportedProgram") -> Graph:
         if tname in _SKIP:
             continue
         if tname == "getitem":
-            src = args[0]
-            values[fx.name] = values[src.name] if args[1] == 0 else f"{src.name}[{args[1]}]"
+            src, k = args
+            known = pieces.get(src.name)
+            if known is not None and k in known:
+                values[fx.name] = known[k]
+            else:  # single-result ops exported as tuples: result 0 is the node itself
+                values[fx.name] = values[src.name] if k == 0 else f"{src.name}[{k}]"
             continue
 
         val = fx.meta.get("val")
+        if isinstance(val, (tuple, list)) and val and isinstance(val[0], torch.Tensor):
+            val = val[0]             # batch-norm forms return (output, saved statistics...)
         shape = tuple(int(d) for d in val.shape) if isinstance(val, torch.Tensor) else ()
         stack = fx.meta.get("nn_module_stack") or {}
         module = list(stack.values())[-1][0] if stack else ""
         ref = lambda a: values[a.name]  # noqa: E731
+        if tname in _SPLITS:
+            made, pieces[fx.name] = _split(fx, tname, ref)
+            for node in made:
+                node.module, node.source = module, str(target)
+                nodes.append(node)
+            continue
         canon = _CANON.get(tname)
-        node = None
-        if canon is not None:
-            node = canon(fx.name, args, kwargs, shape, ref, consts, fx)
-        if node is None:
-            node = Node(fx.name, f"aten.{tname}", [values[a.name] for a in tensor_args], {}, shape,
+        made = canon(fx.name, args, kwargs, shape, ref, consts, fx) if canon is not None else None
+        if made is None:
+            made = Node(fx.name, f"aten.{_aten_name(target)}", [values[a.name] for a in tensor_args], {}, shape,
                         call=(target, _map(args, lambda a: ("$", values[a.name])),
                               _map(kwargs, lambda a: ("$", values[a.name]))))
-        node.module, node.source, node.shape = module, str(target), shape
-        nodes.append(node)
-        values[fx.name] = node.name
+        if isinstance(made, str):       # a no-op in this form (a full slice): its input flows through
+            values[fx.name] = made
+        else:
+            for node in made if isinstance(made, list) else [made]:
+                node.module, node.source = module, str(target)
+                nodes.append(node)
+            node.shape = shape
+            values[fx.name] = node.name
+        if mutated is not None:
+            _rebind(values, versions, mutated.name, fx.name)
 
-    graph = Graph(nodes, inputs, outputs,
+    graph = Graph(_live(nodes, outputs), inputs, outputs,
                   {k: v.detach().cpu().float().numpy().copy() if v.is_floating_point() else v.cpu().numpy().copy()
                    for k, v in consts.items()})
     return prune_unused_constants(graph)
+
+
+def _live(nodes: list[Node], outputs: list[str]) -> list[Node]:
+    """``nodes`` without those no output depends on (the unread results of chunk/unbind, say)."""
+    needed = set(outputs)
+    kept = []
+    for node in reversed(nodes):
+        if node.name in needed:
+            kept.append(node)
+            needed.update(node.inputs)
+    return kept[::-1]
+
+
+def _rebind(values: dict, versions: dict, written: str, result: str) -> None:
+    """After an in-place op: every earlier name of the tensor it wrote now reads its result."""
+    chain = versions.setdefault(written, [written])
+    for name in chain:
+        values[name] = values[result]
+    chain.append(result)
+    versions[result] = chain
+
+
+def _mutated_input(fx: "torch.fx.Node") -> "torch.fx.Node | None":
+    """The argument an in-place op overwrites (``Tensor(a!) self``), or None."""
+    schema = getattr(fx.target, "_schema", None)
+    if schema is None:
+        return None
+    for i, a in enumerate(schema.arguments):
+        if a.alias_info is not None and a.alias_info.is_write:
+            v = fx.args[i] if i < len(fx.args) else fx.kwargs.get(a.name)
+            return v if isinstance(v, torch.fx.Node) else None
+    return None
+
+
+def _viewed_input(fx: "torch.fx.Node") -> "torch.fx.Node | None":
+    """The argument whose storage an op's result shares (``Tensor(a) self -> Tensor(a)``: view, slice,
+    transpose, chunk, ...), or None."""
+    if fx.op != "call_function":
+        return None
+    if _aten_name(fx.target) == "getitem":       # one piece of chunk/split/unbind
+        src = fx.args[0]
+        return src if isinstance(src, torch.fx.Node) and _viewed_input(src) is not None else None
+    schema = getattr(fx.target, "_schema", None)
+    if schema is None or not schema.returns or schema.returns[0].alias_info is None \
+            or schema.returns[0].alias_info.is_write:
+        return None
+    for i, a in enumerate(schema.arguments):
+        if a.alias_info is not None and not a.alias_info.is_write:
+            v = fx.args[i] if i < len(fx.args) else fx.kwargs.get(a.name)
+            return v if isinstance(v, torch.fx.Node) else None
+    return None
+
+
+def _aliased_mutation(graph: "torch.fx.Graph") -> bool:
+    """Whether an in-place op overwrites storage that another value, read after it, shares.
+
+    :func:`from_exported` renames the overwritten tensor (and its earlier
+    versions) to the in-place op's result.  That is exact for reads of those
+    versions and for views taken of the result, but not for another value of
+    the same storage taken before the write and read after it: a view of the
+    tensor (``v = x.view(...); x.relu_(); v + 1``), the tensor a written view
+    belongs to (``x[:, :8].relu_(); x + 1``), or another view of that one.
+    """
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    parent: dict = {}            # value -> the value whose storage it shares (the one it overwrote or views)
+    writes: list = []
+    for n in graph.nodes:
+        m = _mutated_input(n) if n.op == "call_function" else None
+        if m is not None:
+            parent[n] = m
+            writes.append(n)
+            continue
+        v = _viewed_input(n)
+        if v is not None:
+            parent[n] = v
+    written = set(writes)
+
+    def ancestors(n):
+        out = [n]
+        while out[-1] in parent:
+            out.append(parent[out[-1]])
+        return out
+
+    def head(n):                 # the first version of a tensor that in-place ops rewrote
+        while n in written:
+            n = parent[n]
+        return n
+
+    group: dict = {}
+    for n in graph.nodes:
+        group.setdefault(ancestors(n)[-1], []).append(n)
+    for w in writes:
+        tensor = head(w)
+        for other in group[ancestors(w)[-1]]:
+            if head(other) is tensor or w in ancestors(other):
+                continue
+            if any(order[u] > order[w] for u in other.users):
+                return True
+    return False
+
+
+def _functional_name(tname: str) -> str:
+    """``relu_.default`` -> ``relu.default``: the out-of-place op an in-place one computes."""
+    base, _, overload = tname.partition(".")
+    return f"{base[:-1]}.{overload}" if base.endswith("_") else tname
 
 
 def prune_unused_constants(graph: Graph) -> Graph:
@@ -302,6 +461,41 @@ def fold_batch_norm(graph: Graph) -> Graph:
         _rename_value(g, bn.name, prod.name)
         removed.add(bn.name)
     g.nodes = [n for n in g.nodes if n.name not in removed]
+    return prune_unused_constants(g)
+
+
+def batch_norm_as_conv(graph: Graph) -> Graph:
+    """Rewrite each ``batch_norm`` :func:`fold_batch_norm` left (one that does not
+    follow a conv or linear, as DenseNet's pre-activation BN) as the per-channel
+    affine map it is in eval mode: a depthwise 1×1 ``conv`` (``conv1d`` for
+    ``(N, C, L)``; ``(N, C)`` is reshaped to ``(N, C, 1)`` around it).  A target
+    then lowers it with its conv kernel, int8 per-channel weights included, and
+    a following ReLU fuses into it.  The conv keeps the BN's name, so plans and
+    analyses keyed by node name still find it; other ranks are left alone."""
+    g = graph.copy()
+    nodes: list[Node] = []
+    for bn in g.nodes:
+        rank = len(bn.shape)
+        if bn.op != "batch_norm" or rank not in (2, 3, 4) or not all(g.is_const(i) for i in bn.inputs[1:5]):
+            nodes.append(bn)
+            continue
+        gamma, beta, mean, var = (g.constants[i].astype(np.float64) for i in bn.inputs[1:5])
+        scale = gamma / np.sqrt(var + bn.attrs["eps"])
+        c, dims = bn.shape[1], 2 if rank == 4 else 1
+        w_name, b_name = g.unique_name(f"{bn.name}_scale"), g.unique_name(f"{bn.name}_shift")
+        g.constants[w_name] = scale.reshape((c, 1) + (1,) * dims).astype(np.float32)
+        g.constants[b_name] = (beta - mean * scale).astype(np.float32)
+        attrs = {"stride": (1,) * dims, "padding": (0,) * dims, "dilation": (1,) * dims, "groups": c,
+                 "kernel": (1,) * dims, "dims": dims}
+        meta = {"module": bn.module, "source": bn.source}
+        if rank == 2:
+            wide = bn.shape + (1,)
+            pre = Node(g.unique_name(f"{bn.name}_as3d"), "reshape", [bn.inputs[0]], {"shape": wide}, wide, **meta)
+            conv = Node(g.unique_name(f"{bn.name}_conv"), "conv", [pre.name, w_name, b_name], attrs, wide, **meta)
+            nodes += [pre, conv, Node(bn.name, "reshape", [conv.name], {"shape": bn.shape}, bn.shape, **meta)]
+        else:
+            nodes.append(Node(bn.name, "conv", [bn.inputs[0], w_name, b_name], attrs, bn.shape, **meta))
+    g.nodes = nodes
     return prune_unused_constants(g)
 
 
@@ -368,7 +562,8 @@ def _exec_call(node: Node, env: dict, consts: dict) -> torch.Tensor:
 # ---------------------------------------------------------------------------
 
 _IDENTITY = {"dropout.default", "clone.default", "contiguous.default", "alias.default", "detach.default",
-             "feature_dropout.default", "_to_copy.default", "lift_fresh_copy.default", "alpha_dropout.default"}
+             "feature_dropout.default", "_to_copy.default", "lift_fresh_copy.default", "alpha_dropout.default",
+             "feature_alpha_dropout.default"}
 _SKIP = {"_assert_tensor_metadata.default", "_assert_scalar.default", "sym_constrain_range_for_size.default"}
 
 
@@ -416,20 +611,30 @@ def _linear(name, args, kwargs, shape, ref, consts, fx):
     return Node(name, "linear", [ref(args[0]), ref(args[1])] + ([ref(b)] if b is not None else []), {}, shape)
 
 
-def _batch_norm(name, args, kwargs, shape, ref, consts, fx):
-    x, w, b, mean, var = args[:5]
-    eps = float(args[7]) if len(args) > 7 else float(kwargs.get("eps", 1e-5))
-    c = fx.args[0].meta["val"].shape[1]
-    inputs = [ref(x)]
-    for t, fill in ((w, 1.0), (b, 0.0)):
-        if t is None:
-            cname = f"{name}_{'weight' if fill else 'bias'}"
-            consts[cname] = torch.full((c,), fill)
-            inputs.append(cname)
-        else:
-            inputs.append(ref(t))
-    inputs += [ref(mean), ref(var)]
-    return Node(name, "batch_norm", inputs, {"eps": eps}, shape)
+def _batch_norm(training_at: int | None, eps_at: int):
+    """Every ATen form of eval-mode batch norm: ``batch_norm`` (training IR),
+    ``_native_batch_norm_legit_no_training`` (functionalized programs),
+    ``native_batch_norm``; they differ in where ``training`` and ``eps`` sit.
+    Batch statistics (``training=True``, or no running statistics) stay unsupported."""
+
+    def make(name, args, kwargs, shape, ref, consts, fx):
+        x, w, b, mean, var = args[:5]
+        training = training_at is not None and bool(_arg(args, kwargs, training_at, "training", False))
+        if training or mean is None or var is None:
+            return None
+        eps = float(_arg(args, kwargs, eps_at, "eps", 1e-5))
+        c = fx.args[0].meta["val"].shape[1]
+        inputs = [ref(x)]
+        for t, fill in ((w, 1.0), (b, 0.0)):
+            if t is None:
+                cname = f"{name}_{'weight' if fill else 'bias'}"
+                consts[cname] = torch.full((c,), fill)
+                inputs.append(cname)
+            else:
+                inputs.append(ref(t))
+        inputs += [ref(mean), ref(var)]
+        return Node(name, "batch_norm", inputs, {"eps": eps}, shape)
+    return make
 
 
 def _unary(op, **fixed):
@@ -442,6 +647,20 @@ def _hardtanh(name, args, kwargs, shape, ref, consts, fx):
     lo = float(_arg(args, kwargs, 1, "min_val", -1.0))
     hi = float(_arg(args, kwargs, 2, "max_val", 1.0))
     return Node(name, "hardtanh", [ref(args[0])], {"min": lo, "max": hi}, shape)
+
+
+def _clamp(lo_at: int | None, hi_at: int | None):
+    """``clamp`` / ``clamp_min`` / ``clamp_max`` with number bounds: ``hardtanh``
+    with a missing bound at ±inf (tensor bounds stay unsupported)."""
+
+    def make(name, args, kwargs, shape, ref, consts, fx):
+        lo = _arg(args, kwargs, lo_at, "min", None) if lo_at is not None else None
+        hi = _arg(args, kwargs, hi_at, "max", None) if hi_at is not None else None
+        if isinstance(lo, torch.fx.Node) or isinstance(hi, torch.fx.Node):
+            return None
+        return Node(name, "hardtanh", [ref(args[0])], {"min": -math.inf if lo is None else float(lo),
+                                                       "max": math.inf if hi is None else float(hi)}, shape)
+    return make
 
 
 def _leaky(name, args, kwargs, shape, ref, consts, fx):
@@ -496,8 +715,15 @@ def _avg_pool(name, args, kwargs, shape, ref, consts, fx):
 
 
 def _adaptive_avg(name, args, kwargs, shape, ref, consts, fx):
+    """Global pooling is a ``mean``; output sizes that divide the input are a plain average pool."""
     if tuple(shape[2:]) == (1,) * (len(shape) - 2):
         return Node(name, "mean", [ref(args[0])], {"dims": tuple(range(2, len(shape))), "keepdim": True}, shape)
+    in_hw = tuple(int(d) for d in fx.args[0].meta["val"].shape[2:])
+    if len(in_hw) == 2 and all(i % o == 0 for i, o in zip(in_hw, shape[2:])):
+        k = tuple(i // o for i, o in zip(in_hw, shape[2:]))
+        return Node(name, "avg_pool2d", [ref(args[0])], {"kernel": k, "stride": k, "padding": (0, 0),
+                                                         "ceil_mode": False, "count_include_pad": True,
+                                                         "divisor_override": None}, shape)
     return None
 
 
@@ -529,6 +755,8 @@ def _transpose(name, args, kwargs, shape, ref, consts, fx):
 
 
 def _cat(name, args, kwargs, shape, ref, consts, fx):
+    if len(args[0]) == 1:              # torch.cat([x]): x (DenseNet starts each block so)
+        return ref(args[0][0])
     dim = _dim(int(_arg(args, kwargs, 1, "dim", 0)), len(shape))
     return Node(name, "cat", [ref(t) for t in args[0]], {"dim": dim}, shape)
 
@@ -555,22 +783,111 @@ def _upsample(name, args, kwargs, shape, ref, consts, fx):
     return Node(name, "upsample_nearest", [ref(args[0])], {"size": tuple(shape[2:])}, shape)
 
 
+def _in_shape(fx) -> tuple[int, ...]:
+    return tuple(int(d) for d in fx.args[0].meta["val"].shape)
+
+
+def _slice_node(name, x: str, in_shape, dim: int, start: int, end: int, step: int = 1) -> Node | str:
+    """``x[..., start:end:step, ...]`` along ``dim`` (``x`` itself when that is all of it)."""
+    if (start, end, step) == (0, in_shape[dim], 1):
+        return x
+    shape = list(in_shape)
+    shape[dim] = len(range(start, end, step))
+    return Node(name, "slice", [x], {"dim": dim, "start": start, "end": end, "step": step}, tuple(shape))
+
+
+def _slice(name, args, kwargs, shape, ref, consts, fx):
+    in_shape = _in_shape(fx)
+    dim = _dim(int(_arg(args, kwargs, 1, "dim", 0)), len(in_shape))
+    step = int(_arg(args, kwargs, 4, "step", 1))
+    start, end, _ = slice(_arg(args, kwargs, 2, "start", None), _arg(args, kwargs, 3, "end", None), step) \
+        .indices(in_shape[dim])      # torch clamps and wraps slice bounds as Python does
+    return _slice_node(name, ref(args[0]), in_shape, dim, start, max(end, start), step)
+
+
+def _narrow(name, args, kwargs, shape, ref, consts, fx):
+    in_shape = _in_shape(fx)
+    dim = _dim(int(args[1]), len(in_shape))
+    start = int(args[2]) % in_shape[dim] if int(args[2]) < 0 else int(args[2])
+    return _slice_node(name, ref(args[0]), in_shape, dim, start, start + int(args[3]))
+
+
+def _select(name, args, kwargs, shape, ref, consts, fx):
+    """``x.select(dim, i)`` = a one-wide slice, then a reshape that drops ``dim``."""
+    in_shape = _in_shape(fx)
+    dim = _dim(int(args[1]), len(in_shape))
+    i = int(args[2]) % in_shape[dim]
+    part = _slice_node(f"{name}/slice", ref(args[0]), in_shape, dim, i, i + 1)
+    squeeze = Node(name, "reshape", [part if isinstance(part, str) else part.name], {"shape": shape}, shape)
+    return [squeeze] if isinstance(part, str) else [part, squeeze]
+
+
+#: ops with several results, all views of one input: (args index of ``dim``, how the input is cut)
+_SPLITS = {"chunk.default", "unsafe_chunk.default", "split.Tensor", "unsafe_split.Tensor", "split.sizes",
+           "split_with_sizes.default", "unsafe_split_with_sizes.default", "unbind.int"}
+
+
+def _split(fx, tname: str, ref) -> tuple[list[Node], dict[int, str]]:
+    """chunk / split / unbind: one ``slice`` per result the program reads (plus a reshape that
+    drops the dim for ``unbind``).  Returns the nodes and ``{result index: value name}``."""
+    in_shape = _in_shape(fx)
+    base = tname.split(".")[0]
+    dim = _dim(int(_arg(fx.args, fx.kwargs, 1 if base == "unbind" else 2, "dim", 0)), len(in_shape))
+    size = in_shape[dim]
+    if base == "unbind":
+        sizes = [1] * size
+    elif base.endswith("chunk"):
+        step = -(-size // int(fx.args[1]))
+        sizes = [min(step, size - s) for s in range(0, size, step)]
+    elif isinstance(fx.args[1], (list, tuple)):
+        sizes = [int(v) for v in fx.args[1]]
+    else:
+        step = int(fx.args[1])
+        sizes = [min(step, size - s) for s in range(0, size, step)]
+    starts = np.cumsum([0] + sizes[:-1]).tolist()
+    made: list[Node] = []
+    names: dict[int, str] = {}
+    for user in fx.users:
+        k = user.args[1]
+        piece = _slice_node(user.name if base != "unbind" else f"{user.name}/slice", ref(fx.args[0]), in_shape,
+                            dim, starts[k], starts[k] + sizes[k])
+        if not isinstance(piece, str):
+            made.append(piece)
+            piece = piece.name
+        if base == "unbind":
+            shape = tuple(int(d) for d in user.meta["val"].shape)
+            made.append(Node(user.name, "reshape", [piece], {"shape": shape}, shape))
+            piece = user.name
+        names[k] = piece
+    return made, names
+
+
+def _unflatten(name, args, kwargs, shape, ref, consts, fx):
+    return Node(name, "reshape", [ref(args[0])], {"shape": shape}, shape)
+
+
 _CANON: dict[str, Callable] = {
     "conv2d.default": _conv, "conv1d.default": _conv, "conv2d.padding": _conv, "conv1d.padding": _conv,
     "linear.default": _linear,
-    "batch_norm.default": _batch_norm,
+    "batch_norm.default": _batch_norm(5, 7), "native_batch_norm.default": _batch_norm(5, 7),
+    "_native_batch_norm_legit.default": _batch_norm(5, 7),
+    "_native_batch_norm_legit_no_training.default": _batch_norm(None, 6),
     "relu.default": _unary("relu"), "relu6.default": _unary("hardtanh", min=0.0, max=6.0),
-    "hardtanh.default": _hardtanh, "leaky_relu.default": _leaky, "prelu.default": _prelu,
+    "hardtanh.default": _hardtanh, "clamp.default": _clamp(1, 2), "clamp_min.default": _clamp(1, None),
+    "clamp_max.default": _clamp(None, 1), "leaky_relu.default": _leaky, "prelu.default": _prelu,
     "sigmoid.default": _unary("sigmoid"), "tanh.default": _unary("tanh"),
     "hardswish.default": _unary("hardswish"), "hardsigmoid.default": _unary("hardsigmoid"),
     "silu.default": _unary("silu"),
     "add.Tensor": _binary("add"), "sub.Tensor": _binary("sub"), "mul.Tensor": _binary("mul"),
-    "div.Tensor": _binary("div"),
+    "div.Tensor": _binary("div"), "add.Scalar": _binary("add"), "sub.Scalar": _binary("sub"),
+    "mul.Scalar": _binary("mul"), "div.Scalar": _binary("div"),
     "max_pool2d.default": _max_pool, "avg_pool2d.default": _avg_pool,
-    "adaptive_avg_pool2d.default": _adaptive_avg, "mean.dim": _mean,
+    "adaptive_avg_pool2d.default": _adaptive_avg, "_adaptive_avg_pool2d.default": _adaptive_avg,
+    "mean.dim": _mean,
     "view.default": _reshape, "reshape.default": _reshape, "_unsafe_view.default": _reshape,
     "flatten.using_ints": _reshape, "squeeze.dim": _reshape, "squeeze.dims": _reshape,
-    "unsqueeze.default": _reshape,
+    "unsqueeze.default": _reshape, "unflatten.int": _unflatten,
+    "slice.Tensor": _slice, "narrow.default": _narrow, "select.int": _select,
     "permute.default": _permute, "transpose.int": _transpose, "t.default": _transpose,
     "cat.default": _cat, "concat.default": _cat,
     "softmax.int": _softmax, "_softmax.default": _softmax,
@@ -603,6 +920,12 @@ def _x_binary(fn):
     return run
 
 
+def _x_slice(node, a, batch):
+    index = [slice(None)] * a[0].dim()
+    index[node.attrs["dim"]] = slice(node.attrs["start"], node.attrs["end"], node.attrs["step"])
+    return a[0][tuple(index)]
+
+
 _EXEC: dict[str, Callable] = {
     "conv": _x_conv,
     "linear": lambda n, a, b: F.linear(a[0], a[1], a[2] if len(a) > 2 else None),
@@ -625,6 +948,7 @@ _EXEC: dict[str, Callable] = {
                                                n.attrs["divisor_override"]),
     "mean": lambda n, a, b: a[0].mean(dim=n.attrs["dims"], keepdim=n.attrs["keepdim"]),
     "reshape": _x_reshape,
+    "slice": _x_slice,
     "permute": lambda n, a, b: a[0].permute(n.attrs["perm"]),
     "cat": lambda n, a, b: torch.cat(a, n.attrs["dim"]),
     "softmax": lambda n, a, b: torch.softmax(a[0], n.attrs["dim"]),

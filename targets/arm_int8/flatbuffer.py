@@ -240,6 +240,10 @@ OPS: dict[str, OpSpec] = {
     "HARD_SWISH": OpSpec(_B.HARD_SWISH, _O.HardSwishOptions, _empty(fb.HardSwishOptionsT), 1),
     "RELU": OpSpec(_B.RELU, _O.NONE, None, 2),
     "RELU6": OpSpec(_B.RELU6, _O.NONE, None, 2),
+    "RELU_N1_TO_1": OpSpec(_B.RELU_N1_TO_1, _O.NONE, None),
+    "MINIMUM": OpSpec(_B.MINIMUM, _O.MaximumMinimumOptions, _empty(fb.MaximumMinimumOptionsT), 2, 2),
+    "MAXIMUM": OpSpec(_B.MAXIMUM, _O.MaximumMinimumOptions, _empty(fb.MaximumMinimumOptionsT), 2, 2),
+    "SLICE": OpSpec(_B.SLICE, _O.SliceOptions, _empty(fb.SliceOptionsT), 2, 3),
     "LEAKY_RELU": OpSpec(_B.LEAKY_RELU, _O.LeakyReluOptions, _leaky_relu_options, 2),
     "PRELU": OpSpec(_B.PRELU, _O.NONE, None, 1, 2),
     # QUANTIZE and DEQUANTIZE options tables are empty: left out, as the converter does

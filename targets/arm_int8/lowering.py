@@ -10,23 +10,48 @@ op needs torch order (flatten of a spatial map, linear on a 4-D tensor).
 Quantized (``arm-int8``): int8 per-channel symmetric weights, int8 asymmetric
 activations from the plan, int32 bias with scale ``s_in·s_w``.  Ops whose
 runtime kernels require equal input/output parameters (max-pool, reshape,
-transpose, pad, resize) pass their input's parameters through; SOFTMAX and
-LOGISTIC/TANH get the fixed output parameters the runtime requires; inputs
+transpose, pad, slice, resize) pass their input's parameters through; SOFTMAX
+and LOGISTIC/TANH get the fixed output parameters the runtime requires; inputs
 of CONCATENATION whose parameters differ are requantized with QUANTIZE first.
-ReLU/ReLU6 following conv, linear or add are fused into them, so XNNPACK
-takes the whole graph.  Float (``arm-fp32``): the same lowering without
-quantization.
+
+XNNPACK (LiteRT's default delegate) takes only some int8 ops; one it declines
+splits the graph into delegate partitions with builtin kernels in between,
+which made int8 slower than fp32 on real networks.  So every int8 graph is
+written with ops it takes (measured with :func:`.litert.op_summary`):
+
+* clamps (ReLU, ReLU6, hardtanh, clamp) after conv, linear, add, sub or mul
+  fuse into them: as the fused activation where LiteRT has one, else as the
+  saturation of the output's int8 range, which the calibration of the clamp's
+  output already bounds.  Elsewhere a clamp whose range holds 0 is a QUANTIZE
+  into its own output parameters (the requantization saturates); standalone
+  int8 RELU/RELU6 and MINIMUM/MAXIMUM run in builtin kernels only;
+* hardswish is ``x · hardsigmoid(x)`` = ADD(x, 3) with fused RELU6, MUL by
+  1/6, MUL by x (int8 HARD_SWISH has builtin kernels only; measured on six
+  conv+hardswish layers, 1 thread: 353 µs in one partition against 918 µs in
+  six; DEQUANTIZE + float HARD_SWISH + QUANTIZE took 352 µs but needs
+  XNNPACK's float rounding reproduced, a depthwise 1×1 gate 411 µs);
+* max pooling with padding torch's and TFLite's SAME do not share pads its
+  input by replicating the edge rows and columns (SLICE + CONCATENATION), then
+  pools VALID: every torch window holds a real element next to any padding
+  (padding <= kernel / 2, ceil-mode windows start inside the input), so a
+  copy of the nearest edge never exceeds the window's true maximum.  PADV2
+  with a -inf / -128 fill would be the direct form, but XNNPACK declines it.
+
+Float (``arm-fp32``, and ``fp16-gpu`` with float16 weights): the same
+lowering without quantization, where XNNPACK takes float HARD_SWISH, RELU,
+RELU6, RELU_N1_TO_1, MINIMUM and MAXIMUM as they are.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
-from sdk.errors import ConfigError, UnsupportedOpError
-from sdk.graph import Graph, Node, macs
-from sdk.quant import QuantPlan, QuantSpec, qparams
+from sdk.errors import ConfigError, RefusedNode, UnsupportedOpError
+from sdk.graph import Graph, Node, batch_norm_as_conv, macs
+from sdk.quant import QuantPlan, QuantSpec, qparams, qrange
 
 from .flatbuffer import ModelBuilder, TensorRef
 from .reference import same_padding
@@ -36,12 +61,22 @@ from .runners import inverse_perm
 SUPPORTED = frozenset({
     "conv", "linear", "relu", "hardtanh", "leaky_relu", "prelu", "sigmoid", "tanh", "hardswish", "hardsigmoid",
     "silu", "add", "sub", "mul", "max_pool2d", "avg_pool2d", "mean", "reshape", "permute", "cat", "softmax", "pad",
-    "upsample_nearest",
+    "upsample_nearest", "batch_norm", "slice",
 })
 NHWC = (0, 2, 3, 1)
 #: output parameters the runtime requires (scale, zero point)
 FIXED_OUTPUT = {"softmax": (1.0 / 256, -128), "sigmoid": (1.0 / 256, -128), "tanh": (1.0 / 128, 0)}
-_FUSABLE = {"relu": "RELU"}
+#: clamp bounds LiteRT has a fused activation (and a float op) for
+_ACTIVATION_CODES = {(0.0, 6.0): "RELU6", (0.0, math.inf): "RELU", (-1.0, 1.0): "RELU_N1_TO_1"}
+#: ops a clamp fuses into
+_FUSE_INTO = ("conv", "linear", "add", "sub", "mul")
+#: smallest int8 activation scale written: TFLite's builtin kernels quantize the bounds of a fused
+#: activation (6.0 for RELU6) into int32 at allocate time and refuse the model when 6 / scale
+#: overflows (``no_integer_overflow_from_quantization``), which a near-constant activation's range
+#: (1e-12 wide) causes; 2**-26 leaves 6 / scale at 4e8.  Values below it round to zero.
+MIN_ACTIVATION_SCALE = 2.0 ** -26
+#: most inputs XNNPACK's CONCATENATION takes
+_MAX_CONCAT = 5
 
 
 @dataclasses.dataclass
@@ -67,20 +102,108 @@ def lower(graph: Graph, plan: QuantPlan | None, *, target: str, io: str = "float
           half_weights: bool = False, keep_fp32: frozenset[str] = frozenset()) -> Lowered:
     """Lower ``graph``; int8 when ``plan`` is given.  ``half_weights``: float
     model with float16 weights and biases behind DEQUANTIZE ops (the form GPU
-    delegates consume), except for the nodes in ``keep_fp32``."""
+    delegates consume), except for the nodes in ``keep_fp32``.
+
+    Stand-alone batch norms become depthwise convs here (:func:`sdk.graph.batch_norm_as_conv`;
+    the arm targets already did it in ``prepare``, so that int8 calibration sees the conv)."""
+    graph = batch_norm_as_conv(graph)
+    check(graph, target)
     return _Lowerer(graph, plan, target, io, half_weights, keep_fp32).run()
 
 
+def prepare(graph: Graph) -> Graph:
+    """The graph passes the LiteRT targets run before calibration."""
+    return batch_norm_as_conv(graph)
+
+
 def check(graph: Graph, target: str) -> None:
-    """Raise :class:`UnsupportedOpError` for the first node outside :data:`SUPPORTED`."""
-    for node in graph.nodes:
-        if node.op not in SUPPORTED:
-            raise UnsupportedOpError(
-                node.op, node.name, target,
-                f"rewrite the model without it (module {node.module or '?'}); {target} lowers: "
-                + ", ".join(sorted(SUPPORTED)))
-        if node.op == "conv" and node.attrs["dims"] not in (1, 2):
-            raise UnsupportedOpError(f"conv{node.attrs['dims']}d", node.name, target, "only Conv1d and Conv2d lower")
+    """Raise one :class:`UnsupportedOpError` that lists every node this lowering refuses."""
+    refused = [RefusedNode(node.op, node.name, node.module, hint) for node in graph.nodes
+               if (hint := _refusal(graph, node, target)) is not None]
+    if refused:
+        raise UnsupportedOpError.of(target, refused)
+
+
+def _refusal(g: Graph, node: Node, target: str) -> str | None:
+    """What to do about ``node`` when this lowering cannot take it (None when it can)."""
+    op, a = node.op, node.attrs
+    if op not in SUPPORTED:
+        name = op.removeprefix("aten.")
+        return (f"{target} has no lowering for {name}; express it with supported ops in forward() "
+                f"({', '.join(sorted(SUPPORTED))})")
+    if op in ("conv", "linear") and not g.is_const(node.inputs[1]):
+        return "weights computed at run time cannot be packed; make them parameters"
+    if op == "conv" and a["dims"] not in (1, 2):
+        return f"conv{a['dims']}d does not lower; only Conv1d and Conv2d do"
+    if op == "batch_norm" and (len(node.shape) not in (2, 3, 4)
+                               or not all(g.is_const(i) for i in node.inputs[1:5])):
+        return ("batch norm over more than two spatial dims, or with statistics computed at run time, does not "
+                "lower; use BatchNorm1d/2d in eval mode (track_running_stats=True)")
+    if op in ("max_pool2d", "avg_pool2d"):
+        if tuple(a.get("dilation", (1, 1))) != (1, 1):
+            return "dilated pooling does not lower; use dilation=1"
+        if op == "avg_pool2d":
+            if a["divisor_override"]:
+                return "divisor_override does not lower; scale the pooled output instead"
+            hw = g.shape(node.inputs[0])[2:]
+            floor = [(s + 2 * p - k) // st + 1 for s, p, k, st in zip(hw, a["padding"], a["kernel"], a["stride"])]
+            if floor != list(node.shape[2:]):
+                return ("ceil_mode=True changes the average pool's output size here (its border windows have "
+                        "a smaller divisor); use ceil_mode=False or pad the input")
+            if any(a["padding"]) and not a["count_include_pad"] and not _tflite_same(hw, a, node.shape[2:]):
+                return ("avg-pool with count_include_pad=False and padding TFLite's SAME does not share does not "
+                        "lower; use count_include_pad=True")
+    if op == "pad":
+        if a["value"] != 0.0:
+            return "only zero padding lowers"
+        if any(p < 0 for p in a["pad"]):
+            return "negative padding (cropping) does not lower; slice the tensor instead"
+    if op == "softmax" and a["dim"] != len(node.shape) - 1:
+        return "softmax lowers over the last dimension only; transpose so that it is last"
+    if op == "upsample_nearest":
+        h, w = g.shape(node.inputs[0])[2:]
+        if a["size"][0] % h or a["size"][1] % w:
+            return "only integer nearest upsampling factors lower"
+    if op == "slice" and a["step"] != 1:
+        return "slices with a step other than 1 do not lower; use a strided conv or pooling instead"
+    return None
+
+
+def _pool_pads(hw, a: dict, out_hw) -> list[tuple[int, int]]:
+    """Per spatial dim, the (before, after) padding under which a VALID pool gives torch's output
+    size: torch's padding before, and after it what the last window needs (more than the padding
+    under ``ceil_mode``)."""
+    pads = []
+    for size, k, s, p, o in zip(hw, a["kernel"], a["stride"], a["padding"], out_hw):
+        pads.append((p, max((o - 1) * s + k - size - p, 0)))
+    return pads
+
+
+def _tflite_same(hw, a: dict, out_hw) -> bool:
+    """Whether TFLite's SAME pooling windows are torch's: as many, starting as far before the input
+    (padding past the last window is never read)."""
+    return all(same_padding(size, k, s)[:2] == (o, p)
+               for size, k, s, p, o in zip(hw, a["kernel"], a["stride"], a["padding"], out_hw))
+
+
+def _clamp_bounds(node: Node) -> tuple[float, float] | None:
+    """(lo, hi) of a clamp node (relu, relu6, hardtanh, clamp), else None."""
+    if node.op == "relu":
+        return 0.0, math.inf
+    if node.op == "hardtanh":
+        return float(node.attrs["min"]), float(node.attrs["max"])
+    return None
+
+
+def _usable(spec: QuantSpec) -> QuantSpec:
+    """``spec`` with its scale raised to :data:`MIN_ACTIVATION_SCALE` (the zero point recomputed so
+    the same real range stays covered)."""
+    if spec.dtype != "int8" or spec.scale[0] >= MIN_ACTIVATION_SCALE:
+        return spec
+    qmin, qmax = qrange("int8")
+    lo = spec.scale[0] * (qmin - spec.zero_point[0])
+    zp = int(np.clip(np.round(qmin - lo / MIN_ACTIVATION_SCALE), qmin, qmax))
+    return dataclasses.replace(spec, scale=(MIN_ACTIVATION_SCALE,), zero_point=(zp,))
 
 
 def _same_order(stored_shape, perm) -> bool:
@@ -99,6 +222,7 @@ class _Lowerer:
         self.values: dict[str, Value] = {}
         self.layers: list[dict] = []
         self.fused: dict[str, Node] = {}       # producer name -> activation node fused into it
+        self.fused_act: dict[str, str] = {}    # activation node name -> its fused activation code
         self.skip: set[str] = set()
         if io not in ("float", "int8"):
             raise ConfigError(f"{target}: io={io!r} is not allowed; choose 'float' or 'int8'")
@@ -107,6 +231,7 @@ class _Lowerer:
                 if not spec.symmetric or any(spec.zero_point):
                     raise ConfigError(f"{target} requires symmetric int8 weights (zero point 0) for XNNPACK; "
                                       f"weight {name} is asymmetric: set ptq weight_scheme: symmetric")
+            self.acts = {name: _usable(spec) for name, spec in plan.activations.items()}
 
     # -- helpers ---------------------------------------------------------------
     def name(self, base: str) -> str:
@@ -121,7 +246,7 @@ class _Lowerer:
         return UnsupportedOpError(node.op, node.name, self.target, why)
 
     def spec_of(self, name: str) -> QuantSpec:
-        return self.plan.activations[name]
+        return self.acts[name]
 
     def tensor(self, name: str, shape, spec: QuantSpec | None) -> TensorRef:
         if spec is None:
@@ -192,10 +317,7 @@ class _Lowerer:
         for node in g.nodes:
             if node.name in self.skip:
                 continue
-            handler = getattr(self, f"_op_{node.op}", None)
-            if handler is None or node.op not in SUPPORTED:
-                raise self.unsupported(node, f"{self.target} has no lowering for it")
-            handler(node)
+            getattr(self, f"_op_{node.op}")(node)       # check() refused every op without one
 
         model_outputs, out_sigs = [], []
         for name in g.outputs:
@@ -217,22 +339,23 @@ class _Lowerer:
                 "stored_dtype": "int8" if (self.q and self.io == "int8") else "float32", "quantization": quant}
 
     def _plan_fusions(self) -> None:
-        """ReLU / ReLU6 after conv, linear or add with a single user: fuse them."""
+        """A clamp after conv, linear, add, sub or mul with a single user fuses into it: as LiteRT's
+        fused activation when there is one, else (int8, bounds around 0) as the saturation of the
+        clamp's output parameters, which the producer then writes."""
         g = self.g
         for node in g.nodes:
-            act = None
-            if node.op == "relu":
-                act = "RELU"
-            elif node.op == "hardtanh" and (node.attrs["min"], node.attrs["max"]) == (0.0, 6.0):
-                act = "RELU6"
-            if act is None:
+            bounds = _clamp_bounds(node)
+            if bounds is None:
+                continue
+            act = _ACTIVATION_CODES.get(bounds)
+            if act is None and not (self.q and bounds[0] <= 0.0 <= bounds[1]):
                 continue
             prod = g.node(node.inputs[0])
-            if prod is None or prod.op not in ("conv", "linear", "add", "sub", "mul") or prod.name in g.outputs \
+            if prod is None or prod.op not in _FUSE_INTO or prod.name in g.outputs \
                     or len(g.users(prod.name)) != 1 or prod.name in self.fused:
                 continue
             self.fused[prod.name] = node
-            node.attrs = {**node.attrs, "_fused_act": act}
+            self.fused_act[node.name] = act or "NONE"
             self.skip.add(node.name)
 
     def _out(self, node: Node, stored_shape, perm, *, spec: QuantSpec | None = None) -> tuple[Value, str | None, str]:
@@ -246,7 +369,7 @@ class _Lowerer:
         self.values[final] = v
         if act_node is not None:
             self.values[node.name] = v
-        return v, (act_node.attrs["_fused_act"] if act_node is not None else None), final
+        return v, (self.fused_act[act_node.name] if act_node is not None else None), final
 
     def _in(self, node: Node, i: int = 0) -> Value:
         return self.values[node.inputs[i]]
@@ -255,9 +378,7 @@ class _Lowerer:
     def _op_conv(self, node: Node) -> None:
         g, a = self.g, node.attrs
         x = self._in(node)
-        w = g.constants.get(node.inputs[1])
-        if w is None:
-            raise self.unsupported(node, "weights computed at run time cannot be packed; make them parameters")
+        w = g.constants[node.inputs[1]]
         bias = g.constants[node.inputs[2]] if len(node.inputs) > 2 else np.zeros(w.shape[0], np.float32)
         if a["dims"] == 1:      # Conv1d as CONV_2D over a 1×L image
             w = w[:, :, None, :]
@@ -285,7 +406,7 @@ class _Lowerer:
             axis = 0
         out_perm = NHWC
         out, act, final = self._out(node, (n, oh, ow, cout), out_perm)
-        wref, bref, nbytes = self._weights(node, w, w_t, bias, axis, x)
+        wref, bref, nbytes = self._weights(node, w, w_t, bias, axis, x, out)
         opts = dict(stride=tuple(stride), padding=padding, dilation=tuple(dil), activation=act)
         if depthwise:
             self.b.add_op("DEPTHWISE_CONV_2D", [x.ref, wref, bref], [out.ref], depth_multiplier=cout // cin, **opts)
@@ -300,7 +421,8 @@ class _Lowerer:
                 self.values[node.name] = v
         self.layer(node, "DEPTHWISE_CONV_2D" if depthwise else "CONV_2D", w.size + bias.size, nbytes, macs(self.g, node))
 
-    def _weights(self, node: Node, w: np.ndarray, w_t: np.ndarray, bias: np.ndarray, axis: int, x: Value):
+    def _weights(self, node: Node, w: np.ndarray, w_t: np.ndarray, bias: np.ndarray, axis: int, x: Value,
+                 out: Value):
         """Weight and bias tensors; int8 per-channel weights and int32 bias when quantizing."""
         if not self.q:
             if self.half_weights and node.name not in self.keep_fp32:
@@ -316,6 +438,10 @@ class _Lowerer:
         if len(scales) == 1:
             scales = np.repeat(scales, w.shape[0])
         q = np.clip(np.round(w.reshape(w.shape[0], -1) / scales[:, None]), -127, 127).astype(np.int8).reshape(w.shape)
+        # An all-zero channel (pruned, or a zero BN gamma folded in) has any scale; the plan's 1.0 can
+        # push XNNPACK's requantization scale s_in*s_w/s_out past its limit of 256.  s_out/s_in makes it 1.
+        zero = ~q.reshape(q.shape[0], -1).any(axis=1)
+        scales = np.where(zero, float(np.float32(out.spec.scale[0])) / float(np.float32(x.spec.scale[0])), scales)
         if w.ndim == 4:
             q_t = q.transpose((1, 2, 3, 0) if axis == 3 else (0, 2, 3, 1))
         else:
@@ -354,13 +480,11 @@ class _Lowerer:
     def _op_linear(self, node: Node) -> None:
         x = self._in(node)
         x = self.to_perm(x, tuple(range(len(x.perm))), node.name)
-        w = self.g.constants.get(node.inputs[1])
-        if w is None:
-            raise self.unsupported(node, "weights computed at run time cannot be packed; make them parameters")
+        w = self.g.constants[node.inputs[1]]
         bias = self.g.constants[node.inputs[2]] if len(node.inputs) > 2 else np.zeros(w.shape[0], np.float32)
         shape = tuple(node.shape)
         out, act, _ = self._out(node, shape, tuple(range(len(shape))))
-        wref, bref, nbytes = self._weights(node, w, w, bias, 0, x)
+        wref, bref, nbytes = self._weights(node, w, w, bias, 0, x, out)
         self.b.add_op("FULLY_CONNECTED", [x.ref, wref, bref], [out.ref], activation=act,
                       keep_num_dims=len(shape) > 2)
         self.layer(node, "FULLY_CONNECTED", w.size + bias.size, nbytes, macs(self.g, node))
@@ -412,12 +536,49 @@ class _Lowerer:
         return QuantSpec("int8", (s,), (z,))
 
     def _op_relu(self, node):
-        self._unary(node, "RELU")
+        self._clamp(node)
 
     def _op_hardtanh(self, node):
-        if (node.attrs["min"], node.attrs["max"]) != (0.0, 6.0):
-            raise self.unsupported(node, "only hardtanh(0, 6) (ReLU6) lowers; use ReLU6 or clamp in the data")
-        self._unary(node, "RELU6")
+        self._clamp(node)
+
+    def _clamp(self, node: Node) -> None:
+        """A clamp that did not fuse into its producer (see :meth:`_plan_fusions`)."""
+        lo, hi = _clamp_bounds(node)
+        x = self._in(node)
+        if (lo, hi) == (-math.inf, math.inf):
+            self.values[node.name] = x
+            return
+        code = _ACTIVATION_CODES.get((lo, hi))
+        if not self.q and code is not None:
+            return self._unary(node, code)
+        if self.q and lo <= 0.0 <= hi:
+            # int8 RELU/RELU6 run in builtin kernels only; the requantization into the clamp's output
+            # parameters (calibrated on the clamped values) saturates at the bounds and stays in XNNPACK
+            spec = self.spec_of(node.name)
+            if (spec.scale, spec.zero_point) == (x.spec.scale, x.spec.zero_point):
+                self.values[node.name] = x
+                return
+            self.values[node.name] = self.requant(x, spec, node.name)
+            self.layer(node, "QUANTIZE")
+            return
+        # MAXIMUM / MINIMUM with constant bounds (int8: on the input's codes, so both keep its parameters)
+        v = x
+        for op, bound in (("MAXIMUM", lo), ("MINIMUM", hi)):
+            if not math.isfinite(bound):
+                continue
+            c = np.array([bound], np.float32)
+            cref = self.b.add_tensor(self.name(f"{node.name}/{op.lower()}"), (1,), "float32", data=c) if not self.q \
+                else self.b.add_tensor(self.name(f"{node.name}/{op.lower()}"), (1,), "int8", data=x.spec.quantize(c),
+                                       scale=x.spec.scale[0], zero_point=x.spec.zero_point[0])
+            last = op == "MINIMUM" or not math.isfinite(hi)
+            if last:
+                out, _, _ = self._out(node, x.stored_shape, x.perm, spec=x.spec)
+                ref = out.ref
+            else:
+                ref = self.tensor(self.name(f"{node.name}/{op.lower()}d"), x.stored_shape, x.spec)
+            self.b.add_op(op, [v.ref, cref], [ref])
+            v = Value(ref, x.perm, x.spec)
+        self.layer(node, "MAXIMUM+MINIMUM")
 
     def _op_leaky_relu(self, node):
         self._unary(node, "LEAKY_RELU", alpha=node.attrs["slope"])
@@ -429,7 +590,16 @@ class _Lowerer:
         self._unary(node, "TANH", spec=self._fixed(node))
 
     def _op_hardswish(self, node):
-        self._unary(node, "HARD_SWISH")
+        """Float: HARD_SWISH.  int8: x · hardsigmoid(x) with the gate in fixed [0, 1] parameters,
+        three ops XNNPACK runs in int8 (its delegate declines int8 HARD_SWISH; see the module notes)."""
+        if not self.q:
+            return self._unary(node, "HARD_SWISH")
+        x = self._in(node)
+        gate = self.tensor(self.name(f"{node.name}/gate"), x.stored_shape, self._fixed_spec(1.0 / 255, -128))
+        self._hard_gate(node, x, gate)
+        out, _, _ = self._out(node, x.stored_shape, x.perm)
+        self.b.add_op("MUL", [x.ref, gate], [out.ref])
+        self.layer(node, "ADD+MUL+MUL")
 
     def _op_prelu(self, node):
         x = self._in(node)
@@ -455,15 +625,19 @@ class _Lowerer:
         self.layer(node, "LOGISTIC+MUL")
 
     def _op_hardsigmoid(self, node):
-        """relu6(x + 3) / 6 as ADD, RELU6-fused, then MUL by 1/6."""
         x = self._in(node)
+        out, _, _ = self._out(node, x.stored_shape, x.perm)
+        self._hard_gate(node, x, out.ref)
+        self.layer(node, "ADD+MUL")
+
+    def _hard_gate(self, node: Node, x: Value, out: TensorRef) -> None:
+        """hardsigmoid(x) = relu6(x + 3) / 6 into ``out``: ADD with fused RELU6 (int8: into fixed
+        [0, 6] parameters), then MUL by 1/6."""
         three, _ = self.const(self.name(f"{node.name}/three"), np.array([3.0], np.float32))
         mid = self.tensor(self.name(f"{node.name}/relu6"), x.stored_shape, self._fixed_spec(6.0 / 255, -128))
         self.b.add_op("ADD", [x.ref, three], [mid], activation="RELU6")
         sixth, _ = self.const(self.name(f"{node.name}/sixth"), np.array([1.0 / 6], np.float32))
-        out, _, _ = self._out(node, x.stored_shape, x.perm)
-        self.b.add_op("MUL", [mid, sixth], [out.ref])
-        self.layer(node, "ADD+MUL")
+        self.b.add_op("MUL", [mid, sixth], [out])
 
     def _fixed_spec(self, scale, zp) -> QuantSpec | None:
         return QuantSpec("int8", (scale,), (zp,)) if self.q else None
@@ -471,33 +645,69 @@ class _Lowerer:
     def _pool(self, node: Node, op: str) -> None:
         a = node.attrs
         x = self.to_perm(self._in(node), NHWC, node.name)
-        if a.get("ceil_mode"):
-            n, h, w, c = x.stored_shape
-            floor_shape = [(s + 2 * p - k) // st + 1 for s, p, k, st in zip((h, w), a["padding"], a["kernel"], a["stride"])]
-            if floor_shape != list(node.shape[2:]):
-                raise self.unsupported(node, "ceil_mode=True changes the output size here; use ceil_mode=False")
-        if tuple(a.get("dilation", (1, 1))) != (1, 1):
-            raise self.unsupported(node, "dilated pooling does not lower")
+        if op == "AVERAGE_POOL_2D" and self.q and (a["count_include_pad"] or not any(a["padding"])):
+            return self._average_as_depthwise(node, x)
+        hw = x.stored_shape[1:3]
+        pads = _pool_pads(hw, a, node.shape[2:])
         padding = "VALID"
-        if any(a["padding"]):
-            if op == "MAX_POOL_2D":
-                x, padding = self._explicit_pad(node, x, a["kernel"], a["stride"], a["padding"], (1, 1))
-                if padding != "SAME":
-                    raise self.unsupported(node, "max-pool padding that is not TFLite SAME does not lower")
-            else:
-                if not a["count_include_pad"]:
-                    raise self.unsupported(node, "avg-pool with count_include_pad=False and padding does not lower")
-                x, padding = self._explicit_pad(node, x, a["kernel"], a["stride"], a["padding"], (1, 1))
-                if padding == "SAME":   # SAME would exclude the padding from the count: pad explicitly
-                    x, _ = self._pad_explicit(node, x, a["padding"])
-                    padding = "VALID"
-        if op == "AVERAGE_POOL_2D" and a.get("divisor_override"):
-            raise self.unsupported(node, "divisor_override does not lower")
+        if any(p for pair in pads for p in pair):
+            if _tflite_same(hw, a, node.shape[2:]) and (op == "MAX_POOL_2D" or not a["count_include_pad"]):
+                padding = "SAME"    # TFLite's SAME pools leave the padding out, as torch's max and c_i_p=False do
+            elif op == "MAX_POOL_2D":
+                x = self._replicate_edges(node, x, pads)
+            else:                   # count_include_pad=True: zeros that count
+                x, _ = self._pad_explicit(node, x, a["padding"])
         stored = tuple(node.shape[p] for p in NHWC)
         spec = x.spec if self.q else None        # the runtime needs equal input/output parameters
         out, _, _ = self._out(node, stored, NHWC, spec=spec)
         self.b.add_op(op, [x.ref], [out.ref], filter=tuple(a["kernel"]), stride=tuple(a["stride"]), padding=padding)
         self.layer(node, op)
+
+    def _average_as_depthwise(self, node: Node, x: Value) -> None:
+        """int8 average pooling as a depthwise conv with weights 1/(kh·kw): XNNPACK declines int8
+        AVERAGE_POOL_2D, and zero padding that counts in the divisor is a conv's zero padding."""
+        a = node.attrs
+        kh, kw = a["kernel"]
+        c = x.stored_shape[3]
+        x, padding = self._explicit_pad(node, x, (kh, kw), a["stride"], a["padding"], (1, 1))
+        out, _, _ = self._out(node, tuple(node.shape[p] for p in NHWC), NHWC)
+        w_scale = np.full(c, np.float32(1.0 / (kh * kw) / 127), np.float32)    # every tap is code 127
+        wref = self.b.add_tensor(self.name(f"{node.name}/weight"), (1, kh, kw, c), "int8",
+                                 data=np.full((1, kh, kw, c), 127, np.int8), scale=w_scale, zero_point=0, axis=3)
+        bref = self.b.add_tensor(self.name(f"{node.name}/bias"), (c,), "int32", data=np.zeros(c, np.int32),
+                                 scale=np.float32(x.spec.scale[0]) * w_scale, zero_point=0, axis=0)
+        self.b.add_op("DEPTHWISE_CONV_2D", [x.ref, wref, bref], [out.ref], stride=tuple(a["stride"]),
+                      padding=padding, depth_multiplier=1)
+        self.layer(node, "DEPTHWISE_CONV_2D", nbytes=kh * kw * c + 4 * c)
+
+    def _replicate_edges(self, node: Node, x: Value, pads) -> Value:
+        """NHWC ``x`` padded by copies of its first/last rows and columns (``pads``: (before, after)
+        for H, then W) with SLICE + CONCATENATION: the max-pool padding of the module notes."""
+        for axis, (before, after) in zip((1, 2), pads):
+            if not before and not after:
+                continue
+            size = x.stored_shape[axis]
+            first = [self._slice(f"{node.name}/edge", x, axis, 0, 1)] * before if before else []
+            last = [self._slice(f"{node.name}/edge", x, axis, size - 1, 1)] * after if after else []
+            shape = list(x.stored_shape)
+            shape[axis] += before + after
+            out = self.tensor(self.name(f"{node.name}/replicated"), shape, x.spec)
+            self.b.add_op("CONCATENATION", first + [x.ref] + last, [out], axis=axis)
+            x = Value(out, x.perm, x.spec)
+        return x
+
+    def _slice(self, label: str, x: Value, axis: int, start: int, length: int,
+               out: TensorRef | None = None) -> TensorRef:
+        """Stored ``x[..., start:start + length, ...]`` along stored ``axis`` (SLICE)."""
+        begin, size = [0] * len(x.stored_shape), list(x.stored_shape)
+        begin[axis], size[axis] = start, length
+        if out is None:
+            if size == list(x.stored_shape):
+                return x.ref
+            out = self.tensor(self.name(f"{label}/slice"), size, x.spec)
+        self.b.add_op("SLICE", [x.ref, self.b.add_const(self.name(f"{label}/begin"), begin),
+                                self.b.add_const(self.name(f"{label}/size"), size)], [out])
+        return out
 
     def _pad_explicit(self, node, x: Value, pad):
         """Zero (in the real domain: the zero point) padding of H and W as a PAD op; then VALID."""
@@ -561,43 +771,56 @@ class _Lowerer:
         out_spec = self.spec_of(node.name) if self.q else None
         ins = [self.requant(v, out_spec, node.name) for v in ins] if self.q else ins
         stored = tuple(node.shape[p] for p in perm)
+        axis = perm.index(node.attrs["dim"])
+        # XNNPACK concatenates 2 to 5 inputs (DenseNet's blocks join up to 32): groups of 5 first
+        parts = [v.ref for v in ins]
+        while len(parts) > _MAX_CONCAT:
+            groups = [parts[i:i + _MAX_CONCAT] for i in range(0, len(parts), _MAX_CONCAT)]
+            parts = [g[0] if len(g) == 1 else self._concat(node, g, axis, out_spec) for g in groups]
         out, _, _ = self._out(node, stored, perm, spec=out_spec)
-        self.b.add_op("CONCATENATION", [v.ref for v in ins], [out.ref], axis=perm.index(node.attrs["dim"]))
+        self.b.add_op("CONCATENATION", parts, [out.ref], axis=axis)
         self.layer(node, "CONCATENATION")
+
+    def _concat(self, node: Node, parts: list[TensorRef], axis: int, spec) -> TensorRef:
+        shape = list(parts[0].shape)
+        shape[axis] = sum(p.shape[axis] for p in parts)
+        out = self.tensor(self.name(f"{node.name}/part"), shape, spec)
+        self.b.add_op("CONCATENATION", parts, [out], axis=axis)
+        return out
 
     def _op_softmax(self, node):
         x = self._in(node)
         if x.perm.index(node.attrs["dim"]) != len(x.perm) - 1:
-            x = self.to_perm(x, tuple(range(len(x.perm))), node.name)
-            if node.attrs["dim"] != len(x.perm) - 1:
-                raise self.unsupported(node, "softmax lowers over the last dimension only")
+            x = self.to_perm(x, tuple(range(len(x.perm))), node.name)     # check(): dim is torch's last
         out, _, _ = self._out(node, x.stored_shape, x.perm, spec=self._fixed(node))
         self.b.add_op("SOFTMAX", [x.ref], [out.ref], beta=1.0)
         self.layer(node, "SOFTMAX")
 
     def _op_pad(self, node):
         x = self._in(node)
-        if node.attrs["value"] != 0.0:
-            raise self.unsupported(node, "only zero padding lowers")
         pad = node.attrs["pad"]
         rank = len(x.perm)
         torch_pad = [[0, 0] for _ in range(rank)]
         for i in range(len(pad) // 2):      # torch lists the last dim first
             torch_pad[rank - 1 - i] = [pad[2 * i], pad[2 * i + 1]]
-        if any(p < 0 for pair in torch_pad for p in pair):
-            raise self.unsupported(node, "negative padding (cropping) does not lower")
         stored_pad = [torch_pad[p] for p in x.perm]
         stored = tuple(node.shape[p] for p in x.perm)
         out, _, _ = self._out(node, stored, x.perm, spec=x.spec if self.q else None)
         self.b.add_op("PAD", [x.ref, self.b.add_const(self.name(f"{node.name}/paddings"), stored_pad)], [out.ref])
         self.layer(node, "PAD")
 
+    def _op_slice(self, node):
+        x, a = self._in(node), node.attrs
+        axis = x.perm.index(a["dim"])
+        stored = tuple(node.shape[p] for p in x.perm)
+        out, _, _ = self._out(node, stored, x.perm, spec=x.spec if self.q else None)
+        self._slice(node.name, x, axis, a["start"], a["end"] - a["start"], out=out.ref)
+        self.layer(node, "SLICE")
+
     def _op_upsample_nearest(self, node):
         x = self.to_perm(self._in(node), NHWC, node.name)
         size = tuple(node.attrs["size"])
         n, h, w, c = x.stored_shape
-        if size[0] % h or size[1] % w:
-            raise self.unsupported(node, "only integer nearest upsampling factors lower")
         out, _, _ = self._out(node, (n, size[0], size[1], c), NHWC, spec=x.spec if self.q else None)
         self.b.add_op("RESIZE_NEAREST_NEIGHBOR", [x.ref, self.b.add_const(self.name(f"{node.name}/size"), size)],
                       [out.ref])

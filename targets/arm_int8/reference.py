@@ -26,11 +26,13 @@ QUANTIZE (f32->int8),  XNNPACK    float32 multiply, nearest-even
 DEQUANTIZE
 MAX_POOL_2D, PAD,      XNNPACK    exact (no rescaling)
 TRANSPOSE, RESHAPE,
-CONCATENATION
+CONCATENATION, SLICE
 AVERAGE_POOL_2D        builtin    int32 sum / count, rounded half away
 SOFTMAX                builtin    float exp table, float sum, std::round
 HARD_SWISH             builtin    int16 fixed-point (reference kernel)
-RELU, RELU6, PRELU     builtin    gemmlowp MultiplyByQuantizedMultiplier
+RELU, RELU6, PRELU,    builtin    gemmlowp MultiplyByQuantizedMultiplier
+RELU_N1_TO_1
+MINIMUM, MAXIMUM       builtin    exact (compares codes of one quantization)
 RESIZE_NEAREST_NEIGH.  builtin    16.16 fixed-point source index (int8)
 =====================  =========  ==========================================
 
@@ -47,8 +49,8 @@ sensibly are refused with :class:`~sdk.errors.UnsupportedOpError` naming
 the fix: conv/FC requantization scales >= 256 (XNNPACK fails to load the
 model), ADD/SUB/MUL ratios >= 256 (every output saturates; TFLite's
 fallback wraps around in int16), HARD_SWISH with (s_in/128)/s_out >= 1,
-int8 CONCATENATION / MAX_POOL_2D / AVERAGE_POOL_2D / PAD whose inputs and
-output are quantized differently, and weights with a nonzero zero point.
+int8 CONCATENATION / MAX_POOL_2D / AVERAGE_POOL_2D / PAD / SLICE /
+MINIMUM / MAXIMUM whose inputs and output are quantized differently, and weights with a nonzero zero point.
 
 All of these are bit-exact on the test suite.  TANH's LUT uses libm's
 ``tanhf``; the reference evaluates tanh in float64 and rounds, which agrees
@@ -428,9 +430,16 @@ def _k_add_sub(sign: int, name: str):
 def _builtin_add_sub(a, b, at, bt, out, sign, act, name, node):
     """TFLite's int8 ADD/SUB: inputs rescaled to a common 2**20 fixed point.
 
-    (The NEON-block variant of ADD folds the input right shift into the left
-    shift; with 20 zero low bits that rounds identically, and its int16
-    narrowing only bites in the saturating regime :func:`_add_path` refuses.)
+    The x86 wheel runs ADD's NEON loops through NEON-on-SSE, and they round
+    differently from the scalar tail in two places (optimized
+    integer_ops/add.h): the elementwise loop (16 at a time) folds each input's
+    right shift into the 2**20 left shift, which is the same unless the shift
+    exceeds 20, when it becomes a flooring right shift before the multiply;
+    the scalar-broadcast loop (8 at a time, one operand a single element)
+    floors instead of rounding after the multiply.  Both are reproduced; the
+    other broadcasts run the same elementwise loop over inner runs, which
+    matters only for such a shift and is refused there.  The int16 narrowing
+    only bites in the saturating regime :func:`_add_path` refuses.
     """
     left_shift = 20
     twice_max = 2.0 * float(max(at.s, bt.s))
@@ -438,11 +447,32 @@ def _builtin_add_sub(a, b, at, bt, out, sign, act, name, node):
     m2, s2 = qmath.quantize_multiplier(float(bt.s) / twice_max)
     mo, so = qmath.quantize_multiplier(twice_max / float(f32(1 << left_shift) * out.s))
     mbqm = qmath.multiply_by_quantized_multiplier
-    x1 = mbqm((a.astype(np.int64) - at.zp) << left_shift, m1, s1)
-    x2 = mbqm((b.astype(np.int64) - bt.zp) << left_shift, m2, s2)
+    srdhm = qmath.saturating_rounding_doubling_high_mul
+    shape = np.broadcast_shapes(a.shape, b.shape)
+    da = np.broadcast_to(a.astype(np.int64) - at.zp, shape)
+    db = np.broadcast_to(b.astype(np.int64) - bt.zp, shape)
+    x1, x2 = mbqm(da << left_shift, m1, s1), mbqm(db << left_shift, m2, s2)
+    if name == "ADD":
+        if (a.size == 1) != (b.size == 1):          # AddScalarBroadcast
+            blocks = _neon_blocks(shape, 8)
+            x1 = np.where(blocks, srdhm(da << left_shift, m1) >> -s1, x1)
+            x2 = np.where(blocks, srdhm(db << left_shift, m2) >> -s2, x2)
+        elif min(s1, s2) < -left_shift:
+            if a.shape != b.shape:
+                raise UnsupportedOpError(name, node, TARGET, "a broadcasting int8 ADD whose input scales differ by "
+                                         "more than 2**20 (XNNPACK declines it; TFLite's kernel is not reproduced "
+                                         "here): widen the smaller input's scale")
+            blocks = _neon_blocks(shape)
+            x1 = np.where(blocks, srdhm(_shift_left(da, left_shift + s1), m1), x1)
+            x2 = np.where(blocks, srdhm(_shift_left(db, left_shift + s2), m2), x2)
     y = mbqm(x1 + sign * x2, mo, so) + out.zp
     lo, hi = qmath.tflite_activation_range(act, out.s, out.zp)
     return np.clip(y, lo, hi)
+
+
+def _shift_left(x: np.ndarray, n: int) -> np.ndarray:
+    """``vshlq_s32``: left shift by ``n``, a flooring right shift when ``n`` is negative."""
+    return x << n if n >= 0 else x >> -n
 
 
 def _k_mul(interp, k, op, node, ins, vals, out):
@@ -542,6 +572,28 @@ def _k_pad(interp, k, op, node, ins, vals, out):
     if out.quantized and (ins[0].s != out.s or ins[0].zp != out.zp):
         raise UnsupportedOpError("PAD", node, TARGET, "PAD needs equal input and output quantization")
     return np.pad(vals[0], [(int(a), int(b)) for a, b in pads], constant_values=fill)
+
+
+def _same_quantization(name: str, node: str, ins, out) -> None:
+    """int8 data-movement and comparison ops keep their codes: inputs and output must agree."""
+    for t in ins:
+        if out.quantized and (t.s != out.s or t.zp != out.zp):
+            raise UnsupportedOpError(name, node, TARGET, f"int8 {name} needs equal input and output quantization")
+
+
+def _k_slice(interp, k, op, node, ins, vals, out):
+    _same_quantization("SLICE", node, ins[:1], out)
+    begin = [int(b) for b in np.asarray(vals[1]).reshape(-1)]
+    size = [int(n) for n in np.asarray(vals[2]).reshape(-1)]
+    x = vals[0]
+    return x[tuple(slice(b, x.shape[i] if n == -1 else b + n) for i, (b, n) in enumerate(zip(begin, size)))]
+
+
+def _k_min_max(fn: Callable, name: str):
+    def kernel(interp, k, op, node, ins, vals, out):
+        _same_quantization(name, node, ins, out)
+        return fn(vals[0], vals[1])      # on codes of one quantization, as on floats, min/max commute with it
+    return kernel
 
 
 def _k_concat(interp, k, op, node, ins, vals, out):
@@ -676,11 +728,11 @@ def _k_quantize(interp, k, op, node, ins, vals, out):
     return np.clip(y, INT8_MIN, INT8_MAX)
 
 
-def _neon_blocks(shape) -> np.ndarray:
-    """Elements an optimized TFLite kernel handles in its 16-wide NEON loop
-    (all but the ``size % 16`` tail, in flat order)."""
+def _neon_blocks(shape, width: int = 16) -> np.ndarray:
+    """Elements an optimized TFLite kernel handles in its ``width``-wide NEON loop
+    (all but the ``size % width`` tail, in flat order)."""
     size = int(np.prod(shape, dtype=np.int64))
-    return (np.arange(size) < size - size % 16).reshape(shape)
+    return (np.arange(size) < size - size % width).reshape(shape)
 
 
 def _k_dequantize(interp, k, op, node, ins, vals, out):
@@ -692,7 +744,7 @@ def _k_dequantize(interp, k, op, node, ins, vals, out):
 
 
 def _k_relu_x(name: str):
-    """RELU / RELU6 as standalone ops (TFLite's QuantizedReluX)."""
+    """RELU / RELU6 / RELU_N1_TO_1 as standalone ops (TFLite's QuantizedReluX)."""
 
     def kernel(interp, k, op, node, ins, vals, out):
         x = vals[0]
@@ -830,6 +882,10 @@ _KERNELS: dict[str, Callable] = {
     "HARD_SWISH": _k_hard_swish,
     "RELU": _k_relu_x("RELU"),
     "RELU6": _k_relu_x("RELU6"),
+    "RELU_N1_TO_1": _k_relu_x("RELU_N1_TO_1"),
+    "MINIMUM": _k_min_max(np.minimum, "MINIMUM"),
+    "MAXIMUM": _k_min_max(np.maximum, "MAXIMUM"),
+    "SLICE": _k_slice,
     "LEAKY_RELU": _k_leaky_relu,
     "PRELU": _k_prelu,
     "QUANTIZE": _k_quantize,

@@ -118,6 +118,13 @@ class TorchLiteRT:
             return torch.relu(x)
         if name == "RELU6":
             return torch.clamp(x, 0, 6)
+        if name == "RELU_N1_TO_1":
+            return torch.clamp(x, -1, 1)
+        if name in ("MINIMUM", "MAXIMUM"):
+            return (torch.minimum if name == "MINIMUM" else torch.maximum)(x, vals[1])
+        if name == "SLICE":
+            begin, size = vals[1].tolist(), vals[2].tolist()
+            return x[tuple(slice(b, None if n == -1 else b + n) for b, n in zip(begin, size))]
         if name == "LEAKY_RELU":
             return F.leaky_relu(x, o.alpha)
         if name == "PRELU":
