@@ -150,9 +150,12 @@ def deploy(model, target: str, example_inputs, calibration: Iterable | None = No
             stage.add(name, blob)
         stage.add(GOLDEN, save_npz(golden))
         staged = Artifact(stage.path, {**manifest, "files": stage.file_table()}, {})
-        latency, note = _smoke_and_time(staged, tgt.default_runner, [golden[f"input_{i}"]
-                                                                     for i in range(len(example_inputs))])
+        latency, note, outs = _smoke_and_time(staged, tgt.default_runner, [golden[f"input_{i}"]
+                                                                           for i in range(len(example_inputs))])
         profile = _profile(tgt.name, package, latency, note, time.perf_counter() - started)
+        if outs is not None:
+            profile["fidelity"] = _fidelity(tgt.default_runner, outs, [golden[f"output_{i}"]
+                                                                       for i in range(len(outs))])
         stage.add(PROFILE, (json.dumps(profile, indent=2) + "\n").encode())
         path = stage.commit(manifest)
     return load(path)
@@ -162,8 +165,26 @@ def _plugin_row(cls) -> dict[str, str]:
     return {"kind": cls.kind, "name": cls.name, "version": cls.version, "module": cls.__module__}
 
 
-def _smoke_and_time(art: Artifact, runner: str, inputs, runs: int = 30) -> tuple[dict, str | None]:
-    """Run the staged artifact once (a broken pack fails here, before commit) and time it."""
+def _fidelity(runner: str, outs, golden_outs) -> dict:
+    """How close the packed model is to the float model on the example inputs (SQNR capped at
+    999 dB: an exact float artifact has none to report)."""
+    import numpy as np
+
+    from .verify import sqnr_db
+
+    got = np.concatenate([np.asarray(o, np.float64).reshape(-1) for o in outs])
+    want = np.concatenate([np.asarray(o, np.float64).reshape(-1) for o in golden_outs])
+    if got.shape != want.shape:
+        raise RunnerError(f"runner {runner!r} returned outputs of {got.size} values, the model {want.size}")
+    err = np.abs(got - want)
+    return {"runner": runner, "inputs": "example inputs", "sqnr_db": round(min(sqnr_db(want, got), 999.0), 2),
+            "max_abs_err": float(err.max()) if err.size else 0.0,
+            "max_rel_err": float(err.max() / max(float(np.abs(want).max()), 1e-12)) if err.size else 0.0}
+
+
+def _smoke_and_time(art: Artifact, runner: str, inputs, runs: int = 30) -> tuple[dict, str | None, list | None]:
+    """Run the staged artifact once (a broken pack fails here, before commit) and time it;
+    returns ``(latency, note, outputs of the first run)``."""
     import numpy as np
 
     from .errors import ToolchainError
@@ -171,7 +192,7 @@ def _smoke_and_time(art: Artifact, runner: str, inputs, runs: int = 30) -> tuple
     try:
         fn = art.session(runner)
     except ToolchainError as exc:   # packed fine, but this machine cannot run it: say so in the profile
-        return {}, str(exc)
+        return {}, str(exc), None
     try:
         outs = fn(inputs)
     except EdgepackError:
@@ -186,7 +207,7 @@ def _smoke_and_time(art: Artifact, runner: str, inputs, runs: int = 30) -> tuple
         t0 = time.perf_counter()
         fn(inputs)
         times.append(time.perf_counter() - t0)
-    return {runner: float(np.median(times)) * 1e3}, None
+    return {runner: float(np.median(times)) * 1e3}, None, outs
 
 
 def _profile(target: str, package, latency: dict, note: str | None, deploy_s: float) -> dict:

@@ -353,6 +353,11 @@ def _cmd_inspect(args) -> int:
         print(f"latency ({runner}): {ms:.3f} ms")
     if prof.get("latency_note"):
         print(f"latency: {prof['latency_note']}")
+    fid = prof.get("fidelity")
+    if isinstance(fid, dict):
+        print(f"fidelity vs the float model ({fid.get('runner')}, {fid.get('inputs')}): "
+              f"SQNR {fid.get('sqnr_db')} dB, max abs err {_fmt(fid.get('max_abs_err'))}, "
+              f"max rel err {_fmt(fid.get('max_rel_err'))}")
     return EXIT_OK
 
 

@@ -113,3 +113,14 @@ def test_verify_needs_an_input(lenet):
         art.verify(inputs=[])
     with pytest.raises(InputError, match="at least one input"):
         art.verify(model, inputs=[])
+
+
+def test_profile_records_fidelity_to_the_float_model(lenet):
+    from sdk.verify import sqnr_db
+
+    model, x, art = lenet
+    fid = art.profile["fidelity"]
+    gin, gout = art.golden()
+    want = sqnr_db(gout[0], art.run(*gin)[0])       # independent: recomputed from the stored golden outputs
+    assert fid["runner"] == "host" and abs(fid["sqnr_db"] - want) < 0.01 and fid["sqnr_db"] > 30
+    assert fid["max_abs_err"] == pytest.approx(float(np.abs(gout[0] - art.run(*gin)[0]).max()), rel=1e-6)
