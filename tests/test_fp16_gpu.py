@@ -188,3 +188,97 @@ def test_cuda_runner_says_why_it_cannot_run(tmp_path):
     art = sdk.deploy(model, "fp16-gpu", (x,), output=tmp_path / "n", progress=False)
     with pytest.raises(sdk.ToolchainError, match="no CUDA GPU"):
         art.run(x, runner="cuda")
+
+
+def _sharp_bn_resnet18():
+    """resnet18 whose BatchNorms have statistics measured on data (as a trained net's are) and spread
+    gamma/beta: the folded weights vary widely per channel, so rounding them to float16 alone costs
+    ~4e-3 at the output (torchvision resnet50 with trained BN: ~2e-2), past the old constant 1e-3."""
+    model, x = make("resnet18")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.05, 3.0)
+                m.bias.uniform_(-1.5, 0.2)
+                m.momentum = None
+                m.reset_running_stats()
+        model.train()
+        for _ in range(4):
+            model(torch.randn((16,) + x.shape[1:], generator=g))
+    return model.eval(), x, g
+
+
+def _independent_baseline(model, batches):
+    """Fold each BN into its conv in torch, round every parameter to float16, compare (no sdk code)."""
+    import copy
+
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    gm = torch.fx.symbolic_trace(copy.deepcopy(model))
+    mods = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and isinstance(mods[node.target], nn.BatchNorm2d):
+            prev = node.args[0]
+            assert prev.op == "call_module" and isinstance(mods[prev.target], nn.Conv2d)
+            parent, _, attr = prev.target.rpartition(".")
+            setattr(gm.get_submodule(parent) if parent else gm, attr,
+                    fuse_conv_bn_eval(mods[prev.target], mods[node.target]))
+            node.replace_all_uses_with(prev)
+            gm.graph.erase_node(node)
+    gm.recompile()
+    with torch.no_grad():
+        ref = torch.cat([model(b).flatten() for b in batches]).double()
+        for p in gm.parameters():
+            p.copy_(p.half().float())
+        got = torch.cat([gm(b).flatten() for b in batches]).double()
+    return float((got - ref).abs().max() / ref.abs().max())
+
+
+def test_verify_bound_is_derived_from_the_weight_rounding_baseline(tmp_path):
+    import hashlib
+    import json
+    import shutil
+
+    from targets.arm_int8.fbcheck import check_model
+    from targets.fp16_gpu import REL_ERR_CAP
+
+    model, x, g = _sharp_bn_resnet18()
+    cal = [torch.randn(x.shape, generator=g) for _ in range(4)]
+    art = sdk.deploy(model, "fp16-gpu", (x,), calibration=cal, output=tmp_path / "r", progress=False)
+    base = art.manifest["fp16"]["weight_rounding_rel_err"]
+    indep = _independent_baseline(model, cal)
+    assert abs(base - indep) <= 0.1 * indep, (base, indep)
+    assert 2e-3 < base < 1e-2, base                    # the constant 1e-3 would fail this model
+    rules = art.manifest["verify"]
+    assert rules["max_rel_err"] == pytest.approx(max(1e-3, 2 * base))
+    assert rules["runners"]["fp16"]["max_rel_err"] == pytest.approx(max(1e-2, 4 * base))
+    inputs = [torch.randn(x.shape, generator=g) for _ in range(2)]
+    rep = art.verify(model, inputs=inputs, runners=["host", "reference"], repeats=1)
+    assert rep.passed, str(rep)
+    assert rep.rules["max_rel_err"] == rules["max_rel_err"]          # the target's stated rule is only the cap
+    assert 1e-3 < rep.max_rel_err["host"] <= rules["max_rel_err"], str(rep)
+
+    # a consistently tampered copy (largest float16 weight buffer scaled by 0.9, hashes rewritten) still fails
+    dest = tmp_path / "bad"
+    shutil.copytree(art.path, dest)
+    data = bytearray((dest / "model.tflite").read_bytes())
+    start, end = max(check_model(bytes(data)).buffer_spans, key=lambda s: s[1] - s[0])
+    w = np.frombuffer(bytes(data[start:end]), np.float16)
+    data[start:end] = (w * np.float16(0.9)).astype(np.float16).tobytes()
+    (dest / "model.tflite").write_bytes(bytes(data))
+    manifest = json.loads((dest / "manifest.json").read_text())
+    manifest["files"]["model.tflite"] = {"sha256": hashlib.sha256(bytes(data)).hexdigest(), "bytes": len(data)}
+    (dest / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    rep = sdk.load(dest).verify(model, inputs=inputs, runners=["host", "reference"], repeats=1)
+    assert not rep.passed, str(rep)
+    assert any("host" in f and "relative error" in f for f in rep.failures), rep.failures
+    # an edited manifest cannot loosen the bound past the cap the target states (measured: this tamper
+    # costs 0.098, just inside the cap -- the signature, not the numeric bound, is what catches such edits)
+    from sdk.verify import merge_rules, target_rules
+
+    manifest["verify"] = {"max_rel_err": 10.0, "runners": {"fp16": {"max_rel_err": 10.0}}}
+    (dest / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    loose = sdk.load(dest)
+    merged = merge_rules(loose.manifest["verify"], target_rules(loose))
+    assert merged["max_rel_err"] == merged["runners"]["fp16"]["max_rel_err"] == REL_ERR_CAP, merged
