@@ -168,18 +168,14 @@ def _plugin_row(cls) -> dict[str, str]:
 def _fidelity(runner: str, outs, golden_outs) -> dict:
     """How close the packed model is to the float model on the example inputs (SQNR capped at
     999 dB: an exact float artifact has none to report)."""
-    import numpy as np
+    from .verify import compare_outputs
 
-    from .verify import sqnr_db
-
-    got = np.concatenate([np.asarray(o, np.float64).reshape(-1) for o in outs])
-    want = np.concatenate([np.asarray(o, np.float64).reshape(-1) for o in golden_outs])
-    if got.shape != want.shape:
-        raise RunnerError(f"runner {runner!r} returned outputs of {got.size} values, the model {want.size}")
-    err = np.abs(got - want)
-    return {"runner": runner, "inputs": "example inputs", "sqnr_db": round(min(sqnr_db(want, got), 999.0), 2),
-            "max_abs_err": float(err.max()) if err.size else 0.0,
-            "max_rel_err": float(err.max() / max(float(np.abs(want).max()), 1e-12)) if err.size else 0.0}
+    try:
+        max_abs, max_rel, sqnr = compare_outputs([outs], [golden_outs])
+    except InputError as exc:
+        raise RunnerError(f"runner {runner!r}: {exc}") from None
+    return {"runner": runner, "inputs": "example inputs", "sqnr_db": round(min(sqnr, 999.0), 2),
+            "max_abs_err": max_abs, "max_rel_err": max_rel}
 
 
 def _smoke_and_time(art: Artifact, runner: str, inputs, runs: int = 30) -> tuple[dict, str | None, list | None]:

@@ -194,7 +194,7 @@ def _float_outputs(model: Any, samples: list[list[np.ndarray]]) -> list[list[np.
     return outs
 
 
-def _compare(outs: list[list[np.ndarray]], expected: list[list[np.ndarray]]) -> tuple[float, float, float]:
+def compare_outputs(outs: list[list[np.ndarray]], expected: list[list[np.ndarray]]) -> tuple[float, float, float]:
     """``(max_abs_err, max_rel_err, sqnr_db)`` of runner outputs against expected ones."""
     flat_ref = np.concatenate([np.asarray(o, np.float64).reshape(-1) for e in expected for o in e])
     flat = np.concatenate([np.asarray(o, np.float64).reshape(-1) for r in outs for o in r])
@@ -258,13 +258,13 @@ def verify(artifact, model: Any = None, inputs: Sequence | None = None, runners:
             if getattr(fn, "latency_ms", None) is not None:     # emulated runners time the invoke itself
                 row.extra["emulated_invoke_ms"] = fn.latency_ms
             if expected is not None:
-                row.max_abs_err, row.max_rel_err, row.sqnr_db = _compare(outs, expected)
+                row.max_abs_err, row.max_rel_err, row.sqnr_db = compare_outputs(outs, expected)
                 agree = [np.argmax(r[0].reshape(r[0].shape[0], -1), -1) ==
                          np.argmax(e[0].reshape(e[0].shape[0], -1), -1) for r, e in zip(outs, expected)]
                 row.top1_agreement = float(np.mean(np.concatenate(agree)))
                 if model is not None:
                     row.compared_with.append(FLOAT_MODEL)
-            row.golden_max_abs_err, row.golden_max_rel_err, row.golden_sqnr_db = _compare([golden_outs], [gout])
+            row.golden_max_abs_err, row.golden_max_rel_err, row.golden_sqnr_db = compare_outputs([golden_outs], [gout])
             row.compared_with.append(GOLDEN)
         except Exception as exc:  # a runner failing is a verification failure, reported by name
             row.error = f"{type(exc).__name__}: {exc}"

@@ -57,13 +57,12 @@ REL_ERR_CAP = 0.1
 
 
 def half_rounded(graph, keep_fp32=frozenset()):
-    """``graph`` (batch norms as convs, as the lowering sees it) with the conv/linear weights and
-    biases of the nodes not in ``keep_fp32`` rounded to float16 and back: what ``model.tflite`` stores."""
+    """``graph`` (prepared: batch norms already convs, as the lowering sees it) with the conv/linear
+    weights and biases of the nodes not in ``keep_fp32`` rounded to float16 and back: what
+    ``model.tflite`` stores."""
     import numpy as np
 
-    from sdk.graph import batch_norm_as_conv
-
-    g = batch_norm_as_conv(graph)
+    g = graph.copy()
     for node in g.nodes:
         if node.op in ("conv", "linear") and node.name not in keep_fp32:
             for name in node.inputs[1:3]:
@@ -76,17 +75,12 @@ def half_rounded(graph, keep_fp32=frozenset()):
 def weight_rounding_rel_err(graph, batches, keep_fp32=frozenset()) -> float:
     """Max relative error (max |diff| / max |float output|, over all outputs of all ``batches``, as
     :func:`sdk.verify` measures it) of ``graph`` run in float32 with float16-rounded weights."""
-    import numpy as np
+    from sdk.verify import compare_outputs
 
     rounded = half_rounded(graph, keep_fp32)
-    ref, got = [], []
-    for batch in batches:
-        ref += [o.detach().double().numpy().reshape(-1) for o in graph.run(batch)]
-        got += [o.detach().double().numpy().reshape(-1) for o in rounded.run(batch)]
-    if not ref:
-        return 0.0
-    ref, got = np.concatenate(ref), np.concatenate(got)
-    return float(np.abs(got - ref).max() / max(float(np.abs(ref).max()), 1e-12))
+    ref = [[o.detach().double().numpy() for o in graph.run(batch)] for batch in batches]
+    got = [[o.detach().double().numpy() for o in rounded.run(batch)] for batch in batches]
+    return compare_outputs(got, ref)[1] if ref else 0.0
 
 
 def derived_rules(baseline: float | None) -> dict:
@@ -117,6 +111,13 @@ class FP16GPU(Target):
 
     def default_quantizer_config(self):
         return {"keep_fp32": list(self.config.keep_fp32), "auto_fp32": self.config.auto_fp32}
+
+    def prepare(self, graph):
+        # the arm targets' passes: stand-alone batch norms as convs, so the fp16 range analysis and
+        # the weight-rounding baseline see the graph that is packed
+        from targets.arm_int8.lowering import prepare
+
+        return prepare(graph)
 
     def check(self, graph):
         from targets.arm_int8.lowering import check
