@@ -1,5 +1,6 @@
 import importlib.util
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -80,3 +81,19 @@ def small_cnn():
             bn.weight.uniform_(0.5, 1.5)
             bn.bias.uniform_(-0.2, 0.2)
     return m.eval()
+
+
+def _in_threads(work, n: int = 4, timeout: float = 600) -> None:
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    assert not any(t.is_alive() for t in threads), "a thread hung"
+
+
+@pytest.fixture
+def in_threads():
+    """``in_threads(work, n=4)``: run ``work(k)`` for k in 0..n-1 on n threads at once and wait;
+    fails the test if one hangs."""
+    return _in_threads

@@ -13,6 +13,7 @@ import torch
 import sdk
 from sdk.artifact import Staging
 from sdk.errors import ArtifactError, ConfigError
+from tamper import rehash
 
 
 @pytest.fixture
@@ -26,14 +27,6 @@ def _rewrite(art_path, edit):
     m = json.loads((art_path / "manifest.json").read_text())
     edit(m)
     (art_path / "manifest.json").write_text(json.dumps(m))
-
-
-def _rehash(art_path, name):
-    data = (art_path / name).read_bytes()
-
-    def edit(m):
-        m["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    _rewrite(art_path, edit)
 
 
 @pytest.mark.parametrize("name", ["../outside.txt", "/etc/hostname", "sub/x", "..", ".hidden", "a\\b", ""])
@@ -105,7 +98,7 @@ def test_manifest_types_are_checked(art, path, value, where):
                                      {"layers": [{"in_shape": [1, "a"]}]}])
 def test_profile_types_are_checked(art, profile):
     (art.path / "profile.json").write_text(json.dumps(profile))
-    _rehash(art.path, "profile.json")
+    rehash(art.path, "profile.json")
     with pytest.raises(ArtifactError, match="profile.json"):
         sdk.load(art.path)
 
@@ -118,13 +111,13 @@ def test_golden_must_match_the_signature(art):
     buf = io.BytesIO()
     np.savez(buf, input_0=np.zeros((2, 2), np.float32), output_0=np.zeros((1, 10), np.float32))
     (art.path / "golden.npz").write_bytes(buf.getvalue())
-    _rehash(art.path, "golden.npz")
+    rehash(art.path, "golden.npz")
     with pytest.raises(ArtifactError, match="golden.npz is damaged"):
         sdk.load(art.path)
     buf = io.BytesIO()
     np.save(buf, np.array([object()], dtype=object), allow_pickle=True)
     (art.path / "golden.npz").write_bytes(buf.getvalue())
-    _rehash(art.path, "golden.npz")
+    rehash(art.path, "golden.npz")
     with pytest.raises(ArtifactError, match="golden.npz is damaged"):
         sdk.load(art.path)
 
@@ -150,7 +143,7 @@ def test_hmac_signature(art, tmp_path):
         sdk.load(art.path, verify_key=b"short")
     # a sender who rewrites a file and its hash breaks the signature
     (art.path / "graph.json").write_text((art.path / "graph.json").read_text().replace("relu", "relu "))
-    _rehash(art.path, "graph.json")
+    rehash(art.path, "graph.json")
     sdk.load(art.path)
     with pytest.raises(ArtifactError, match="not signed by this key"):
         sdk.load(art.path, verify_key=key)
@@ -255,7 +248,7 @@ def test_replacement_is_one_exchange(example_plugin, small_cnn, tmp_path, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_session_opens_once_across_threads(art, monkeypatch, example_plugin):
+def test_session_opens_once_across_threads(art, monkeypatch, example_plugin, in_threads):
     opened = []
     real_open = example_plugin.TorchIRRunner.open
 
@@ -266,12 +259,8 @@ def test_session_opens_once_across_threads(art, monkeypatch, example_plugin):
     fresh = sdk.load(art.path)
     barrier = threading.Barrier(8)
 
-    def go():
+    def go(k):
         barrier.wait()
         fresh.session("host")
-    threads = [threading.Thread(target=go) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(go, 8)
     assert len(opened) == 1

@@ -236,10 +236,10 @@ def _independent_baseline(model, batches):
 
 
 def test_verify_bound_is_derived_from_the_weight_rounding_baseline(tmp_path):
-    import hashlib
     import json
     import shutil
 
+    from tamper import rewrite
     from targets.arm_int8.fbcheck import check_model
     from targets.fp16_gpu import REL_ERR_CAP
 
@@ -266,10 +266,7 @@ def test_verify_bound_is_derived_from_the_weight_rounding_baseline(tmp_path):
     start, end = max(check_model(bytes(data)).buffer_spans, key=lambda s: s[1] - s[0])
     w = np.frombuffer(bytes(data[start:end]), np.float16)
     data[start:end] = (w * np.float16(0.9)).astype(np.float16).tobytes()
-    (dest / "model.tflite").write_bytes(bytes(data))
-    manifest = json.loads((dest / "manifest.json").read_text())
-    manifest["files"]["model.tflite"] = {"sha256": hashlib.sha256(bytes(data)).hexdigest(), "bytes": len(data)}
-    (dest / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    rewrite(dest, "model.tflite", bytes(data))
     rep = sdk.load(dest).verify(model, inputs=inputs, runners=["host", "reference"], repeats=1)
     assert not rep.passed, str(rep)
     assert any("host" in f and "relative error" in f for f in rep.failures), rep.failures
@@ -277,6 +274,7 @@ def test_verify_bound_is_derived_from_the_weight_rounding_baseline(tmp_path):
     # costs 0.098, just inside the cap -- the signature, not the numeric bound, is what catches such edits)
     from sdk.verify import merge_rules, target_rules
 
+    manifest = json.loads((dest / "manifest.json").read_text())
     manifest["verify"] = {"max_rel_err": 10.0, "runners": {"fp16": {"max_rel_err": 10.0}}}
     (dest / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     loose = sdk.load(dest)

@@ -32,6 +32,7 @@ import pytest
 import torch
 
 import sdk
+from tamper import rehash
 
 ROOT = Path(__file__).resolve().parents[1]
 N = int(os.environ.get("EDGEPACK_FUZZ_MUTATIONS", "240"))
@@ -68,13 +69,6 @@ class Worker:
         if self.proc is not None:
             self.proc.stdin.close()
             self.proc.wait(timeout=30)
-
-
-def _rehash(d: Path, name: str) -> None:
-    m = json.loads((d / "manifest.json").read_text())
-    data = (d / name).read_bytes()
-    m["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    (d / "manifest.json").write_text(json.dumps(m, indent=2))
 
 
 _JUNK = [None, True, 0, -1, 1 << 40, 1.5, float("nan"), "", "x" * 300, "../../etc/passwd", [], [1, "a"], {},
@@ -150,7 +144,7 @@ def mutate(src: Path, dst: Path, sentinels: dict[str, Path], rng: random.Random,
     elif kind == "extra":
         (dst / rng.choice(["evil.so", "sitecustomize.py", "model.c.orig"])).write_text("int x;")
     if kind.endswith("-rehash") and name != "manifest.json" and (dst / name).exists():
-        _rehash(dst, name)
+        rehash(dst, name)
     untouched = not kind.endswith("-rehash") and kind not in ("manifest", "json-rehash") \
         and name != "manifest.json"
     return kind, untouched

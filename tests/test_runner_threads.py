@@ -57,7 +57,7 @@ def _skip_unless_runnable(art, runner):
 
 
 @pytest.mark.parametrize("target, runner", CASES, ids=[f"{t}-{r}" for t, r in CASES])
-def test_four_threads_share_one_session(artifacts, target, runner, one_thread):
+def test_four_threads_share_one_session(artifacts, target, runner, one_thread, in_threads):
     art = artifacts[target]
     _skip_unless_runnable(art, runner)
     fn = art.session(runner)
@@ -80,18 +80,13 @@ def test_four_threads_share_one_session(artifacts, target, runner, one_thread):
                 wrong.append((k, i, j))
             done.append(1)
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(THREADS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=600)
-    assert not any(t.is_alive() for t in threads), "a thread hung"
+    in_threads(work, THREADS)
     assert not errors, f"{len(errors)} errors, first: {errors[0]}"
     assert not wrong, f"{len(wrong)} wrong outputs of {THREADS * CALLS}"
     assert len(done) == THREADS * CALLS
 
 
-def _race(fn, xs, want, calls=250):
+def _race(fn, xs, want, in_threads, calls=250):
     """4 threads calling ``fn``; returns (errors, wrong outputs)."""
     errors, wrong = [], []
 
@@ -106,15 +101,11 @@ def _race(fn, xs, want, calls=250):
             if not np.array_equal(got[0], want[j][0]):
                 wrong.append(j)
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(THREADS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(work, THREADS)
     return errors, wrong
 
 
-def test_the_lock_is_what_makes_litert_safe(artifacts, one_thread):
+def test_the_lock_is_what_makes_litert_safe(artifacts, one_thread, in_threads):
     """A bare LiteRT interpreter raced from 4 threads fails (when the scheduler interleaves
     them); the same interpreter behind the session's lock does not."""
     from targets.arm_int8 import litert, runners
@@ -128,8 +119,8 @@ def test_the_lock_is_what_makes_litert_safe(artifacts, one_thread):
 
     xs = [[x.numpy()] for x in _batches((1, 1, 8, 8), DISTINCT, 1)]
     want = [bare(x) for x in xs]
-    errors, wrong = _race(runners.adapt(art, lambda s: litert.run(interp, s)), xs, want)
+    errors, wrong = _race(runners.adapt(art, lambda s: litert.run(interp, s)), xs, want, in_threads)
     assert not errors and not wrong, (errors[:5], wrong[:5])
-    errors, wrong = _race(bare, xs, want)
+    errors, wrong = _race(bare, xs, want, in_threads)
     if not errors and not wrong:
         pytest.skip("no race observed this time: the scheduler kept the bare calls apart")

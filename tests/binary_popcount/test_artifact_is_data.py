@@ -20,7 +20,6 @@ import random
 import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +34,9 @@ from targets.binary_popcount import reference as ref
 from targets.binary_popcount.runners import SPEC_TYPES, artifact_specs, dump_specs, load_specs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from examples.models import LeNet  # noqa: E402
+from tamper import rewrite  # noqa: E402
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")]
@@ -78,19 +79,6 @@ def art(cache, tmp_path_factory):
 def inputs():
     rng = np.random.default_rng(3)
     return [rng.standard_normal(SHAPE).astype(np.float32) for _ in range(4)]
-
-
-def rewrite(directory: Path, name: str, data: bytes | None) -> None:
-    """Write ``name`` (or delete it, for None) and rewrite the manifest to match, as a
-    sender who knows the format would."""
-    manifest = json.loads((directory / "manifest.json").read_text())
-    if data is None:
-        (directory / name).unlink()
-        del manifest["files"][name]
-    else:
-        (directory / name).write_bytes(data)
-        manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    (directory / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
 
 def copy_of(art, tmp_path) -> Path:
@@ -476,7 +464,7 @@ def test_runners_refuse_inputs_of_another_shape(art, runner):
 
 
 @pytest.mark.parametrize("runner", ["host", "reference"])
-def test_runners_are_safe_from_four_threads(art, inputs, runner):
+def test_runners_are_safe_from_four_threads(art, inputs, runner, in_threads):
     loaded = sdk.load(art.path)
     want = [loaded.run(x, runner=runner)[0] for x in inputs]
     errors, wrong = [], []
@@ -490,15 +478,11 @@ def test_runners_are_safe_from_four_threads(art, inputs, runner):
         except Exception as exc:  # noqa: BLE001 - any failure in a thread is the finding
             errors.append(exc)
 
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(work)
     assert errors == [] and wrong == []
 
 
-def test_kernel_library_wrappers_are_safe_from_four_threads():
+def test_kernel_library_wrappers_are_safe_from_four_threads(in_threads):
     lib = build.load_kernels()
     rng = np.random.default_rng(0)
     # workspaces of different sizes: a shared one would be regrown under another thread's feet
@@ -513,9 +497,5 @@ def test_kernel_library_wrappers_are_safe_from_four_threads():
             if not np.array_equal(lib.bgemm(*cases[k], 64 * cases[k][0].shape[1]), want[k]):
                 wrong.append(k)
 
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(work)
     assert wrong == []
