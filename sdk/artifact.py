@@ -114,7 +114,9 @@ class Staging:
     While it exists it holds an exclusive lock (``.<name>.lock`` beside
     ``output``), so a second deploy to the same output fails at once with
     :class:`ArtifactError`; staging directories that dead processes left
-    behind are removed when the lock is taken.
+    behind are removed when the lock is taken.  :meth:`commit` checks
+    ``output`` (:func:`check_output`) under that lock; :func:`sdk.deploy` also
+    checks it before any slow work.
     """
 
     def __init__(self, output: str | os.PathLike | None, overwrite: bool = False):
@@ -122,7 +124,6 @@ class Staging:
             output = Path(tempfile.mkdtemp(prefix="edgepack-")) / "artifact"
         self.output = Path(output).absolute()
         self.overwrite = overwrite
-        check_output(self.output, overwrite)
         try:
             self.output.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
