@@ -191,18 +191,6 @@ def _load_npz(path: str, what: str) -> list:
     return [a for _, a in arrays]
 
 
-def _read_key(path: str | None) -> bytes | None:
-    if path is None:
-        return None
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"key file {path} does not exist (or is not a file)")
-    try:
-        return p.read_bytes()
-    except OSError as exc:
-        raise InputError(f"cannot read key file {path}: {exc.strerror or exc}") from None
-
-
 def _deploy_option(item: str, reserved: set[str]):
     import yaml
 
@@ -281,8 +269,7 @@ def _cmd_deploy(args) -> int:
 def _cmd_sign(args) -> int:
     from .signing import sign
 
-    key = _read_key(args.key)
-    out = sign(args.artifact, key)
+    out = sign(args.artifact, args.key)
     print(f"signed {args.artifact}" + (f" ({out})" if out else ""))
     return EXIT_OK
 
@@ -318,7 +305,7 @@ def _cmd_verify(args) -> int:
     from .artifact import load
     from .errors import ToolchainError
 
-    art = load(args.artifact, verify_key=_read_key(args.key))
+    art = load(args.artifact, verify_key=args.key)
     if args.runner:       # a misspelt runner is a usage error (2), not a failed verification (1)
         valid = art.runner_names()
         for name in args.runner:
@@ -337,7 +324,7 @@ def _cmd_verify(args) -> int:
 def _cmd_inspect(args) -> int:
     from .artifact import load
 
-    art = load(args.artifact, verify_key=_read_key(args.key))
+    art = load(args.artifact, verify_key=args.key)
     prof = art.profile
     if args.json:
         print(json.dumps(prof, indent=2))

@@ -42,6 +42,8 @@ def _key_bytes(key) -> bytes:
     if isinstance(key, (bytes, bytearray)):
         return bytes(key)
     if isinstance(key, (str, os.PathLike)):
+        if not Path(key).is_file():
+            raise ConfigError(f"key file {key} does not exist (or is not a file)")
         try:
             return Path(key).read_bytes()
         except OSError as exc:
