@@ -1,4 +1,4 @@
-"""Real torchvision / timm CNNs (tests/gallery.py) on arm-fp32, arm-int8 and fp16-gpu.
+"""Real torchvision / timm CNNs and transformers (tests/gallery.py) on arm-fp32, arm-int8 and fp16-gpu.
 
     .venv/bin/python benchmarks/bench_gallery.py [--out benchmarks/results/gallery.json]
         [--resolution 224] [--runs 20] [--models resnet18 ...]
@@ -7,8 +7,9 @@ Per model: ``deploy()`` wall time and ``model.tflite`` size for each target
 (4 random calibration batches), int8 and fp32 LiteRT latency (1 thread,
 median of ``--runs`` calls after warm-up, the two models timed interleaved in
 3 rounds to share machine noise), the int8 graph's XNNPACK partitions and
-leftover builtin ops, and the int8 SQNR against the float model on 4 random
-inputs.  The models are random init with batch-norm statistics estimated on
+leftover builtin ops, the int8 layers kept in float (layer norm, GELU,
+attention, softmax of the transformers: see targets/arm_int8/lowering.py),
+and the int8 SQNR against the float model on 4 random inputs.  The models are random init with batch-norm statistics estimated on
 random inputs (see tests/gallery.py): SQNR measures how much these untrained
 nets amplify rounding, not the accuracy a trained model keeps.
 """
@@ -68,6 +69,8 @@ def bench_model(name: str, resolution: int, runs: int, tmp: Path) -> dict:
     summary = litert.op_summary(interps["arm-int8"])
     row["int8_partitions"] = summary["delegate_nodes"]
     row["int8_builtin_ops"] = dict(summary["builtin"])
+    row["int8_float_layers"] = sorted({r["op"].split("->")[0] for r in arts["arm-int8"].profile["layers"]
+                                       if r.get("precision") == "float32"})
     inputs = gallery.calibration(x, 4, seed=3)
     row["sqnr_db_int8"] = round(arts["arm-int8"].verify(model, inputs=inputs, runners=["host"]).sqnr_db["host"], 2)
     return row
@@ -86,13 +89,27 @@ def main() -> None:
         for name in args.models:
             rows.append(bench_model(name, args.resolution, args.runs, Path(tmp)))
             print(json.dumps(rows[-1]), flush=True)
-    result = {"benchmark": "gallery: torchvision/timm CNNs on arm-fp32, arm-int8, fp16-gpu (LiteRT, XNNPACK, 1 thread)",
-              "machine": platform.machine(), "resolution": args.resolution, "runs": args.runs,
+    result = {"benchmark": "gallery: torchvision/timm models on arm-fp32, arm-int8, fp16-gpu (LiteRT, XNNPACK, 1 thread)",
+              "machine": platform.machine(), "cpu": _cpu(), "date": time.strftime("%Y-%m-%d"),
+              "resolution": args.resolution, "runs": args.runs,
               "int8_faster_everywhere": all(r["int8_over_fp32_latency"] < 1 for r in rows),
               "one_partition_everywhere": all(r["int8_partitions"] == 1 and not r["int8_builtin_ops"] for r in rows),
               "models": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def _cpu() -> str:
+    """CPU model and the SIMD extensions int8 speed depends on (from /proc/cpuinfo)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "")
+    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith(("flags", "Features"))),
+                     []))
+    simd = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "asimddp", "i8mm") if f in flags]
+    return f"{model} ({', '.join(simd) or 'no avx2/vnni/dotprod'})"
 
 
 if __name__ == "__main__":

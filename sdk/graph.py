@@ -783,6 +783,85 @@ def _upsample(name, args, kwargs, shape, ref, consts, fx):
     return Node(name, "upsample_nearest", [ref(args[0])], {"size": tuple(shape[2:])}, shape)
 
 
+def _layer_norm(name, args, kwargs, shape, ref, consts, fx):
+    """``layer_norm`` / ``native_layer_norm`` over the last ``len(normalized_shape)`` dims; a
+    missing weight or bias becomes a constant of ones or zeros."""
+    normalized = tuple(int(d) for d in args[1])
+    inputs = [ref(args[0])]
+    for i, key, fill in ((2, "weight", 1.0), (3, "bias", 0.0)):
+        t = _arg(args, kwargs, i, key, None)
+        if t is None:
+            cname = f"{name}_{key}"
+            consts[cname] = torch.full(normalized, fill)
+            inputs.append(cname)
+        else:
+            inputs.append(ref(t))
+    return Node(name, "layer_norm", inputs, {"dims": len(normalized),
+                                             "eps": float(_arg(args, kwargs, 4, "eps", 1e-5))}, shape)
+
+
+def _gelu(name, args, kwargs, shape, ref, consts, fx):
+    approximate = _arg(args, kwargs, 1, "approximate", "none")
+    return Node(name, "gelu", [ref(args[0])], {"approximate": str(approximate)}, shape)
+
+
+def _attention(name, args, kwargs, shape, ref, consts, fx):
+    """``scaled_dot_product_attention`` (eval: no dropout): softmax(q·kᵀ·scale + mask)·v.  A
+    causal flag becomes a constant additive mask; a boolean mask becomes 0 / -inf."""
+    q, k, v = args[:3]
+    mask = _arg(args, kwargs, 3, "attn_mask", None)
+    causal = bool(_arg(args, kwargs, 5, "is_causal", False))
+    scale = _arg(args, kwargs, 6, "scale", None)
+    if _arg(args, kwargs, 7, "enable_gqa", False):
+        return None
+    qs, ks = (tuple(int(d) for d in a.meta["val"].shape) for a in (q, k))
+    if len(qs) < 2 or qs[:-2] != ks[:-2]:
+        return None            # grouped-query attention (fewer key heads) stays unsupported
+    inputs = [ref(q), ref(k), ref(v)]
+    if isinstance(mask, torch.fx.Node) and ref(mask) not in consts:
+        if causal:
+            return None
+        inputs.append(ref(mask))      # computed at run time: the targets refuse it with their hint
+    elif mask is not None or causal:
+        n, m = qs[-2], ks[-2]
+        additive = torch.zeros(n, m)
+        if causal:
+            additive = additive.masked_fill(~torch.ones(n, m, dtype=torch.bool).tril(), -math.inf)
+        if mask is not None:
+            if not isinstance(mask, torch.fx.Node):
+                return None
+            given = consts[ref(mask)]
+            given = torch.zeros(given.shape).masked_fill(~given, -math.inf) if given.dtype == torch.bool \
+                else given.float()
+            additive = additive + given
+        cname = f"{name}_mask"
+        consts[cname] = additive
+        inputs.append(cname)
+    e = qs[-1]
+    return Node(name, "attention", inputs, {"scale": float(scale) if scale is not None else 1.0 / math.sqrt(e)},
+                shape)
+
+
+def _matmul(name, args, kwargs, shape, ref, consts, fx):
+    """``matmul`` / ``bmm``: a ``linear`` when the right operand is a 2-D constant, else a
+    ``matmul`` of two activations (rank >= 2 both)."""
+    a, b = args[0], args[1]
+    ra, rb = (len(t.meta["val"].shape) for t in (a, b))
+    if ra < 2 or rb < 2:
+        return None
+    if ref(b) in consts and rb == 2:
+        cname = f"{name}_weight"
+        consts[cname] = consts[ref(b)].t().contiguous()
+        return Node(name, "linear", [ref(a), cname], {}, shape)
+    return Node(name, "matmul", [ref(a), ref(b)], {}, shape)
+
+
+def _upsample_bilinear(name, args, kwargs, shape, ref, consts, fx):
+    align = bool(_arg(args, kwargs, 2, "align_corners", False))
+    return Node(name, "upsample_bilinear", [ref(args[0])], {"size": tuple(shape[2:]), "align_corners": align},
+                shape)
+
+
 def _in_shape(fx) -> tuple[int, ...]:
     return tuple(int(d) for d in fx.args[0].meta["val"].shape)
 
@@ -893,6 +972,9 @@ _CANON: dict[str, Callable] = {
     "softmax.int": _softmax, "_softmax.default": _softmax,
     "pad.default": _pad, "constant_pad_nd.default": _constant_pad,
     "upsample_nearest2d.vec": _upsample, "upsample_nearest2d.default": _upsample,
+    "upsample_bilinear2d.vec": _upsample_bilinear, "upsample_bilinear2d.default": _upsample_bilinear,
+    "layer_norm.default": _layer_norm, "native_layer_norm.default": _layer_norm, "gelu.default": _gelu,
+    "scaled_dot_product_attention.default": _attention, "matmul.default": _matmul, "bmm.default": _matmul,
 }
 
 
@@ -907,9 +989,11 @@ def _x_conv(node, a, batch):
 
 
 def _x_reshape(node, a, batch):
+    """The captured shape; when the run's batch size differs from the captured one, the leading dim
+    (which holds the batch, maybe folded with others: MobileViT's ``B·C·n_h``) is inferred."""
     shape = list(node.attrs["shape"])
-    if shape and batch is not None and shape[0] == batch:
-        shape[0] = a[0].shape[0]
+    if shape and a[0].numel() != math.prod(shape):
+        shape[0] = -1
     return a[0].reshape(shape)
 
 
@@ -954,17 +1038,29 @@ _EXEC: dict[str, Callable] = {
     "softmax": lambda n, a, b: torch.softmax(a[0], n.attrs["dim"]),
     "pad": lambda n, a, b: F.pad(a[0], n.attrs["pad"], value=n.attrs["value"]),
     "upsample_nearest": lambda n, a, b: F.interpolate(a[0], size=n.attrs["size"], mode="nearest"),
+    "upsample_bilinear": lambda n, a, b: F.interpolate(a[0], size=n.attrs["size"], mode="bilinear",
+                                                       align_corners=n.attrs["align_corners"]),
+    "layer_norm": lambda n, a, b: F.layer_norm(a[0], a[1].shape, a[1], a[2], n.attrs["eps"]),
+    "gelu": lambda n, a, b: F.gelu(a[0], approximate=n.attrs["approximate"]),
+    "attention": lambda n, a, b: F.scaled_dot_product_attention(a[0], a[1], a[2], a[3] if len(a) > 3 else None,
+                                                                scale=n.attrs["scale"]),
+    "matmul": lambda n, a, b: torch.matmul(a[0], a[1]),
 }
 
 CANONICAL_OPS = frozenset(_EXEC)
 
 
 def macs(graph: Graph, node: Node) -> int:
-    """Multiply-accumulates of one node (conv and linear; 0 for the rest)."""
+    """Multiply-accumulates of one node (conv, linear, matmul, attention; 0 for the rest)."""
     if node.op == "conv":
         w = graph.shape(node.inputs[1])
         return int(math.prod(node.shape) * math.prod(w[1:]))
     if node.op == "linear":
         w = graph.shape(node.inputs[1])
         return int(math.prod(node.shape[:-1]) * w[0] * w[1])
+    if node.op == "matmul":
+        return int(math.prod(node.shape) * graph.shape(node.inputs[0])[-1])
+    if node.op == "attention":      # q·kᵀ and p·v
+        q, k = graph.shape(node.inputs[0]), graph.shape(node.inputs[1])
+        return int(math.prod(q[:-1]) * k[-2] * (q[-1] + node.shape[-1]))
     return 0

@@ -1,4 +1,4 @@
-"""The model gallery: real torchvision and timm CNNs, random init, eval mode, as users have them.
+"""The model gallery: real torchvision and timm CNNs and transformers, random init, eval mode, as users have them.
 
 Shared by ``tests/test_gallery.py`` and ``benchmarks/bench_gallery.py``.  Each entry
 names the builder and an input resolution small enough for the suite (the
@@ -71,6 +71,16 @@ class Entry:
     source: str          # "torchvision" or "timm"
     resolution: int = 64
     slow: bool = False   # heavy for the suite's 2-core budget
+    transformer: bool = False   # layer norm / attention / GELU: int8 keeps those in float (see the lowering)
+
+    def kwargs(self, resolution: int) -> dict:
+        """Builder arguments: ViTs are built for the resolution they run at (their position
+        embeddings have one entry per patch)."""
+        if self.name == "vit_b_16":
+            return {"image_size": resolution}
+        if self.source == "timm" and self.name.startswith("vit_"):
+            return {"img_size": resolution}
+        return {}
 
 
 GALLERY = [
@@ -89,6 +99,9 @@ GALLERY = [
     Entry("efficientnet_lite0", "timm"),
     Entry("ghostnet_100", "timm", slow=True),
     Entry("lcnet_050", "timm"),
+    Entry("convnext_tiny", "torchvision", slow=True, transformer=True),
+    Entry("vit_b_16", "torchvision", slow=True, transformer=True),
+    Entry("mobilevit_xxs", "timm", transformer=True),
 ]
 BY_NAME = {e.name: e for e in GALLERY}
 
@@ -104,12 +117,12 @@ def build(name: str, seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor]:
     entry = BY_NAME[name]
     torch.manual_seed(seed)
     if entry.source == "torchvision":
-        model = getattr(import_torchvision().models, name)()
+        model = getattr(import_torchvision().models, name)(**entry.kwargs(entry.resolution))
     else:
         import_torchvision()       # timm imports torchvision
         import timm
 
-        model = timm.create_model(name)
+        model = timm.create_model(name, **entry.kwargs(entry.resolution))
     g = torch.Generator().manual_seed(seed)
     _estimate_bn_statistics(model, [torch.randn(8, 3, entry.resolution, entry.resolution, generator=g)
                                     for _ in range(2)])

@@ -1,9 +1,13 @@
-"""Real architectures deploy as they are: torchvision and timm CNNs on arm-fp32, arm-int8 and fp16-gpu.
+"""Real architectures deploy as they are: torchvision and timm models on arm-fp32, arm-int8 and fp16-gpu.
 
 Each gallery model (tests/gallery.py: random init, eval mode, 64×64 input)
-deploys unmodified to the three LiteRT targets; its int8 file equals the
-integer reference bit for bit, runs in one XNNPACK partition with no builtin
-kernel left over, and loads and runs with TFLite's builtin kernels alone.
+deploys unmodified to the three LiteRT targets; its int8 file runs in one
+XNNPACK partition with no builtin kernel left over, and loads and runs with
+TFLite's builtin kernels alone.  A CNN's int8 file equals the integer
+reference bit for bit; the transformers' (ConvNeXt, ViT, MobileViT) keep layer
+norm, GELU and attention in float between QUANTIZE ops, where XNNPACK's float
+kernels and the reference's float64 may round one value to the other side of
+an int8 step: they meet arm-int8's rule (at most 1 LSB, 99 % bit-exact).
 Fidelity to the float model is benchmarks/bench_gallery.py's business: these
 random nets amplify any rounding layer after layer (float16 weights alone
 cost them 1e-3 to 5e-2), so it says little about quantization.
@@ -49,8 +53,14 @@ def test_gallery_model_deploys_unmodified(name, tmp_path):
         assert np.abs(fp32.run(t)[0] - w).max() <= 1e-4 * np.abs(w).max()     # arm-fp32's verify rule
 
     int8 = sdk.deploy(model, "arm-int8", (x,), calibration=cal, output=tmp_path / "int8", progress=False)
-    for t in inputs:
-        assert np.array_equal(int8.run(t, runner="host")[0], int8.run(t, runner="reference")[0])
+    if gallery.BY_NAME[name].transformer:
+        report = int8.verify(inputs=inputs)          # host against the reference
+        assert report.max_lsb["host"] <= 1 and report.bit_exact_ratio["host"] >= 0.99, report
+        floats = {r["op"].split("->")[0] for r in int8.profile["layers"] if r.get("precision") == "float32"}
+        assert floats and floats <= {"layer_norm", "gelu", "attention", "softmax"}, floats
+    else:
+        for t in inputs:
+            assert np.array_equal(int8.run(t, runner="host")[0], int8.run(t, runner="reference")[0])
     tflite = int8.file("model.tflite")
     summary = litert.op_summary(litert.load_interpreter(tflite))
     assert summary["delegate_nodes"] == 1 and not summary["builtin"], summary

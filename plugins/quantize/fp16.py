@@ -7,6 +7,11 @@ problem: float16 tops out at 65504 and flushes magnitudes below 2⁻²⁴ to zer
 and records, per node, the largest |activation| (headroom to 65504) and the
 fraction of nonzero values that float16 would flush to zero.
 
+Flushed values that only feed additions with a larger operand are not counted:
+float16 rounds them away in the sum anyway (a value below 2⁻²⁵ changes a float16
+sum only where the sum itself is below 2⁻¹⁴) — ConvNeXt's residual branches,
+scaled by a layer scale of 1e-6 at initialisation, are the case.
+
 A node whose output — or any input — leaves the float16 range is an error
 (:class:`~sdk.errors.CalibrationError` naming the nodes) unless it is listed in
 ``keep_fp32`` or ``auto_fp32=True``; then it stays in float32, and only those.
@@ -91,10 +96,11 @@ class FP16(Quantizer):
                           leave=False):
             graph.run(batch, observer=observe)
 
+        absorbed = self._absorbed_flushes(graph, batches, stats)
         layers, problems = {}, {}
         for node in graph.nodes:
             s = stats[node.name]
-            flushed = s["flushed"] / s["nonzero"] if s["nonzero"] else 0.0
+            flushed = (s["flushed"] - absorbed.get(node.name, 0)) / s["nonzero"] if s["nonzero"] else 0.0
             in_max = max((stats[i]["max_abs"] for i in node.inputs if i in stats), default=0.0)
             layers[node.name] = {"max_abs": s["max_abs"], "headroom": FP16_MAX / s["max_abs"] if s["max_abs"] else None,
                                  "flushed_fraction": flushed, "module": node.module}
@@ -124,6 +130,47 @@ class FP16(Quantizer):
             layers[name]["fp32"] = True
         return QuantPlan({}, {}, method=self.name, config=cfg.to_dict(),
                          extra={"layers": layers, "keep_fp32": sorted(keep), "problems": problems})
+
+    def _absorbed_flushes(self, graph, batches, stats) -> dict[str, int]:
+        """Per node that flushes more than ``underflow_fraction`` and feeds only additions: how many
+        of its flushed values land in a sum of magnitude >= 2⁻¹⁴ (float16's smallest normal), where
+        float16 rounds them away.  A second pass over the batches, holding only those nodes' values."""
+        cfg = self.config
+        watched = {}
+        for node in graph.nodes:
+            s = stats[node.name]
+            users = graph.users(node.name)
+            if (s["nonzero"] and s["flushed"] / s["nonzero"] > cfg.underflow_fraction and users
+                    and node.name not in graph.outputs and all(u.op in ("add", "sub") for u in users)):
+                watched[node.name] = users
+        if not watched:
+            return {}
+        by_user = {}
+        for name, users in watched.items():
+            for u in users:
+                by_user.setdefault(u.name, []).append(name)
+        absorbed = {name: 0 for name in watched}
+        for batch in batches:
+            held: dict[str, np.ndarray] = {}
+            flags: dict[str, np.ndarray] = {}       # per watched node: flushed values some sum keeps
+
+            def observe(name, value, held=held, flags=flags):
+                if name in watched:
+                    v = np.abs(value.detach().cpu().numpy().astype(np.float64))
+                    held[name] = v
+                    flags[name] = np.zeros(v.shape, bool)
+                for src in by_user.get(name, ()):
+                    v = held[src]
+                    total = np.abs(value.detach().cpu().numpy().astype(np.float64))
+                    flushed = (v > 0) & (v < FP16_TINY / 2)
+                    # where the sum is tiny too (or broadcast, so not comparable), the value matters
+                    flags[src] |= flushed & (total < 2.0 ** -14) if total.shape == v.shape else flushed
+
+            graph.run(batch, observer=observe)
+            for name, v in held.items():
+                flushed = int(((v > 0) & (v < FP16_TINY / 2)).sum())
+                absorbed[name] += flushed - int(flags[name].sum())
+        return absorbed
 
 
 @hookimpl

@@ -59,6 +59,7 @@ MAX_PAD = 1 << 16
 MAX_SCALE = float(1 << 20)    # a quantization step above 1e6 is a damaged file, not a model
 MAX_REQUANT = 256.0           # XNNPACK's limit on s_in*s_w/s_out, s_in/s_out (ADD) and s_a*s_b/s_out (MUL)
 MAX_RATIO = float(1 << 20)    # any other int8 op: s_in/s_out and s_out/s_in (huge ones abort LiteRT)
+MAX_BATCH_MATMUL_RANK = 5     # TFLite's BATCH_MATMUL kernel refuses rank 6 (XNNPACK would take it)
 
 # schema enums (ai_edge_litert.schema_py_generated)
 _PADDINGS = {0: "SAME", 1: "VALID"}
@@ -79,9 +80,12 @@ _ARITY = {
     "RELU6": (1, 1), "LEAKY_RELU": (1, 1), "QUANTIZE": (1, 1), "DEQUANTIZE": (1, 1),
     "CONCATENATION": (1, 1 << 12), "PAD": (2, 2), "TRANSPOSE": (2, 2), "RESIZE_NEAREST_NEIGHBOR": (2, 2),
     "RELU_N1_TO_1": (1, 1), "MINIMUM": (2, 2), "MAXIMUM": (2, 2), "SLICE": (3, 3),
+    "GELU": (1, 1), "RSQRT": (1, 1), "BATCH_MATMUL": (2, 2), "RESIZE_BILINEAR": (2, 2),
 }
 _ELEMENTWISE = {"SOFTMAX", "LOGISTIC", "TANH", "HARD_SWISH", "RELU", "RELU6", "RELU_N1_TO_1", "LEAKY_RELU",
-                "QUANTIZE", "DEQUANTIZE"}
+                "QUANTIZE", "DEQUANTIZE", "GELU", "RSQRT"}
+#: ops edgepack writes on float32 tensors only (their data inputs and output)
+_FLOAT_ONLY = {"GELU": 1, "RSQRT": 1, "BATCH_MATMUL": 2, "RESIZE_BILINEAR": 1}
 _BINARY = {"ADD", "SUB", "MUL", "PRELU", "MINIMUM", "MAXIMUM"}
 #: the ops fbcheck has rules for; a row added to flatbuffer.OPS needs one here (tests/arm_int8/test_fbcheck.py)
 RULED_OPS = frozenset(_ARITY)
@@ -114,13 +118,18 @@ _OPTION_FIELDS = {
     "MINIMUM": {},
     "MAXIMUM": {},
     "SLICE": {},
+    "GELU": {0: ("approximate", "B")},
+    "BATCH_MATMUL": {0: ("adj_x", "B"), 1: ("adj_y", "B"), 2: ("asymmetric_quantize_inputs", "B")},
+    # slots 0, 1 are the deprecated new_height / new_width (never written)
+    "RESIZE_BILINEAR": {2: ("align_corners", "B"), 3: ("half_pixel_centers", "B")},
 }
 #: defaults of the schema for fields left out
 _OPTION_DEFAULTS = {"padding": 0, "stride_w": 0, "stride_h": 0, "activation": 0, "dilation_w": 1, "dilation_h": 1,
                     "depth_multiplier": 0, "filter_w": 0, "filter_h": 0, "weights_format": 0,
                     "keep_num_dims": 0, "asymmetric_quantize_inputs": 0, "quantized_bias_type": 0,
                     "pot_scale_int16": 1, "keep_dims": 0, "new_shape": None, "beta": 0.0, "alpha": 0.0,
-                    "axis": 0, "align_corners": 0, "half_pixel_centers": 0}
+                    "axis": 0, "align_corners": 0, "half_pixel_centers": 0, "approximate": 0, "adj_x": 0,
+                    "adj_y": 0}
 
 
 class _Bad(Exception):
@@ -413,14 +422,17 @@ def _options(op: _Table, name: str, what: str) -> dict:
         if key in ("stride_w", "stride_h", "dilation_w", "dilation_h", "filter_w", "filter_h", "depth_multiplier") \
                 and not 1 <= v <= MAX_WINDOW:
             raise _Bad(f"{what}: {name} {key} {v} is outside 1..{MAX_WINDOW}")
-        if key in ("keep_num_dims", "keep_dims", "align_corners", "half_pixel_centers", "pot_scale_int16") \
-                and v not in (0, 1):
+        if key in ("keep_num_dims", "keep_dims", "align_corners", "half_pixel_centers", "pot_scale_int16",
+                   "approximate", "adj_x", "adj_y") and v not in (0, 1):
             raise _Bad(f"{what}: {key} {v} is not a boolean")
-        if key in ("weights_format", "asymmetric_quantize_inputs", "quantized_bias_type", "align_corners",
-                   "half_pixel_centers") and v != 0:
+        if key in ("weights_format", "asymmetric_quantize_inputs", "quantized_bias_type") and v != 0:
+            raise _Bad(f"{what}: {name} {key}={v} is not written by edgepack")
+        if key in ("align_corners", "half_pixel_centers") and v != 0 and name != "RESIZE_BILINEAR":
             raise _Bad(f"{what}: {name} {key}={v} is not written by edgepack")
         if key in ("beta", "alpha") and not math.isfinite(v):
             raise _Bad(f"{what}: {name} {key} {v} is not finite")
+    if name == "RESIZE_BILINEAR" and vals["align_corners"] and vals["half_pixel_centers"]:
+        raise _Bad(f"{what}: RESIZE_BILINEAR sets both align_corners and half_pixel_centers (LiteRT refuses it)")
     if name == "SOFTMAX" and not vals["beta"] > 0:
         raise _Bad(f"{what}: SOFTMAX beta {vals['beta']} must be > 0")
     return vals
@@ -482,6 +494,10 @@ def _check_op(r: _Reader, name: str, opt: dict, ins: list[_T | None], out: _T, w
             raise _Bad(f"{what}: DEQUANTIZE from {x.dtype} to {out.dtype}")
     elif x.dtype != out.dtype:
         raise _Bad(f"{what}: {name} reads {x.dtype} and writes {out.dtype}")
+    if name in _FLOAT_ONLY:
+        for t in [out] + ins[:_FLOAT_ONLY[name]]:
+            if t.dtype != "float32":
+                raise _Bad(f"{what}: edgepack writes {name} in float32 only, {t.name!r} is {t.dtype}")
     if name in _ELEMENTWISE:
         return _expect(out, x.shape, name, what)
     if name in ("CONV_2D", "DEPTHWISE_CONV_2D"):
@@ -612,11 +628,24 @@ def _check_op(r: _Reader, name: str, opt: dict, ins: list[_T | None], out: _T, w
                 raise _Bad(f"{what}: SLICE begin {begin} size {size} do not fit {list(x.shape)}")
             shape.append(n)
         return _expect(out, tuple(shape), name, what)
-    if name == "RESIZE_NEAREST_NEIGHBOR":
+    if name in ("RESIZE_NEAREST_NEIGHBOR", "RESIZE_BILINEAR"):
         size = _const_ints(r, ins[1], what, 2)
         if len(x.shape) != 4 or len(size) != 2 or any(not 1 <= s <= MAX_DIM for s in size):
-            raise _Bad(f"{what}: RESIZE_NEAREST_NEIGHBOR of {list(x.shape)} to {size}")
+            raise _Bad(f"{what}: {name} of {list(x.shape)} to {size}")
         return _expect(out, (x.shape[0], size[0], size[1], x.shape[3]), name, what)
+    if name == "BATCH_MATMUL":
+        y = ins[1]
+        rank = len(x.shape)
+        if not 2 <= rank <= MAX_BATCH_MATMUL_RANK or len(y.shape) != rank:
+            raise _Bad(f"{what}: BATCH_MATMUL of {list(x.shape)} and {list(y.shape)} (ranks must be equal "
+                       f"and in 2..{MAX_BATCH_MATMUL_RANK})")
+        m, kx = (x.shape[-1], x.shape[-2]) if opt["adj_x"] else x.shape[-2:]
+        ky, n = (y.shape[-1], y.shape[-2]) if opt["adj_y"] else y.shape[-2:]
+        if kx != ky:
+            raise _Bad(f"{what}: BATCH_MATMUL inner dimensions {kx} and {ky} of {list(x.shape)} and "
+                       f"{list(y.shape)} differ (adj_x={opt['adj_x']}, adj_y={opt['adj_y']})")
+        batch = _broadcast(x.shape[:-2], y.shape[:-2], what)
+        return _expect(out, batch + (m, n), name, what)
     raise _Bad(f"{what}: fbcheck has no structural rule for {name}")   # a new OPS row needs one (see the test)
 
 

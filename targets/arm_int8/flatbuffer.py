@@ -198,6 +198,25 @@ def _resize_nearest_options(align_corners=False, half_pixel_centers=False):
     return o
 
 
+def _resize_bilinear_options(align_corners=False, half_pixel_centers=False):
+    o = fb.ResizeBilinearOptionsT()
+    o.alignCorners = bool(align_corners)
+    o.halfPixelCenters = bool(half_pixel_centers)
+    return o
+
+
+def _gelu_options(approximate=False):
+    o = fb.GeluOptionsT()
+    o.approximate = bool(approximate)
+    return o
+
+
+def _batch_matmul_options(adj_x=False, adj_y=False):
+    o = fb.BatchMatMulOptionsT()
+    o.adjX, o.adjY = bool(adj_x), bool(adj_y)
+    return o
+
+
 def _empty(cls):
     return lambda: cls()
 
@@ -255,6 +274,10 @@ OPS: dict[str, OpSpec] = {
     "RESIZE_NEAREST_NEIGHBOR": OpSpec(
         _B.RESIZE_NEAREST_NEIGHBOR, _O.ResizeNearestNeighborOptions, _resize_nearest_options, 2, 2
     ),
+    "RESIZE_BILINEAR": OpSpec(_B.RESIZE_BILINEAR, _O.ResizeBilinearOptions, _resize_bilinear_options, 2, 2),
+    "GELU": OpSpec(_B.GELU, _O.GeluOptions, _gelu_options, 2),
+    "BATCH_MATMUL": OpSpec(_B.BATCH_MATMUL, _O.BatchMatMulOptions, _batch_matmul_options, 2, 2),
+    "RSQRT": OpSpec(_B.RSQRT, _O.NONE, None, 2),
 }
 
 # Builtin codes above 127 live only in the 32-bit field; the deprecated

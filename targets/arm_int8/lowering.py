@@ -10,9 +10,17 @@ op needs torch order (flatten of a spatial map, linear on a 4-D tensor).
 Quantized (``arm-int8``): int8 per-channel symmetric weights, int8 asymmetric
 activations from the plan, int32 bias with scale ``s_in·s_w``.  Ops whose
 runtime kernels require equal input/output parameters (max-pool, reshape,
-transpose, pad, slice, resize) pass their input's parameters through; SOFTMAX
-and LOGISTIC/TANH get the fixed output parameters the runtime requires; inputs
+transpose, pad, slice, resize) pass their input's parameters through;
+LOGISTIC/TANH get the fixed output parameters the runtime requires; inputs
 of CONCATENATION whose parameters differ are requantized with QUANTIZE first.
+Ops XNNPACK runs in float only, or that int8 would ruin (layer norm, GELU,
+attention, softmax, matmul, bilinear resize: :data:`FLOAT_IN_INT8` says why
+per op), run in float between DEQUANTIZE and QUANTIZE, inside the same
+partition; the profile marks those layers ``precision: float32``.
+
+Layouts are lazy: a permute moves no data, it only relabels the layout, and a
+consumer that needs another order transposes (ConvNeXt's permute → layer norm
+→ permute back costs nothing).
 
 XNNPACK (LiteRT's default delegate) takes only some int8 ops; one it declines
 splits the graph into delegate partitions with builtin kernels in between,
@@ -61,11 +69,25 @@ from .runners import inverse_perm
 SUPPORTED = frozenset({
     "conv", "linear", "relu", "hardtanh", "leaky_relu", "prelu", "sigmoid", "tanh", "hardswish", "hardsigmoid",
     "silu", "add", "sub", "mul", "max_pool2d", "avg_pool2d", "mean", "reshape", "permute", "cat", "softmax", "pad",
-    "upsample_nearest", "batch_norm", "slice",
+    "upsample_nearest", "batch_norm", "slice", "layer_norm", "gelu", "attention", "matmul", "upsample_bilinear",
 })
+#: ops an int8 graph computes in float between DEQUANTIZE and QUANTIZE (XNNPACK runs all of them, so
+#: the graph stays one partition), and why: shown per layer in the profile
+FLOAT_IN_INT8 = {
+    "layer_norm": "LiteRT has no LAYER_NORM op and its decomposition needs RSQRT, which XNNPACK runs in float "
+                  "only; an int8 variance would also lose the precision normalisation needs",
+    "gelu": "XNNPACK runs GELU in float only (int8 GELU has builtin kernels only and would split the graph)",
+    "attention": "softmax(q·kᵀ) runs in float: XNNPACK declines int8 SOFTMAX (builtin kernels only, the graph "
+                 "would split), and its fixed 1/256 output step rounds most weights of a long attention row to 0",
+    "matmul": "BATCH_MATMUL of two activations runs in float, as attention does",
+    "softmax": "XNNPACK declines int8 SOFTMAX (builtin kernels only, the graph would split); as a model "
+               "output it stays float, where an int8 step of 1/256 would cost the probabilities precision",
+    "upsample_bilinear": "bilinear weights are applied in float (int8 RESIZE_BILINEAR rounds differently in "
+                         "XNNPACK and the builtin kernels)",
+}
 NHWC = (0, 2, 3, 1)
 #: output parameters the runtime requires (scale, zero point)
-FIXED_OUTPUT = {"softmax": (1.0 / 256, -128), "sigmoid": (1.0 / 256, -128), "tanh": (1.0 / 128, 0)}
+FIXED_OUTPUT = {"sigmoid": (1.0 / 256, -128), "tanh": (1.0 / 128, 0)}
 #: clamp bounds LiteRT has a fused activation (and a float op) for
 _ACTIVATION_CODES = {(0.0, 6.0): "RELU6", (0.0, math.inf): "RELU", (-1.0, 1.0): "RELU_N1_TO_1"}
 #: ops a clamp fuses into
@@ -75,6 +97,9 @@ _FUSE_INTO = ("conv", "linear", "add", "sub", "mul")
 #: overflows (``no_integer_overflow_from_quantization``), which a near-constant activation's range
 #: (1e-12 wide) causes; 2**-26 leaves 6 / scale at 4e8.  Values below it round to zero.
 MIN_ACTIVATION_SCALE = 2.0 ** -26
+#: smallest input/output scale ratio of an int8 ADD XNNPACK takes (2**-10; measured: 1/1000 is
+#: delegated, 1/1030 is not)
+MIN_ADD_INPUT_RATIO = 2.0 ** -10
 #: most inputs XNNPACK's CONCATENATION takes
 _MAX_CONCAT = 5
 
@@ -164,6 +189,14 @@ def _refusal(g: Graph, node: Node, target: str) -> str | None:
         h, w = g.shape(node.inputs[0])[2:]
         if a["size"][0] % h or a["size"][1] % w:
             return "only integer nearest upsampling factors lower"
+    if op == "sub" and len(node.inputs) > 1 and g.is_const(node.inputs[0]):
+        return "constant - tensor does not lower; write it as tensor * -1 + constant"
+    if op == "attention" and len(node.inputs) > 3 and not g.is_const(node.inputs[3]):
+        return "attention masks computed at run time do not lower; pass a constant mask or is_causal=True"
+    if op == "layer_norm" and not (g.is_const(node.inputs[1]) and g.is_const(node.inputs[2])):
+        return "layer norm weights computed at run time do not lower; make them parameters"
+    if op == "matmul" and (len(g.shape(node.inputs[0])) > 5 or len(g.shape(node.inputs[1])) > 5):
+        return "matmul of rank above 5 does not lower; reshape to at most 5 dims"
     if op == "slice" and a["step"] != 1:
         return "slices with a step other than 1 do not lower; use a strided conv or pooling instead"
     return None
@@ -290,9 +323,13 @@ class _Lowerer:
 
     def layer(self, node: Node, op: str, params: int = 0, nbytes: int = 0, node_macs: int = 0) -> None:
         ins = [list(self.g.shape(i)) for i in node.inputs if not self.g.is_const(i)]
-        self.layers.append({"name": node.name, "module": node.module, "op": f"{node.op}->{op}",
-                            "in_shape": ins[0] if ins else [], "out_shape": list(node.shape),
-                            "params": int(params), "bytes": int(nbytes), "macs": int(node_macs)})
+        row = {"name": node.name, "module": node.module, "op": f"{node.op}->{op}",
+               "in_shape": ins[0] if ins else [], "out_shape": list(node.shape),
+               "params": int(params), "bytes": int(nbytes), "macs": int(node_macs)}
+        if self.q and node.op in FLOAT_IN_INT8:
+            row["precision"] = "float32"
+            row["why_float"] = FLOAT_IN_INT8[node.op]
+        self.layers.append(row)
 
     # -- driver ---------------------------------------------------------------------
     def run(self) -> Lowered:
@@ -323,7 +360,7 @@ class _Lowerer:
         for name in g.outputs:
             v = self.values[name]
             shape = g.shape(name)
-            if self.q and self.io == "float":
+            if self.q and self.io == "float" and v.spec is not None:
                 fout = self.b.add_tensor(self.name(f"{name}/float"), v.stored_shape, "float32")
                 self.b.add_op("DEQUANTIZE", [v.ref], [fout])
                 model_outputs.append(fout)
@@ -490,6 +527,8 @@ class _Lowerer:
         self.layer(node, "FULLY_CONNECTED", w.size + bias.size, nbytes, macs(self.g, node))
 
     def _binary(self, node: Node, op: str) -> None:
+        if len(node.inputs) > 1 and self.g.is_const(node.inputs[0]):     # constant · x (check(): add, mul)
+            node = dataclasses.replace(node, inputs=[node.inputs[1], node.inputs[0]])
         a = self._in(node)
         if len(node.inputs) > 1 and not self.g.is_const(node.inputs[1]):
             b = self._in(node, 1)
@@ -502,17 +541,37 @@ class _Lowerer:
         else:
             arr = self.g.constants[node.inputs[1]] if len(node.inputs) > 1 else np.float32(node.attrs["scalar"])
             arr = np.asarray(arr, np.float32)
+            if 0 < arr.ndim < len(a.perm):       # broadcasting prepends size-1 dims
+                arr = arr.reshape((1,) * (len(a.perm) - arr.ndim) + arr.shape)
             if arr.ndim == len(a.perm):
                 arr = arr.transpose(a.perm)
-            elif arr.ndim > 0 and len(a.perm) != arr.ndim:
+            elif arr.ndim > 0:
                 a = self.to_perm(a, tuple(range(len(a.perm))), node.name)
             if arr.ndim == 0:
                 arr = arr.reshape(1)
             bref, _ = self.const(self.name(f"{node.name}/operand"), arr)
         stored = tuple(node.shape[p] for p in a.perm)
         out, act, _ = self._out(node, stored, a.perm)
-        self.b.add_op(op, [a.ref, bref], [out.ref], activation=act)
+        aref = a.ref
+        if self.q and op in ("ADD", "SUB"):
+            aref = self._add_operand(a, out.spec, node.name)
+            if len(node.inputs) > 1 and not self.g.is_const(node.inputs[1]):
+                bref = self._add_operand(b, out.spec, node.name)
+        self.b.add_op(op, [aref, bref], [out.ref], activation=act)
         self.layer(node, op)
+
+    def _add_operand(self, v: Value, out_spec: QuantSpec, label: str) -> TensorRef:
+        """An int8 ADD/SUB input whose scale is below XNNPACK's limit of 1/1024 of the output's (a
+        residual branch scaled by ConvNeXt's initial layer scale of 1e-6): requantized to 1/1000 of
+        the output scale, in steps of at most 255x (QUANTIZE's own limit is 256x), so the ADD stays
+        in the delegate.  Its values stay below a tenth of an output step either way."""
+        s_out = float(np.float32(out_spec.scale[0]))
+        if float(np.float32(v.spec.scale[0])) / s_out >= MIN_ADD_INPUT_RATIO:
+            return v.ref
+        while float(np.float32(v.spec.scale[0])) / s_out < MIN_ADD_INPUT_RATIO:
+            scale = min(float(v.spec.scale[0]) * 255.0, s_out / 1000.0)
+            v = self.requant(v, QuantSpec("int8", (scale,), (v.spec.zero_point[0],)), label)
+        return v.ref
 
     def _op_add(self, node):
         self._binary(node, "ADD")
@@ -751,24 +810,19 @@ class _Lowerer:
         self.layer(node, "RESHAPE")
 
     def _op_permute(self, node):
+        """No op: the data stays where it is and only its layout changes (output torch dim j is input
+        dim q[j]).  A consumer that needs another order transposes (:meth:`to_perm`), so
+        permute → layer norm → permute back (ConvNeXt) moves nothing."""
         x = self._in(node)
-        q = node.attrs["perm"]
-        inv = inverse_perm(x.perm)
-        order = tuple(inv[d] for d in q)
-        shape = tuple(node.shape)
-        spec = x.spec if self.q else None
-        if order == tuple(range(len(order))):
-            self.values[node.name] = Value(x.ref, tuple(range(len(shape))), spec)
-            return
-        out, _, _ = self._out(node, shape, tuple(range(len(shape))), spec=spec)
-        self.b.add_op("TRANSPOSE", [x.ref, self.b.add_const(self.name(f"{node.name}/perm"), order)], [out.ref])
-        self.layer(node, "TRANSPOSE")
+        q = tuple(node.attrs["perm"])
+        self.values[node.name] = Value(x.ref, tuple(q.index(p) for p in x.perm), x.spec)
 
     def _op_cat(self, node):
-        ins = [self._in(node, i) for i in range(len(node.inputs))]
-        perm = ins[0].perm
-        ins = [self.to_perm(v, perm, node.name) for v in ins]
         out_spec = self.spec_of(node.name) if self.q else None
+        perm = next(self._in(node, i).perm for i, n in enumerate(node.inputs) if not self.g.is_const(n))
+        ins = [self._const_value(node, n, perm, out_spec) if self.g.is_const(n) else self._in(node, i)
+               for i, n in enumerate(node.inputs)]       # a constant: ViT's class token
+        ins = [self.to_perm(v, perm, node.name) for v in ins]
         ins = [self.requant(v, out_spec, node.name) for v in ins] if self.q else ins
         stored = tuple(node.shape[p] for p in perm)
         axis = perm.index(node.attrs["dim"])
@@ -781,6 +835,16 @@ class _Lowerer:
         self.b.add_op("CONCATENATION", parts, [out.ref], axis=axis)
         self.layer(node, "CONCATENATION")
 
+    def _const_value(self, node: Node, name: str, perm, spec: QuantSpec | None) -> Value:
+        """Constant ``name`` stored with layout ``perm`` (int8 in ``spec``'s parameters)."""
+        arr = np.asarray(self.g.constants[name], np.float32).transpose(perm)
+        label = self.name(f"{node.name}/{name}")
+        if spec is None:
+            return Value(self.b.add_tensor(label, arr.shape, "float32", data=arr), perm, None)
+        ref = self.b.add_tensor(label, arr.shape, "int8", data=spec.quantize(arr), scale=spec.scale[0],
+                                zero_point=spec.zero_point[0])
+        return Value(ref, perm, spec)
+
     def _concat(self, node: Node, parts: list[TensorRef], axis: int, spec) -> TensorRef:
         shape = list(parts[0].shape)
         shape[axis] = sum(p.shape[axis] for p in parts)
@@ -789,11 +853,19 @@ class _Lowerer:
         return out
 
     def _op_softmax(self, node):
+        """SOFTMAX in float (int8 graphs: see FLOAT_IN_INT8).  A model output stays float when the
+        model's outputs are float: no int8 step of 1/256 on the probabilities."""
         x = self._in(node)
         if x.perm.index(node.attrs["dim"]) != len(x.perm) - 1:
             x = self.to_perm(x, tuple(range(len(x.perm))), node.name)     # check(): dim is torch's last
-        out, _, _ = self._out(node, x.stored_shape, x.perm, spec=self._fixed(node))
-        self.b.add_op("SOFTMAX", [x.ref], [out.ref], beta=1.0)
+        x = self._float(x, node.name)
+        if self.q and self.io == "float" and node.name in self.g.outputs:
+            out = self.tensor(node.name, x.stored_shape, None)
+            self.values[node.name] = Value(out, x.perm, None)
+            self.b.add_op("SOFTMAX", [x.ref], [out], beta=1.0)
+        else:
+            self._float_result(node, x.stored_shape, x.perm,
+                               lambda out: self.b.add_op("SOFTMAX", [x.ref], [out], beta=1.0))
         self.layer(node, "SOFTMAX")
 
     def _op_pad(self, node):
@@ -825,3 +897,116 @@ class _Lowerer:
         self.b.add_op("RESIZE_NEAREST_NEIGHBOR", [x.ref, self.b.add_const(self.name(f"{node.name}/size"), size)],
                       [out.ref])
         self.layer(node, "RESIZE_NEAREST_NEIGHBOR")
+
+    # -- float ops (an int8 graph runs them between DEQUANTIZE and QUANTIZE; see FLOAT_IN_INT8) -----
+    def _float(self, v: Value, label: str) -> Value:
+        """``v`` as float32 (a DEQUANTIZE when it is int8)."""
+        if v.spec is None:
+            return v
+        f = self.b.add_tensor(self.name(f"{label}/float"), v.stored_shape, "float32")
+        self.b.add_op("DEQUANTIZE", [v.ref], [f])
+        return Value(f, v.perm, None)
+
+    def _float_result(self, node: Node, stored, perm, emit) -> None:
+        """Output of ``node`` computed by ``emit(float32 tensor)``; quantized into the node's
+        parameters afterwards in an int8 graph."""
+        if not self.q:
+            out, _, _ = self._out(node, stored, perm)
+            emit(out.ref)
+            return
+        tmp = self.b.add_tensor(self.name(f"{node.name}/float"), stored, "float32")
+        emit(tmp)
+        out, _, _ = self._out(node, stored, perm)
+        self.b.add_op("QUANTIZE", [tmp], [out.ref])
+
+    def _fconst(self, label: str, arr) -> TensorRef:
+        arr = np.asarray(arr, np.float32)
+        return self.b.add_tensor(self.name(label), arr.shape, "float32", data=arr)
+
+    def _ftensor(self, label: str, shape) -> TensorRef:
+        return self.b.add_tensor(self.name(label), tuple(shape), "float32")
+
+    def _op_layer_norm(self, node):
+        """(x - mean) · rsqrt(mean((x - mean)²) + eps) · weight + bias over the last dims: MEAN, SUB,
+        MUL, MEAN, ADD, RSQRT, MUL, MUL, ADD (LiteRT has no layer-norm op)."""
+        x = self._in(node)
+        rank, k = len(x.perm), node.attrs["dims"]
+        dims = tuple(range(rank - k, rank))
+        if x.perm[rank - k:] != dims:        # the normalised dims must be the trailing stored ones
+            x = self.to_perm(x, tuple(range(rank)), node.name)
+        x = self._float(x, node.name)
+        stored = x.stored_shape
+        axes = self.b.add_const(self.name(f"{node.name}/axes"), list(dims))
+        reduced = tuple(1 if i in dims else d for i, d in enumerate(stored))
+        weight = np.asarray(self.g.constants[node.inputs[1]], np.float32)
+        bias = np.asarray(self.g.constants[node.inputs[2]], np.float32)
+
+        def emit(out):
+            b, t = self.b, lambda label, shape: self._ftensor(f"{node.name}/{label}", shape)
+            mean, centred, sq, var = t("mean", reduced), t("centred", stored), t("square", stored), t("var", reduced)
+            b.add_op("MEAN", [x.ref, axes], [mean], keep_dims=True)
+            b.add_op("SUB", [x.ref, mean], [centred])
+            b.add_op("MUL", [centred, centred], [sq])
+            b.add_op("MEAN", [sq, axes], [var], keep_dims=True)
+            shifted, inv, normed, scaled = t("var_eps", reduced), t("rsqrt", reduced), t("normed", stored), \
+                t("scaled", stored)
+            b.add_op("ADD", [var, self._fconst(f"{node.name}/eps", [node.attrs["eps"]])], [shifted])
+            b.add_op("RSQRT", [shifted], [inv])
+            b.add_op("MUL", [centred, inv], [normed])
+            b.add_op("MUL", [normed, self._fconst(f"{node.name}/weight", weight)], [scaled])
+            b.add_op("ADD", [scaled, self._fconst(f"{node.name}/bias", bias)], [out])
+
+        self._float_result(node, stored, x.perm, emit)
+        self.layer(node, "MEAN+SUB+MUL+MEAN+ADD+RSQRT+MUL+MUL+ADD", weight.size + bias.size,
+                   4 * (weight.size + bias.size))
+
+    def _op_gelu(self, node):
+        x = self._float(self._in(node), node.name)
+        approximate = node.attrs["approximate"] == "tanh"
+        self._float_result(node, x.stored_shape, x.perm,
+                           lambda out: self.b.add_op("GELU", [x.ref], [out], approximate=approximate))
+        self.layer(node, "GELU")
+
+    def _op_attention(self, node):
+        """softmax(q·kᵀ·scale + mask)·v: BATCH_MATMUL (adj_y), MUL, [ADD], SOFTMAX, BATCH_MATMUL."""
+        q, k, v = (self._float(self.to_perm(self._in(node, i), tuple(range(len(self._in(node, i).perm))),
+                                            node.name), node.name) for i in range(3))
+        scores_shape = q.stored_shape[:-1] + (k.stored_shape[-2],)
+        mask = self.g.constants[node.inputs[3]] if len(node.inputs) > 3 else None
+
+        def emit(out):
+            b, t = self.b, lambda label: self._ftensor(f"{node.name}/{label}", scores_shape)
+            raw, scaled = t("scores"), t("scaled")
+            b.add_op("BATCH_MATMUL", [q.ref, k.ref], [raw], adj_y=True)
+            b.add_op("MUL", [raw, self._fconst(f"{node.name}/scale", [node.attrs["scale"]])], [scaled])
+            if mask is not None:
+                masked = t("masked")
+                b.add_op("ADD", [scaled, self._fconst(f"{node.name}/mask",
+                                                      np.maximum(mask, np.finfo(np.float32).min))], [masked])
+                scaled = masked
+            probs = t("probs")
+            b.add_op("SOFTMAX", [scaled], [probs], beta=1.0)
+            b.add_op("BATCH_MATMUL", [probs, v.ref], [out])
+
+        shape = tuple(node.shape)
+        self._float_result(node, shape, tuple(range(len(shape))), emit)
+        self.layer(node, "BATCH_MATMUL+MUL+SOFTMAX+BATCH_MATMUL", node_macs=macs(self.g, node))
+
+    def _op_matmul(self, node):
+        a, c = (self._float(self.to_perm(self._in(node, i), tuple(range(len(self._in(node, i).perm))),
+                                         node.name), node.name) for i in range(2))
+        shape = tuple(node.shape)
+        self._float_result(node, shape, tuple(range(len(shape))),
+                           lambda out: self.b.add_op("BATCH_MATMUL", [a.ref, c.ref], [out]))
+        self.layer(node, "BATCH_MATMUL", node_macs=macs(self.g, node))
+
+    def _op_upsample_bilinear(self, node):
+        x = self._float(self.to_perm(self._in(node), NHWC, node.name), node.name)
+        size = tuple(node.attrs["size"])
+        n, h, w, c = x.stored_shape
+        align = node.attrs["align_corners"]
+        sref = self.b.add_const(self.name(f"{node.name}/size"), size)
+        self._float_result(node, (n, size[0], size[1], c), NHWC,
+                           lambda out: self.b.add_op("RESIZE_BILINEAR", [x.ref, sref], [out], align_corners=align,
+                                                     half_pixel_centers=not align))
+        self.layer(node, "RESIZE_BILINEAR")

@@ -62,11 +62,15 @@ architecture (its microkernels are tested bit-exact against one scalar
 reference).
 
 float32 models (the ``arm-fp32`` baseline) are evaluated in float64 and cast,
-so they agree with LiteRT to float rounding, not bit for bit.
+so they agree with LiteRT to float rounding, not bit for bit.  GELU,
+BATCH_MATMUL, RSQRT and RESIZE_BILINEAR (the transformer and upsampling ops)
+exist in float32 only: edgepack never writes them on int8 tensors, and the
+reference refuses an int8 one.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -865,6 +869,77 @@ def _nearest_float(out_size: int, in_size: int, align: bool, half: bool) -> np.n
     return np.maximum(idx, 0) if half else idx
 
 
+# --- float-only ops: edgepack writes them on float32 tensors, never int8 ------------
+
+
+def _require_float(ts, node: str, op: str):
+    """GELU, BATCH_MATMUL, RSQRT and RESIZE_BILINEAR have no int8 path in edgepack."""
+    for t in ts:
+        if t.dtype != "float32":
+            raise UnsupportedOpError(op, node, TARGET, f"edgepack writes {op} in float32 only; tensor {t.name!r} "
+                                     f"is {t.dtype} (keep the op in float: dequantize its inputs first)")
+
+
+_erf = np.frompyfunc(math.erf, 1, 1)     # numpy has no erf; libm's, element by element, in float64
+
+
+def _k_gelu(interp, k, op, node, ins, vals, out):
+    _require_float([ins[0], out], node, "GELU")
+    x = vals[0].astype(np.float64)
+    if getattr(op.builtinOptions, "approximate", False):
+        y = 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+    else:
+        y = 0.5 * x * (1.0 + np.asarray(_erf(x * math.sqrt(0.5)), dtype=np.float64))
+    return y.astype(np.float32)
+
+
+def _k_batch_matmul(interp, k, op, node, ins, vals, out):
+    _require_float([ins[0], ins[1], out], node, "BATCH_MATMUL")
+    o = op.builtinOptions
+    a, b = (v.astype(np.float64) for v in vals[:2])
+    if getattr(o, "adjX", False):
+        a = np.swapaxes(a, -1, -2)
+    if getattr(o, "adjY", False):
+        b = np.swapaxes(b, -1, -2)
+    return np.matmul(a, b).astype(np.float32)     # batch dims broadcast as TFLite's do
+
+
+def _k_rsqrt(interp, k, op, node, ins, vals, out):
+    _require_float([ins[0], out], node, "RSQRT")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (1.0 / np.sqrt(vals[0].astype(np.float64))).astype(np.float32)
+
+
+def _k_resize_bilinear(interp, k, op, node, ins, vals, out):
+    _require_float([ins[0], out], node, "RESIZE_BILINEAR")
+    o = op.builtinOptions
+    if o.alignCorners and o.halfPixelCenters:
+        raise UnsupportedOpError("RESIZE_BILINEAR", node, TARGET, "align_corners and half_pixel_centers exclude "
+                                 "each other (LiteRT refuses the op)")
+    x = vals[0].astype(np.float64)
+    oh, ow = (int(v) for v in np.asarray(vals[1]).reshape(-1))
+    _, ih, iw, _ = x.shape
+    py, y0, y1 = _bilinear_float(oh, ih, o.alignCorners, o.halfPixelCenters)
+    px, x0, x1 = _bilinear_float(ow, iw, o.alignCorners, o.halfPixelCenters)
+    dy = (py - y0)[None, :, None, None]
+    dx = (px - x0)[None, None, :, None]
+    top = x[:, y0][:, :, x0] * (1 - dx) + x[:, y0][:, :, x1] * dx
+    bottom = x[:, y1][:, :, x0] * (1 - dx) + x[:, y1][:, :, x1] * dx
+    return (top * (1 - dy) + bottom * dy).astype(np.float32)
+
+
+def _bilinear_float(out_size: int, in_size: int, align: bool, half: bool):
+    """reference_ops ComputeInterpolationValues in float32: the source position of every
+    output index and its lower / upper neighbours (clamped into the input)."""
+    scale = (f32(in_size - 1) / f32(out_size - 1)) if (align and out_size > 1) else f32(in_size) / f32(out_size)
+    pos = np.arange(out_size, dtype=np.float32)
+    pos = (pos + f32(0.5)) * scale - f32(0.5) if half else pos * scale
+    lo = np.maximum(np.floor(pos).astype(np.int64), 0)
+    hi = np.minimum(np.ceil(pos).astype(np.int64), in_size - 1)
+    # below 0 (half-pixel centres) lo == hi == 0, so the weight pos - lo cancels out, as in TFLite
+    return pos.astype(np.float64), lo, hi
+
+
 _KERNELS: dict[str, Callable] = {
     "CONV_2D": _k_conv2d,
     "DEPTHWISE_CONV_2D": _k_depthwise,
@@ -894,6 +969,10 @@ _KERNELS: dict[str, Callable] = {
     "PAD": _k_pad,
     "TRANSPOSE": _k_transpose,
     "RESIZE_NEAREST_NEIGHBOR": _k_resize_nearest,
+    "GELU": _k_gelu,
+    "BATCH_MATMUL": _k_batch_matmul,
+    "RSQRT": _k_rsqrt,
+    "RESIZE_BILINEAR": _k_resize_bilinear,
 }
 
 #: op names the reference implements.
