@@ -82,7 +82,11 @@ def main() -> None:
     ap.add_argument("--resolution", type=int, default=224)
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--models", nargs="*", default=[e.name for e in gallery.GALLERY])
+    ap.add_argument("--readme", help="only rewrite the table between <!-- gallery:start/end --> in this file "
+                                     "from --out's JSON")
     args = ap.parse_args()
+    if args.readme:
+        return write_table(Path(args.readme), json.loads(Path(args.out).read_text()))
     torch.set_num_threads(1)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -97,6 +101,26 @@ def main() -> None:
               "models": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def table(result: dict) -> str:
+    """The README's gallery table (markdown) from a gallery.json."""
+    lines = ["| model | deploy s fp32 / int8 / fp16 | MB fp32 / int8 / fp16 | latency ms fp32 / int8 | int8/fp32 "
+             "| int8 partitions | int8 layers in float | int8 SQNR dB |", "|---|---|---|---|---|---|---|---|"]
+    for r in result["models"]:
+        mb = "{:.1f} / {:.1f} / {:.1f}".format(*(r[f"bytes_{t}"] / 1e6 for t in TARGETS))
+        lines.append(f"| {r['model']} ({r['source']}) | " + " / ".join(str(r[f"deploy_s_{t}"]) for t in TARGETS)
+                     + f" | {mb} | {r['latency_ms_arm-fp32']:.2f} / {r['latency_ms_arm-int8']:.2f} | "
+                     f"{r['int8_over_fp32_latency']:.2f} | {r['int8_partitions']} | "
+                     f"{', '.join(r.get('int8_float_layers', [])) or '—'} | {r['sqnr_db_int8']} |")
+    return "\n".join(lines)
+
+
+def write_table(readme: Path, result: dict) -> None:
+    text = readme.read_text()
+    start, end = "<!-- gallery:start -->\n", "<!-- gallery:end -->"
+    a, b = text.index(start) + len(start), text.index(end)
+    readme.write_text(text[:a] + table(result) + "\n" + text[b:])
 
 
 def _cpu() -> str:

@@ -85,6 +85,12 @@ def deploy(model, target: str, example_inputs, calibration: Iterable | None = No
     from .graph import capture, check_example_inputs, fold_batch_norm
 
     started = time.perf_counter()
+    phases: dict[str, float] = {}     # where deploy time goes (profile.json "deploy_phases_s")
+
+    def phase(name: str, t0: float) -> float:
+        now = time.perf_counter()
+        phases[name] = round(phases.get(name, 0.0) + now - t0, 4)
+        return now
     if not isinstance(overwrite, bool):
         raise InputError(f"overwrite must be True or False, got {overwrite!r}")
     if output is not None:
@@ -94,15 +100,19 @@ def deploy(model, target: str, example_inputs, calibration: Iterable | None = No
     example_inputs = check_example_inputs(model, example_inputs)
     recipe = as_recipe(recipe)
 
+    t = phase("setup", started)
     if recipe.torch_stages and not any(s.kind == "quantizer" for s in recipe.torch_stages):
         # Distillers and pruners keep the model's operators, so the target can refuse an
         # unsupported model before hours of training; training-time quantizers add their own
         # ops (binarize, fake-quant), checked after they ran.
         tgt.check(tgt.prepare(fold_batch_norm(capture(copy.deepcopy(model).eval(), example_inputs))))
+        t = phase("early_check", t)
     packed_model = compress(model, recipe, data=data, teacher=teacher) if recipe.torch_stages \
         else copy.deepcopy(model).eval()
+    t = phase("compress" if recipe.torch_stages else "copy", t)
     graph = tgt.prepare(fold_batch_norm(capture(packed_model, example_inputs)))
     tgt.check(graph)
+    t = phase("capture", t)
 
     qstage = recipe.graph_quantizer
     if qstage is None and tgt.default_quantizer:
@@ -116,7 +126,9 @@ def deploy(model, target: str, example_inputs, calibration: Iterable | None = No
     if quantizer is not None or calibration is not None:
         batches = as_batches(calibration, graph.inputs)
     plan = quantizer.calibrate(graph, batches) if quantizer is not None else None
+    t = phase("calibrate", t)
     package = tgt.pack(graph, plan, batches)
+    t = phase("pack", t)
 
     import torch
 
@@ -150,9 +162,12 @@ def deploy(model, target: str, example_inputs, calibration: Iterable | None = No
             stage.add(name, blob)
         stage.add(GOLDEN, save_npz(golden))
         staged = Artifact(stage.path, {**manifest, "files": stage.file_table()}, {})
+        t = phase("golden", t)
         latency, note, outs = _smoke_and_time(staged, tgt.default_runner, [golden[f"input_{i}"]
                                                                            for i in range(len(example_inputs))])
+        phase("first_run_and_timing", t)
         profile = _profile(tgt.name, package, latency, note, time.perf_counter() - started)
+        profile["deploy_phases_s"] = phases
         if outs is not None:
             profile["fidelity"] = _fidelity(tgt.default_runner, outs, [golden[f"output_{i}"]
                                                                        for i in range(len(outs))])
@@ -211,7 +226,7 @@ def _profile(target: str, package, latency: dict, note: str | None, deploy_s: fl
     totals = {k: sum(int(layer.get(k, 0) or 0) for layer in layers) for k in ("params", "bytes", "macs", "bops")}
     totals["model_bytes"] = sum(len(b) for b in package.files.values())
     prof = {"target": target, "layers": layers, "totals": totals, "latency_ms": latency,
-            "deploy_seconds": round(deploy_s, 3)}
+            "deploy_seconds": round(deploy_s, 3), **package.profile}
     if note:
         prof["latency_note"] = note
     return prof

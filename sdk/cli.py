@@ -330,14 +330,27 @@ def _cmd_inspect(args) -> int:
         print(json.dumps(prof, indent=2))
         return EXIT_OK
     cols = ["name", "op", "in_shape", "out_shape", "params", "bytes", "macs"]
-    extra = sorted({k for layer in prof.get("layers", []) for k in layer} - set(cols))
+    extra = sorted({k for layer in prof.get("layers", []) for k in layer} - set(cols) - {"why_float"})
     rows = [[_fmt(layer.get(c, "")) for c in cols + extra] for layer in prof.get("layers", [])]
     print(f"{art.path}  target={art.target}")
     print(_table(cols + extra, rows))
     totals = prof.get("totals", {})
     print("totals: " + ", ".join(f"{k}={v}" for k, v in totals.items()))
+    why = {layer["op"].split("->")[0]: layer["why_float"] for layer in prof.get("layers", [])
+           if isinstance(layer.get("why_float"), str)}
+    for op, reason in sorted(why.items()):
+        print(f"kept in float: {op}: {reason}")
+    deleg = prof.get("delegation")
+    if isinstance(deleg, dict):
+        outside = deleg.get("outside_delegate") or {}
+        print(f"{deleg.get('delegate', 'delegate')}: {deleg.get('partitions')} partition(s), "
+              f"{deleg.get('delegated_ops')} ops inside; outside: "
+              + (", ".join(f"{k} x{v}" for k, v in outside.items()) or "none"))
     for runner, ms in prof.get("latency_ms", {}).items():
         print(f"latency ({runner}): {ms:.3f} ms")
+    phases = prof.get("deploy_phases_s")
+    if isinstance(phases, dict) and phases:
+        print(f"deploy {prof.get('deploy_seconds')} s: " + ", ".join(f"{k} {v:.3f} s" for k, v in phases.items()))
     if prof.get("latency_note"):
         print(f"latency: {prof['latency_note']}")
     fid = prof.get("fidelity")

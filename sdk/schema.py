@@ -213,10 +213,18 @@ def check_profile(p: Any) -> dict:
         for key in ("params", "bytes", "macs", "bops"):
             if key in row and not (_num(row[key]) and row[key] >= 0):
                 raise _fail(f"{where}: layers[{i}].{key}", f"expected a non-negative number, got {row[key]!r}")
-    for section in ("totals", "latency_ms"):
+    for section in ("totals", "latency_ms", "deploy_phases_s"):
         for k, v in _dict(f"{where}: {section}", p.get(section, {})).items():
             if not _num(v):
                 raise _fail(f"{where}: {section}.{k}", f"expected a finite number, got {v!r}")
+    if "delegation" in p:
+        d = _dict(f"{where}: delegation", p["delegation"])
+        for k in ("partitions", "delegated_ops"):
+            if k in d and not (_num(d[k]) and d[k] >= 0):
+                raise _fail(f"{where}: delegation.{k}", f"expected a non-negative number, got {d[k]!r}")
+        for k, v in _dict(f"{where}: delegation.outside_delegate", d.get("outside_delegate", {})).items():
+            if not (_num(v) and v >= 0):
+                raise _fail(f"{where}: delegation.outside_delegate.{k}", f"expected a count, got {v!r}")
     if "latency_note" in p:
         _str(f"{where}: latency_note", p["latency_note"])
     return p

@@ -109,6 +109,7 @@ BY_NAME = {e.name: e for e in GALLERY}
 def build(name: str, seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor]:
     """The model (random init, eval mode) and one example input ``1×3×R×R``.
 
+    ViT's zero-initialised head gets random weights (else every output is 0).
     Batch-norm running statistics are estimated on random inputs first, as
     training leaves them: with the initial ones (mean 0, variance 1) the
     activations of these deep random nets shrink towards 1e-8 or grow layer
@@ -123,6 +124,9 @@ def build(name: str, seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor]:
         import timm
 
         model = timm.create_model(name, **entry.kwargs(entry.resolution))
+    if name == "vit_b_16":       # torchvision zero-initialises ViT's classifier: every output would be 0
+        head = model.heads.head
+        torch.nn.init.normal_(head.weight, std=head.in_features ** -0.5)
     g = torch.Generator().manual_seed(seed)
     _estimate_bn_statistics(model, [torch.randn(8, 3, entry.resolution, entry.resolution, generator=g)
                                     for _ in range(2)])

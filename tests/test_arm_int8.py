@@ -134,6 +134,24 @@ def test_all_ops(target, tmp_path):
     assert rep.passed, str(rep)
     if target == "arm-int8":
         assert rep.sqnr_db["host"] > 25
+        # PReLU, softmax (float between DEQUANTIZE/QUANTIZE), nearest upsampling (copies), hardswish,
+        # hardsigmoid, LeakyReLU, mean: all inside the one XNNPACK partition
+        summary = litert.op_summary(litert.load_interpreter(art.file("model.tflite")))
+        assert summary["delegate_nodes"] == 1 and not summary["builtin"], summary
+
+
+@pytest.mark.parametrize("factor", [(3, 3), (2, 7)])
+def test_int8_nearest_upsampling_is_exact_copies_in_one_partition(factor, tmp_path):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Upsample(scale_factor=factor, mode="nearest")).eval()
+    x = torch.randn(1, 3, 5, 4)
+    art = sdk.deploy(m, "arm-int8", (x,), calibration=calibration(x, 4), output=tmp_path / "a", progress=False)
+    summary = litert.op_summary(litert.load_interpreter(art.file("model.tflite")))
+    assert summary["delegate_nodes"] == 1 and not summary["builtin"], summary
+    y = art.run(x, runner="host")[0]
+    assert np.array_equal(y, art.run(x, runner="reference")[0])
+    small = y[:, :, ::factor[0], ::factor[1]]       # every copy equals its source element
+    assert np.array_equal(y, np.repeat(np.repeat(small, factor[0], 2), factor[1], 3))
 
 
 def test_digits_cnn_int8_accuracy_within_one_point(digits, tmp_path):

@@ -1,8 +1,10 @@
 """Targets ``arm-int8`` and ``arm-fp32``: LiteRT flatbuffers for ARM CPUs.
 
-``arm-int8`` writes a fully integer ``.tflite`` (int8 per-channel symmetric
+``arm-int8`` writes an integer ``.tflite`` (int8 per-channel symmetric
 weights, int8 asymmetric activations, int32 bias, fused ReLU/ReLU6) that
-LiteRT's XNNPACK delegate takes whole; ``arm-fp32`` is the same lowering in
+LiteRT's XNNPACK delegate takes whole; the few ops XNNPACK has no int8 kernel
+for (layer norm, GELU, attention, softmax, PReLU, bilinear resize) run in float
+between DEQUANTIZE and QUANTIZE inside the same partition (``lowering.FLOAT_IN_INT8``); ``arm-fp32`` is the same lowering in
 float, the baseline int8 is measured against.  The flatbuffer is written by
 :mod:`.flatbuffer` from the LiteRT schema, no TensorFlow involved, and checked
 against :mod:`.reference`, a numpy re-execution of the same file.
@@ -41,13 +43,16 @@ class _LiteRTTarget(Target):
         from .lowering import lower
 
         io = getattr(self.config, "io", "float")
+        from .litert import delegation
+
         low = lower(graph, plan if self.quantized else None, target=self.name, io=io)
         return Package(files={"model.tflite": low.model}, inputs=[TensorSig.from_dict(r) for r in low.inputs],
-                       outputs=[TensorSig.from_dict(r) for r in low.outputs], layers=low.layers)
+                       outputs=[TensorSig.from_dict(r) for r in low.outputs], layers=low.layers,
+                       profile={"delegation": delegation(low.model)})
 
 
 class ArmInt8(_LiteRTTarget):
-    """Fully integer LiteRT model for ARM CPUs (XNNPACK int8 kernels)."""
+    """Integer LiteRT model for ARM CPUs (XNNPACK int8 kernels, float only where XNNPACK has no int8 one)."""
 
     name = "arm-int8"
     version = "1.0"

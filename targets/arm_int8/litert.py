@@ -119,6 +119,15 @@ def op_summary(interpreter) -> dict:
     return {"delegate_nodes": len(delegates), "delegated": delegated, "builtin": builtin}
 
 
+def delegation(model: bytes) -> dict:
+    """The profile's ``delegation`` entry for a LiteRT model: XNNPACK partitions and the ops left
+    to builtin kernels (each boundary between the two costs a copy and a synchronisation)."""
+    summary = op_summary(load_interpreter(model, num_threads=1))
+    return {"delegate": "XNNPACK", "partitions": summary["delegate_nodes"],
+            "delegated_ops": sum(summary["delegated"].values()),
+            "outside_delegate": dict(sorted(summary["builtin"].items()))}
+
+
 def delegated_fraction(interpreter) -> float:
     """Fraction of the model's ops that run inside a delegate (1.0 when
     XNNPACK takes the whole graph)."""

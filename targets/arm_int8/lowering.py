@@ -80,6 +80,8 @@ FLOAT_IN_INT8 = {
     "attention": "softmax(q·kᵀ) runs in float: XNNPACK declines int8 SOFTMAX (builtin kernels only, the graph "
                  "would split), and its fixed 1/256 output step rounds most weights of a long attention row to 0",
     "matmul": "BATCH_MATMUL of two activations runs in float, as attention does",
+    "prelu": "XNNPACK declines int8 PRELU (builtin kernels only, the graph would split); float PRELU is one "
+             "multiply per negative value, so the float island is exact",
     "softmax": "XNNPACK declines int8 SOFTMAX (builtin kernels only, the graph would split); as a model "
                "output it stays float, where an int8 step of 1/256 would cost the probabilities precision",
     "upsample_bilinear": "bilinear weights are applied in float (int8 RESIZE_BILINEAR rounds differently in "
@@ -669,10 +671,10 @@ class _Lowerer:
         shape = [1] * (rank - 1)
         pos = x.perm.index(1) - 1 if rank > 1 else 0     # alpha broadcasts over all but the batch dim
         shape[pos] = channels
-        alpha, _ = self.const(self.name(f"{node.name}/alpha"), slope.reshape(shape))
-        out, _, _ = self._out(node, x.stored_shape, x.perm)
-        self.b.add_op("PRELU", [x.ref, alpha], [out.ref])
-        self.layer(node, "PRELU", slope.size, slope.size)
+        alpha = self._fconst(f"{node.name}/alpha", slope.reshape(shape))
+        x = self._float(x, node.name)
+        self._float_result(node, x.stored_shape, x.perm, lambda out: self.b.add_op("PRELU", [x.ref, alpha], [out]))
+        self.layer(node, "PRELU", slope.size, 4 * slope.size)
 
     def _op_silu(self, node):
         """x · sigmoid(x): LOGISTIC (fixed output parameters) then MUL."""
@@ -894,9 +896,35 @@ class _Lowerer:
         size = tuple(node.attrs["size"])
         n, h, w, c = x.stored_shape
         out, _, _ = self._out(node, (n, size[0], size[1], c), NHWC, spec=x.spec if self.q else None)
+        if self.q:
+            return self._repeat_upsample(node, x, size[0] // h, size[1] // w, out)
         self.b.add_op("RESIZE_NEAREST_NEIGHBOR", [x.ref, self.b.add_const(self.name(f"{node.name}/size"), size)],
                       [out.ref])
         self.layer(node, "RESIZE_NEAREST_NEIGHBOR")
+
+    def _repeat_upsample(self, node: Node, x: Value, fh: int, fw: int, out: Value) -> None:
+        """int8 nearest upsampling by integer factors as copies: XNNPACK declines int8
+        RESIZE_NEAREST_NEIGHBOR.  Each element is repeated ``fw`` times along W (RESHAPE to
+        [n, h, w, 1, c], CONCATENATION of ``fw`` copies on axis 3), then each row ``fh`` times along
+        H (RESHAPE to [n, h, 1, w·fw·c], CONCATENATION on axis 2), then RESHAPE to NHWC: data
+        movement only, exact."""
+        n, h, w, c = x.stored_shape
+        v = x.ref
+        for axis, f, shape, joined in ((3, fw, (n, h, w, 1, c), (n, h, w, fw, c)),
+                                       (2, fh, (n, h, 1, w * fw * c), (n, h, fh, w * fw * c))):
+            if f == 1:
+                continue
+            split = self.tensor(self.name(f"{node.name}/rows" if axis == 2 else f"{node.name}/cols"), shape, x.spec)
+            self.b.add_op("RESHAPE", [v, self.b.add_const(self.name(f"{node.name}/s"), shape)], [split])
+            rep = self.tensor(self.name(f"{node.name}/repeated"), joined, x.spec)
+            parts = [split] * f
+            while len(parts) > _MAX_CONCAT:        # XNNPACK joins at most 5 at once
+                parts = [self._concat(node, parts[i:i + _MAX_CONCAT], axis, x.spec) if len(parts[i:i + _MAX_CONCAT]) > 1
+                         else parts[i] for i in range(0, len(parts), _MAX_CONCAT)]
+            self.b.add_op("CONCATENATION", parts, [rep], axis=axis)
+            v = rep
+        self.b.add_op("RESHAPE", [v, self.b.add_const(self.name(f"{node.name}/s"), out.stored_shape)], [out.ref])
+        self.layer(node, "RESHAPE+CONCATENATION")
 
     # -- float ops (an int8 graph runs them between DEQUANTIZE and QUANTIZE; see FLOAT_IN_INT8) -----
     def _float(self, v: Value, label: str) -> Value:
