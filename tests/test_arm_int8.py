@@ -207,3 +207,40 @@ def test_grouped_conv(target, tmp_path):
     art = sdk.deploy(m, target, (x,), calibration=calibration(x), output=tmp_path / "g", progress=False)
     rep = art.verify(m, inputs=calibration(x, 3, seed=9))
     assert rep.passed, str(rep)
+
+
+def test_profile_says_where_deploy_time_goes_and_what_left_xnnpack(tmp_path, capsys):
+    from sdk.cli import main
+
+    model, x = make("lenet")
+    art = sdk.deploy(model, "arm-int8", (x,), calibration=calibration(x, 2), output=tmp_path / "a", progress=False)
+    prof = art.profile
+    summary = litert.op_summary(litert.load_interpreter(art.file("model.tflite")))
+    assert prof["delegation"] == {"delegate": "XNNPACK", "partitions": summary["delegate_nodes"],
+                                  "delegated_ops": sum(summary["delegated"].values()),
+                                  "outside_delegate": dict(summary["builtin"])}
+    phases = prof["deploy_phases_s"]
+    assert {"setup", "capture", "calibrate", "pack", "first_run_and_timing"} <= set(phases)
+    assert 0 < sum(phases.values()) <= prof["deploy_seconds"] + 1e-3
+    assert main(["inspect", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "XNNPACK: 1 partition(s)" in out and "calibrate" in out
+
+
+@pytest.mark.parametrize("act", [nn.Sigmoid(), nn.Tanh(), nn.Softmax(-1)], ids=["sigmoid", "tanh", "softmax"])
+def test_precision_critical_outputs_stay_float(act, tmp_path):
+    """A sigmoid / tanh / softmax output of an int8 graph (float I/O) is computed in float from the
+    dequantized logits: no int8 step of 1/256 on it, same partition, exact with the reference."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 10), act).eval()
+    x = torch.randn(1, 16)
+    art = sdk.deploy(m, "arm-int8", (x,), calibration=calibration(torch.randn(4, 16), 4), output=tmp_path / "a",
+                     progress=False)
+    assert art.manifest["outputs"][0]["quantization"] is None
+    row = art.profile["layers"][-1]
+    assert row["precision"] == "float32" and "model output" in row["why_float"]
+    rep = art.verify(m, inputs=calibration(x, 4, seed=3))
+    assert rep.passed and rep.max_lsb["host"] == 0, rep
+    values = np.concatenate([art.run(t)[0].ravel() for t in calibration(x, 4, seed=4)])
+    assert len(np.unique(values)) > 20 and not np.allclose(values * 256, np.round(values * 256))
+    assert litert.op_summary(litert.load_interpreter(art.file("model.tflite")))["delegate_nodes"] == 1

@@ -71,6 +71,9 @@ SUPPORTED = frozenset({
     "silu", "add", "sub", "mul", "max_pool2d", "avg_pool2d", "mean", "reshape", "permute", "cat", "softmax", "pad",
     "upsample_nearest", "batch_norm", "slice", "layer_norm", "gelu", "attention", "matmul", "upsample_bilinear",
 })
+#: why a softmax / logistic / tanh that is a model output is computed in float (float outputs only)
+FLOAT_OUTPUT = ("a model output: computed in float from its DEQUANTIZEd input, it keeps float precision instead "
+                "of the fixed int8 step (1/256) at the cost of the DEQUANTIZE the output needs anyway")
 #: ops an int8 graph computes in float between DEQUANTIZE and QUANTIZE (XNNPACK runs all of them, so
 #: the graph stays one partition), and why: shown per layer in the profile
 FLOAT_IN_INT8 = {
@@ -645,10 +648,26 @@ class _Lowerer:
         self._unary(node, "LEAKY_RELU", alpha=node.attrs["slope"])
 
     def _op_sigmoid(self, node):
-        self._unary(node, "LOGISTIC", spec=self._fixed(node))
+        if not self._float_output(node, "LOGISTIC"):
+            self._unary(node, "LOGISTIC", spec=self._fixed(node))
 
     def _op_tanh(self, node):
-        self._unary(node, "TANH", spec=self._fixed(node))
+        if not self._float_output(node, "TANH"):
+            self._unary(node, "TANH", spec=self._fixed(node))
+
+    def _float_output(self, node: Node, op: str, x: Value | None = None) -> bool:
+        """A LOGISTIC / TANH that is a model output of an int8 graph with float outputs: computed in
+        float from the DEQUANTIZEd input, so the output keeps float precision instead of the fixed
+        1/256 (1/128) int8 step, for the price of the DEQUANTIZE the output needed anyway."""
+        if not (self.q and self.io == "float" and node.name in self.g.outputs):
+            return False
+        x = self._float(x or self._in(node), node.name)
+        out = self.tensor(node.name, x.stored_shape, None)
+        self.values[node.name] = Value(out, x.perm, None)
+        self.b.add_op(op, [x.ref], [out])
+        self.layer(node, op)
+        self.layers[-1].update(precision="float32", why_float=FLOAT_OUTPUT)
+        return True
 
     def _op_hardswish(self, node):
         """Float: HARD_SWISH.  int8: x · hardsigmoid(x) with the gate in fixed [0, 1] parameters,
@@ -860,14 +879,11 @@ class _Lowerer:
         x = self._in(node)
         if x.perm.index(node.attrs["dim"]) != len(x.perm) - 1:
             x = self.to_perm(x, tuple(range(len(x.perm))), node.name)     # check(): dim is torch's last
+        if self._float_output(node, "SOFTMAX", x):
+            return
         x = self._float(x, node.name)
-        if self.q and self.io == "float" and node.name in self.g.outputs:
-            out = self.tensor(node.name, x.stored_shape, None)
-            self.values[node.name] = Value(out, x.perm, None)
-            self.b.add_op("SOFTMAX", [x.ref], [out], beta=1.0)
-        else:
-            self._float_result(node, x.stored_shape, x.perm,
-                               lambda out: self.b.add_op("SOFTMAX", [x.ref], [out], beta=1.0))
+        self._float_result(node, x.stored_shape, x.perm,
+                           lambda out: self.b.add_op("SOFTMAX", [x.ref], [out], beta=1.0))
         self.layer(node, "SOFTMAX")
 
     def _op_pad(self, node):
