@@ -33,14 +33,15 @@ def list_plugins() -> list[dict[str, Any]]:
     return plugins.list_plugins()
 
 
-def compress(model, recipe, data: Iterable | None = None, teacher=None):
+def compress(model, recipe, data: Iterable | None = None, teacher=None, *, progress: bool = True):
     """Apply a recipe's torch-side stages to a copy of ``model`` and return it.
 
     Distillers train the copy against ``teacher`` (default: the uncompressed
     ``model`` itself, so "prune, then distil from the original" is a two-line
     recipe); pruners and training-time quantizers rewrite it.  Post-training
     quantizers (``ptq``) are not applied here: they act on the captured graph
-    in :func:`deploy`.  ``model`` is never modified.
+    in :func:`deploy`.  ``model`` is never modified.  ``progress=False`` turns off every
+    stage's progress bar (stages whose config has a ``progress`` field).
 
     >>> small = sdk.compress(net, {"stages": [{"method": "magnitude", "config": {"sparsity": 0.5}}]})  # doctest: +SKIP
     """
@@ -56,6 +57,8 @@ def compress(model, recipe, data: Iterable | None = None, teacher=None):
         teacher = model
     for stage in recipe.torch_stages:
         method = stage.build()
+        if not progress and hasattr(method.config, "progress"):
+            method.config = method.config.replace(progress=False)
         if stage.kind == "distiller":
             work = method.apply(work, teacher, data)
         else:
@@ -107,7 +110,7 @@ def deploy(model, target: str, example_inputs, calibration: Iterable | None = No
         # ops (binarize, fake-quant), checked after they ran.
         tgt.check(tgt.prepare(fold_batch_norm(capture(copy.deepcopy(model).eval(), example_inputs))))
         t = phase("early_check", t)
-    packed_model = compress(model, recipe, data=data, teacher=teacher) if recipe.torch_stages \
+    packed_model = compress(model, recipe, data=data, teacher=teacher, progress=progress) if recipe.torch_stages \
         else copy.deepcopy(model).eval()
     t = phase("compress" if recipe.torch_stages else "copy", t)
     graph = tgt.prepare(fold_batch_norm(capture(packed_model, example_inputs)))

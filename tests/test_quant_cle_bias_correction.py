@@ -319,3 +319,11 @@ def test_bad_options_and_missing_data():
         BiasCorrection().apply(nn.Sequential(nn.Linear(2, 2)), None)
     with pytest.raises(InputError, match="no data batches"):
         BiasCorrection(progress=False).apply(nn.Sequential(nn.Linear(2, 2)), [])
+
+
+def test_deploy_progress_false_silences_torch_side_stages(tmp_path, capsys):
+    model, x = make("lenet")
+    cal = [torch.randn(4, *x.shape[1:]) for _ in range(3)]
+    sdk.deploy(model, "arm-int8", (x,), calibration=cal, data=cal, output=tmp_path / "a", progress=False,
+               recipe={"stages": [{"method": "bias-correction"}, {"method": "ptq"}]})
+    assert "bias correction" not in capsys.readouterr().err
