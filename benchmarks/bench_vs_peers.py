@@ -130,6 +130,7 @@ MODELS = {
     "mobilenetv3_small": lambda: _gallery("mobilenet_v3_small"),
     "dscnn": lambda: make("dscnn", seed=SEED),
     "mlp_softmax": _mlp_softmax,
+    "lenet": lambda: make("lenet", seed=SEED),
 }
 
 
@@ -272,7 +273,23 @@ def bench_model(name: str, args, pythons: dict[str, str], work: Path) -> dict:
                                                                  args.warmup)["edgepack"]
     ours["latency_ms"] = round(statistics.median([t for r in ours_rounds.values() for t in r]), 5)
     ours["latency_ms_by_process"] = {p: round(statistics.median(r), 5) for p, r in ours_rounds.items()}
+    row["edgepack_int8_over_fp32"] = int8_over_fp32(name, model, x, inputs[0], entry, work, args)
     return row
+
+
+def int8_over_fp32(name: str, model, x, sample, entry: dict, work: Path, args) -> dict:
+    """edgepack's int8 file against its own arm-fp32 file, interleaved in this process: what int8
+    buys on this machine (nothing without int8 dot-product instructions)."""
+    fp32 = sdk.deploy(model, "arm-fp32", (x,), output=work / f"{name}-edgepack-fp32", progress=False, overwrite=True)
+    sigs = fp32.manifest
+    sides = {"int8": _common.LiteRTModel(entry["tflite"], 1, entry["input_layouts"], entry["output_layouts"]),
+             "fp32": _common.LiteRTModel(str(fp32.file("model.tflite")), 1, [s.get("layout") for s in sigs["inputs"]],
+                                         [s.get("layout") for s in sigs["outputs"]])}
+    for m in sides.values():
+        m.set_inputs([sample.numpy()])
+    rounds = _common.time_interleaved({k: m.invoke for k, m in sides.items()}, args.runs, args.rounds, args.warmup)
+    return {"int8_ms": round(statistics.median(rounds["int8"]), 5), "fp32_ms": round(statistics.median(rounds["fp32"]), 5),
+            "ratio": round(statistics.median(a / b for a, b in zip(rounds["int8"], rounds["fp32"])), 3)}
 
 
 def _as_tuple(y):
