@@ -202,6 +202,8 @@ def _refusal(g: Graph, node: Node, target: str) -> str | None:
         return "layer norm weights computed at run time do not lower; make them parameters"
     if op == "matmul" and (len(g.shape(node.inputs[0])) > 5 or len(g.shape(node.inputs[1])) > 5):
         return "matmul of rank above 5 does not lower; reshape to at most 5 dims"
+    if op == "matmul" and len(g.shape(node.inputs[0])) != len(g.shape(node.inputs[1])):
+        return "matmul of tensors of different rank does not lower; unsqueeze the lower-rank one to the same rank"
     if op == "slice" and a["step"] != 1:
         return "slices with a step other than 1 do not lower; use a strided conv or pooling instead"
     return None
