@@ -377,3 +377,14 @@ def make_observer(kind: str, axis: int | None = None, **options: Any) -> Observe
 
 
 OBSERVERS = ("minmax", "moving-minmax", "percentile", "mse", "entropy")
+
+
+def weight_spec(w: np.ndarray, *, granularity: str = "per-channel", scheme: str = "symmetric",
+                dtype: str = "int8") -> "QuantSpec":
+    """Spec of one weight tensor ``[out, ...]`` as ``ptq`` quantizes it: per output channel (axis 0)
+    or per tensor; symmetric weights use the narrow range [-127, 127] so that -w is representable."""
+    sym = scheme == "symmetric"
+    if granularity == "per-channel":
+        flat = w.reshape(w.shape[0], -1)
+        return QuantSpec.from_range(flat.min(1), flat.max(1), dtype=dtype, symmetric=sym, narrow=sym, axis=0)
+    return QuantSpec.from_range(w.min(), w.max(), dtype=dtype, symmetric=sym, narrow=sym)

@@ -179,3 +179,17 @@ def test_autoload_can_be_disabled(installed_example):
     r = _run("-m", "sdk", "plugins", "--json", env={"EDGEPACK_DISABLE_PLUGIN_AUTOLOAD": "1"})
     assert r.returncode == 0
     assert not any(row["module"] == "edgepack_example" for row in json.loads(r.stdout))
+
+
+def test_no_plugin_module_imports_another_plugin():
+    """Shared logic lives in sdk/ (BN folding: sdk/torch_fold.py, weight specs: sdk.quant.weight_spec)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "plugins"
+    offenders = []
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{path.relative_to(root.parent)}: {n}" for n in names if n.split(".")[0] == "plugins"]
+    assert not offenders, offenders

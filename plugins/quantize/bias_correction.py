@@ -44,13 +44,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from plugins.quantize.cle import WEIGHTED, fold_batch_norms
-from plugins.quantize.ptq import PTQ
 from sdk import hookimpl
 from sdk.base import Quantizer
 from sdk.config import Config, check_choice, check_range
 from sdk.errors import InputError
-from sdk.quant import dequantize
+from sdk.quant import dequantize, weight_spec
+from sdk.torch_fold import WEIGHTED, fold_batch_norms
 from sdk.trainer import split_batch
 
 
@@ -78,10 +77,8 @@ class BiasCorrection(Quantizer):
 
     def weight_error(self, w: torch.Tensor) -> torch.Tensor:
         """``W̃ − W``: the error ptq's int8 weight quantization (same options) puts on ``w``."""
-        ptq = PTQ(weight_granularity=self.config.weight_granularity, weight_scheme=self.config.weight_scheme,
-                  progress=False)
         arr = w.detach().cpu().float().numpy()
-        spec = ptq.weight_spec(arr)
+        spec = weight_spec(arr, granularity=self.config.weight_granularity, scheme=self.config.weight_scheme)
         scale, zero = spec.arrays()
         deq = dequantize(spec.quantize(arr), scale if spec.per_channel else scale[0],
                          zero if spec.per_channel else zero[0], axis=spec.axis)

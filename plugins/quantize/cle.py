@@ -68,10 +68,8 @@ from torch import nn
 from sdk import hookimpl
 from sdk.base import Quantizer
 from sdk.config import Config, check_choice, check_range
-from sdk.errors import ExportError
+from sdk.torch_fold import WEIGHTED, fold_batch_norms, module_calls, module_of, set_module, trace
 
-#: layers whose weights CLE rescales
-WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
 #: modules f with f(v / s) = f(v) / s for every per-channel s > 0
 _HOMOGENEOUS_MODULES = (nn.ReLU, nn.LeakyReLU, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
@@ -153,7 +151,7 @@ class CLE(Quantizer):
         #: what the last apply did: ReLU6 modules replaced, pairs equalized, sweeps made
         self.replaced_relu6 = [name for pair in pairs for name in pair.relu6]
         for name in self.replaced_relu6:
-            _set_module(model, name, nn.ReLU())
+            set_module(model, name, nn.ReLU())
         self.sweeps = equalize(pairs, self.config.max_sweeps, self.config.tolerance)
         self.pairs = [(p.first_name, p.second_name) for p in pairs]
         return model
@@ -190,64 +188,14 @@ def equalize(pairs: list[Pair], max_sweeps: int = 100, tolerance: float = 1e-6) 
 # structure: BN folding and pair discovery on the torch module
 # ---------------------------------------------------------------------------
 
-def trace(model: nn.Module) -> torch.fx.GraphModule:
-    """``torch.fx`` trace used only to read the model's structure (the model itself is edited in place)."""
-    try:
-        return torch.fx.symbolic_trace(model)
-    except Exception as exc:
-        raise ExportError(f"could not trace {type(model).__name__} with torch.fx to find its layer pairs: "
-                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}. "
-                          "Move data-dependent control flow out of forward") from exc
-
-
-def fold_batch_norms(model: nn.Module) -> list[str]:
-    """Fold each BatchNorm that directly follows a conv/linear into it, in place; return the folded BN names.
-
-    The BN is replaced by ``nn.Identity`` and the layer gains a bias if it had
-    none.  Uses the running statistics (inference semantics)."""
-    gm = trace(model)
-    calls = _module_calls(gm)
-    folded = []
-    for node in gm.graph.nodes:
-        bn = _module(gm, node)
-        if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.running_mean is None:
-            continue
-        prev = node.args[0] if node.args else None
-        layer = _module(gm, prev) if isinstance(prev, torch.fx.Node) else None
-        if not isinstance(layer, WEIGHTED) or len(prev.users) != 1 or calls[prev.target] != 1 \
-                or calls[node.target] != 1 or layer.weight.shape[0] != bn.num_features:
-            continue
-        _fold(layer, bn)
-        _set_module(model, node.target, nn.Identity())
-        folded.append(node.target)
-    return folded
-
-
-def _fold(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
-    with torch.no_grad():
-        inv = bn.running_var.double().add(bn.eps).rsqrt()
-        if bn.weight is not None:
-            inv = inv * bn.weight.double()
-        mean = bn.running_mean.double()
-        shift = bn.bias.double() if bn.bias is not None else torch.zeros_like(mean)
-        w = layer.weight
-        bias = layer.bias.double() if layer.bias is not None else torch.zeros_like(mean)
-        w.copy_((w.double() * inv.reshape((-1,) + (1,) * (w.ndim - 1))).float())
-        new_bias = ((bias - mean) * inv + shift).float()
-        if layer.bias is None:
-            layer.bias = nn.Parameter(new_bias)
-        else:
-            layer.bias.copy_(new_bias)
-
-
 def find_pairs(model: nn.Module, *, allow_relu6: bool = False) -> list[Pair]:
     """Consecutive conv/linear layers joined by a single chain of channel-preserving, positively
     homogeneous ops (plus ``nn.ReLU6`` when ``allow_relu6``), in graph order."""
     gm = trace(model)
-    calls = _module_calls(gm)
+    calls = module_calls(gm)
     pairs = []
     for node in gm.graph.nodes:
-        first = _module(gm, node)
+        first = module_of(gm, node)
         if isinstance(first, WEIGHTED) and calls[node.target] == 1:
             pair = _follow(gm, node, first, calls, allow_relu6)
             if pair is not None:
@@ -267,7 +215,7 @@ def _follow(gm, start, first, calls, allow_relu6: bool) -> Pair | None:
         if not nxt.args or nxt.args[0] is not cur or any(
                 isinstance(a, torch.fx.Node) for a in list(nxt.args[1:]) + list(nxt.kwargs.values())):
             return None
-        mod = _module(gm, nxt)
+        mod = module_of(gm, nxt)
         if isinstance(mod, WEIGHTED):
             return _make_pair(gm, start, nxt, first, mod, calls, spatial, relu6)
         step = _step(nxt, mod, spatial)
@@ -340,26 +288,6 @@ def _mean_step(node: torch.fx.Node, spatial: bool) -> str | None:
 
 def _arg(node: torch.fx.Node, i: int, key: str, default):
     return node.args[i] if len(node.args) > i else node.kwargs.get(key, default)
-
-
-def _module(gm: torch.fx.GraphModule, node) -> nn.Module | None:
-    if isinstance(node, torch.fx.Node) and node.op == "call_module":
-        return gm.get_submodule(node.target)
-    return None
-
-
-def _module_calls(gm: torch.fx.GraphModule) -> dict[str, int]:
-    """How often each module is called: a reused layer cannot be rescaled for one use alone."""
-    calls: dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-    return calls
-
-
-def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent, _, leaf = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
 @hookimpl

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from sdk import hookimpl
 from sdk.base import Quantizer
 from sdk.config import Config, check_choice, check_range
-from sdk.quant import OBSERVERS, QuantPlan, QuantSpec, make_observer
+from sdk.quant import OBSERVERS, QuantPlan, QuantSpec, make_observer, weight_spec
 
 #: ops whose weight input (index 1) is quantized per output channel (axis 0)
 WEIGHTED_OPS = ("conv", "linear")
@@ -70,11 +70,7 @@ class PTQ(Quantizer):
         """Spec of one weight tensor [out, ...]: symmetric weights use the narrow
         range [-127, 127] so that -w is always representable."""
         cfg = self.config
-        sym = cfg.weight_scheme == "symmetric"
-        if cfg.weight_granularity == "per-channel":
-            flat = w.reshape(w.shape[0], -1)
-            return QuantSpec.from_range(flat.min(1), flat.max(1), dtype=cfg.dtype, symmetric=sym, narrow=sym, axis=0)
-        return QuantSpec.from_range(w.min(), w.max(), dtype=cfg.dtype, symmetric=sym, narrow=sym)
+        return weight_spec(w, granularity=cfg.weight_granularity, scheme=cfg.weight_scheme, dtype=cfg.dtype)
 
     def calibrate(self, graph, batches: Sequence[tuple]) -> QuantPlan:
         cfg = self.config

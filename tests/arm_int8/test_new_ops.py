@@ -45,7 +45,11 @@ def check(model, x, tmp_path, *, partitions=1, min_sqnr=20.0):
     q = sdk.deploy(model, "arm-int8", (x,), calibration=cal, output=tmp_path / "int8", progress=False)
     host = [q.run(t, runner="host")[0] for t in inputs]
     ref = [q.run(t, runner="reference")[0] for t in inputs]
-    assert all(np.array_equal(h, r) for h, r in zip(host, ref)), "int8 LiteRT differs from the integer reference"
+    if q.manifest["outputs"][0]["quantization"] is None:     # a sigmoid/softmax output computed in float
+        assert all(np.abs(h - r).max() <= 1e-6 * np.abs(r).max() for h, r in zip(host, ref)), \
+            "float output of the int8 graph differs from the reference"
+    else:
+        assert all(np.array_equal(h, r) for h, r in zip(host, ref)), "int8 LiteRT differs from the integer reference"
     if min_sqnr is not None:
         db = float(sqnr(np.stack(want), np.stack(host)))
         assert db >= min_sqnr, f"int8 SQNR vs torch {db:.1f} dB"
