@@ -166,10 +166,10 @@ def deploy(model, target: str, example_inputs, calibration: Iterable | None = No
         stage.add(GOLDEN, save_npz(golden))
         staged = Artifact(stage.path, {**manifest, "files": stage.file_table()}, {})
         t = phase("golden", t)
-        latency, note, outs = _smoke_and_time(staged, tgt.default_runner, [golden[f"input_{i}"]
-                                                                           for i in range(len(example_inputs))])
+        smoke_inputs = [golden[f"input_{i}"] for i in range(len(example_inputs))]
+        latency, note, outs, runner_profile = _smoke_and_time(staged, tgt.default_runner, smoke_inputs)
         phase("first_run_and_timing", t)
-        profile = _profile(tgt.name, package, latency, note, time.perf_counter() - started)
+        profile = {**_profile(tgt.name, package, latency, note, time.perf_counter() - started), **runner_profile}
         profile["deploy_phases_s"] = phases
         if outs is not None:
             profile["fidelity"] = _fidelity(tgt.default_runner, outs, [golden[f"output_{i}"]
@@ -196,9 +196,10 @@ def _fidelity(runner: str, outs, golden_outs) -> dict:
             "max_abs_err": max_abs, "max_rel_err": max_rel}
 
 
-def _smoke_and_time(art: Artifact, runner: str, inputs, runs: int = 30) -> tuple[dict, str | None, list | None]:
+def _smoke_and_time(art: Artifact, runner: str, inputs, runs: int = 30) -> tuple[dict, str | None, list | None, dict]:
     """Run the staged artifact once (a broken pack fails here, before commit) and time it;
-    returns ``(latency, note, outputs of the first run)``."""
+    returns ``(latency, note, outputs of the first run, the session's profile entries)`` (a
+    session may carry ``profile``: LiteRT's host runner reports its XNNPACK delegation)."""
     import numpy as np
 
     from .errors import ToolchainError
@@ -206,7 +207,7 @@ def _smoke_and_time(art: Artifact, runner: str, inputs, runs: int = 30) -> tuple
     try:
         fn = art.session(runner)
     except ToolchainError as exc:   # packed fine, but this machine cannot run it: say so in the profile
-        return {}, str(exc), None
+        return {}, str(exc), None, {}
     try:
         outs = fn(inputs)
     except EdgepackError:
@@ -221,7 +222,7 @@ def _smoke_and_time(art: Artifact, runner: str, inputs, runs: int = 30) -> tuple
         t0 = time.perf_counter()
         fn(inputs)
         times.append(time.perf_counter() - t0)
-    return {runner: float(np.median(times)) * 1e3}, None, outs
+    return {runner: float(np.median(times)) * 1e3}, None, outs, dict(getattr(fn, "profile", None) or {})
 
 
 def _profile(target: str, package, latency: dict, note: str | None, deploy_s: float) -> dict:
@@ -229,7 +230,7 @@ def _profile(target: str, package, latency: dict, note: str | None, deploy_s: fl
     totals = {k: sum(int(layer.get(k, 0) or 0) for layer in layers) for k in ("params", "bytes", "macs", "bops")}
     totals["model_bytes"] = sum(len(b) for b in package.files.values())
     prof = {"target": target, "layers": layers, "totals": totals, "latency_ms": latency,
-            "deploy_seconds": round(deploy_s, 3), **package.profile}
+            "deploy_seconds": round(deploy_s, 3)}
     if note:
         prof["latency_note"] = note
     return prof

@@ -149,7 +149,6 @@ class Package:
     outputs: list[TensorSig]
     layers: list[dict]                       # per-layer profile rows
     extra: dict = dataclasses.field(default_factory=dict)  # target-specific manifest entries
-    profile: dict = dataclasses.field(default_factory=dict)  # target-specific profile.json entries
 
 
 class Target(Plugin):

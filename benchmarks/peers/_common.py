@@ -1,8 +1,9 @@
 """Helpers shared by the peer workers (``litert_torch_worker.py``, ``executorch_worker.py``).
 
 The workers run in the peers' own venvs, which do not have edgepack's
-dependencies, so this module needs only the standard library, numpy and (for
-the LiteRT parts, imported lazily) ``ai_edge_litert``.  It mirrors the few
+dependencies, so this module needs only the standard library, numpy and,
+imported lazily, ``ai_edge_litert`` (the LiteRT parts) and torch (the job's
+tensors and the warm-up conversion; every peer venv has torch).  It mirrors the few
 pieces of ``targets/arm_int8/litert.py`` the benchmark needs: load an
 interpreter with 1 thread, run it, count its XNNPACK partitions, and a timing
 loop that interleaves several sides in rounds.
@@ -51,6 +52,26 @@ def load_data(path: str) -> dict[str, list[np.ndarray]]:
         def series(prefix):
             return [z[f"{prefix}_{i}"] for i in range(sum(k.startswith(prefix + "_") for k in z.files))]
         return {"inputs": series("input"), "calibration": series("calib")}
+
+
+def job_tensors(job: dict) -> tuple[Path, dict[str, list[np.ndarray]], tuple, list[tuple]]:
+    """The job's work dir, its arrays (:func:`load_data`), the example input and the calibration
+    batches as torch tensors."""
+    import torch
+
+    data = load_data(job["data"])
+    return (Path(job["workdir"]), data, (torch.from_numpy(data["inputs"][0]),),
+            [(torch.from_numpy(c),) for c in data["calibration"]])
+
+
+def warm_up(convert: Callable, out: Path) -> None:
+    """One untimed ``convert(module, example, calibration, out)`` of a tiny Linear model, so that
+    one-time costs (first export, converter set-up) are not charged to the benchmarked model."""
+    import torch
+
+    tiny = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU()).eval()
+    tx = torch.randn(1, 8)
+    convert(tiny, (tx,), [(tx,)], out)
 
 
 def run_worker(main: Callable[[dict], dict], description: str) -> None:

@@ -52,14 +52,8 @@ def convert(module: torch.nn.Module, example: tuple, calibration, out: Path) -> 
 
 def main(job: dict) -> dict:
     torch.manual_seed(0)
-    work = Path(job["workdir"])
-    data = _common.load_data(job["data"])
-    example = (torch.from_numpy(data["inputs"][0]),)
-    calibration = [(torch.from_numpy(c),) for c in data["calibration"]]
-
-    tiny = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU()).eval()
-    tx = torch.randn(1, 8)
-    convert(tiny, (tx,), [(tx,)], work / "warmup-litert-torch.tflite")
+    work, data, example, calibration = _common.job_tensors(job)
+    _common.warm_up(convert, work / "warmup-litert-torch.tflite")
 
     module = torch.export.load(job["program"]).module()
     path, deploy_s = _common.timed(lambda: convert(module, example, calibration,

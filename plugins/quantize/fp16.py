@@ -83,24 +83,40 @@ class FP16(Quantizer):
     def calibrate(self, graph, batches: Sequence[tuple]) -> QuantPlan:
         cfg = self.config
         stats: dict[str, dict] = {}
+        # nodes read only by additions: their flushed values count only where the sum is tiny too
+        # (below float16's smallest normal 2⁻¹⁴) or broadcast (not comparable element by element)
+        add_fed = {n.name for n in graph.nodes if n.name not in graph.outputs
+                   and graph.users(n.name) and all(u.op in ("add", "sub") for u in graph.users(n.name))}
+        addends: dict[str, list[str]] = {}
+        for name in add_fed:
+            for u in graph.users(name):
+                addends.setdefault(u.name, []).append(name)
 
-        def observe(name, value):
+        def observe(name, value, held):
             v = np.abs(value.detach().cpu().numpy().astype(np.float64))
             s = stats.setdefault(name, {"max_abs": 0.0, "nonzero": 0, "flushed": 0})
             s["max_abs"] = max(s["max_abs"], float(v.max()) if v.size else 0.0)
-            nz = v[v > 0]
-            s["nonzero"] += int(nz.size)
-            s["flushed"] += int((nz < FP16_TINY / 2).sum())
+            s["nonzero"] += int((v > 0).sum())
+            flushed = (v > 0) & (v < FP16_TINY / 2)
+            if name in add_fed:         # [flushed, flushed where some sum keeps them], settled below
+                held[name] = [flushed, np.zeros(v.shape, bool)]
+            else:
+                s["flushed"] += int(flushed.sum())
+            for src in addends.get(name, ()):
+                f, kept = held[src]
+                kept |= f & (v < 2.0 ** -14) if v.shape == f.shape else f
 
         for batch in tqdm(list(batches), desc="fp16 range analysis", unit="batch", disable=not cfg.progress,
                           leave=False):
-            graph.run(batch, observer=observe)
+            held: dict[str, list[np.ndarray]] = {}
+            graph.run(batch, observer=lambda name, value: observe(name, value, held))
+            for name, (_, kept) in held.items():
+                stats[name]["flushed"] += int(kept.sum())
 
-        absorbed = self._absorbed_flushes(graph, batches, stats)
         layers, problems = {}, {}
         for node in graph.nodes:
             s = stats[node.name]
-            flushed = (s["flushed"] - absorbed.get(node.name, 0)) / s["nonzero"] if s["nonzero"] else 0.0
+            flushed = s["flushed"] / s["nonzero"] if s["nonzero"] else 0.0
             in_max = max((stats[i]["max_abs"] for i in node.inputs if i in stats), default=0.0)
             layers[node.name] = {"max_abs": s["max_abs"], "headroom": FP16_MAX / s["max_abs"] if s["max_abs"] else None,
                                  "flushed_fraction": flushed, "module": node.module}
@@ -130,48 +146,6 @@ class FP16(Quantizer):
             layers[name]["fp32"] = True
         return QuantPlan({}, {}, method=self.name, config=cfg.to_dict(),
                          extra={"layers": layers, "keep_fp32": sorted(keep), "problems": problems})
-
-    def _absorbed_flushes(self, graph, batches, stats) -> dict[str, int]:
-        """Per node that flushes more than ``underflow_fraction`` and feeds only additions: how many
-        of its flushed values land in a sum of magnitude >= 2⁻¹⁴ (float16's smallest normal), where
-        float16 rounds them away.  A second pass over the batches, holding only those nodes' values."""
-        cfg = self.config
-        watched = {}
-        for node in graph.nodes:
-            s = stats[node.name]
-            users = graph.users(node.name)
-            if (s["nonzero"] and s["flushed"] / s["nonzero"] > cfg.underflow_fraction and users
-                    and node.name not in graph.outputs and all(u.op in ("add", "sub") for u in users)):
-                watched[node.name] = users
-        if not watched:
-            return {}
-        by_user = {}
-        for name, users in watched.items():
-            for u in users:
-                by_user.setdefault(u.name, []).append(name)
-        absorbed = {name: 0 for name in watched}
-        for batch in batches:
-            held: dict[str, np.ndarray] = {}
-            flags: dict[str, np.ndarray] = {}       # per watched node: flushed values some sum keeps
-
-            def observe(name, value, held=held, flags=flags):
-                if name in watched:
-                    v = np.abs(value.detach().cpu().numpy().astype(np.float64))
-                    held[name] = v
-                    flags[name] = np.zeros(v.shape, bool)
-                for src in by_user.get(name, ()):
-                    v = held[src]
-                    total = np.abs(value.detach().cpu().numpy().astype(np.float64))
-                    flushed = (v > 0) & (v < FP16_TINY / 2)
-                    # where the sum is tiny too (or broadcast, so not comparable), the value matters
-                    flags[src] |= flushed & (total < 2.0 ** -14) if total.shape == v.shape else flushed
-
-            graph.run(batch, observer=observe)
-            for name, v in held.items():
-                flushed = int(((v > 0) & (v < FP16_TINY / 2)).sum())
-                absorbed[name] += flushed - int(flags[name].sum())
-        return absorbed
-
 
 @hookimpl
 def register_quantizers(register):

@@ -43,12 +43,9 @@ class _LiteRTTarget(Target):
         from .lowering import lower
 
         io = getattr(self.config, "io", "float")
-        from .litert import delegation
-
         low = lower(graph, plan if self.quantized else None, target=self.name, io=io)
         return Package(files={"model.tflite": low.model}, inputs=[TensorSig.from_dict(r) for r in low.inputs],
-                       outputs=[TensorSig.from_dict(r) for r in low.outputs], layers=low.layers,
-                       profile={"delegation": delegation(low.model)})
+                       outputs=[TensorSig.from_dict(r) for r in low.outputs], layers=low.layers)
 
 
 class ArmInt8(_LiteRTTarget):

@@ -191,18 +191,14 @@ def _concat_options(axis=-1, activation=None):
     return o
 
 
-def _resize_nearest_options(align_corners=False, half_pixel_centers=False):
-    o = fb.ResizeNearestNeighborOptionsT()
-    o.alignCorners = bool(align_corners)
-    o.halfPixelCenters = bool(half_pixel_centers)
-    return o
-
-
-def _resize_bilinear_options(align_corners=False, half_pixel_centers=False):
-    o = fb.ResizeBilinearOptionsT()
-    o.alignCorners = bool(align_corners)
-    o.halfPixelCenters = bool(half_pixel_centers)
-    return o
+def _resize_options(cls):
+    """Options builder of RESIZE_NEAREST_NEIGHBOR / RESIZE_BILINEAR (the same two flags)."""
+    def build(align_corners=False, half_pixel_centers=False):
+        o = cls()
+        o.alignCorners = bool(align_corners)
+        o.halfPixelCenters = bool(half_pixel_centers)
+        return o
+    return build
 
 
 def _gelu_options(approximate=False):
@@ -271,10 +267,10 @@ OPS: dict[str, OpSpec] = {
     "CONCATENATION": OpSpec(_B.CONCATENATION, _O.ConcatenationOptions, _concat_options, 2),
     "PAD": OpSpec(_B.PAD, _O.PadOptions, _empty(fb.PadOptionsT), 2, 2),
     "TRANSPOSE": OpSpec(_B.TRANSPOSE, _O.TransposeOptions, _empty(fb.TransposeOptionsT), 2, 2),
-    "RESIZE_NEAREST_NEIGHBOR": OpSpec(
-        _B.RESIZE_NEAREST_NEIGHBOR, _O.ResizeNearestNeighborOptions, _resize_nearest_options, 2, 2
-    ),
-    "RESIZE_BILINEAR": OpSpec(_B.RESIZE_BILINEAR, _O.ResizeBilinearOptions, _resize_bilinear_options, 2, 2),
+    "RESIZE_NEAREST_NEIGHBOR": OpSpec(_B.RESIZE_NEAREST_NEIGHBOR, _O.ResizeNearestNeighborOptions,
+                                      _resize_options(fb.ResizeNearestNeighborOptionsT), 2, 2),
+    "RESIZE_BILINEAR": OpSpec(_B.RESIZE_BILINEAR, _O.ResizeBilinearOptions, _resize_options(fb.ResizeBilinearOptionsT),
+                              2, 2),
     "GELU": OpSpec(_B.GELU, _O.GeluOptions, _gelu_options, 2),
     "BATCH_MATMUL": OpSpec(_B.BATCH_MATMUL, _O.BatchMatMulOptions, _batch_matmul_options, 2, 2),
     "RSQRT": OpSpec(_B.RSQRT, _O.NONE, None, 2),

@@ -119,10 +119,10 @@ def op_summary(interpreter) -> dict:
     return {"delegate_nodes": len(delegates), "delegated": delegated, "builtin": builtin}
 
 
-def delegation(model: bytes) -> dict:
-    """The profile's ``delegation`` entry for a LiteRT model: XNNPACK partitions and the ops left
-    to builtin kernels (each boundary between the two costs a copy and a synchronisation)."""
-    summary = op_summary(load_interpreter(model, num_threads=1))
+def delegation(interpreter) -> dict:
+    """The profile's ``delegation`` entry for a loaded LiteRT model: XNNPACK partitions and the ops
+    left to builtin kernels (each boundary between the two costs a copy and a synchronisation)."""
+    summary = op_summary(interpreter)
     return {"delegate": "XNNPACK", "partitions": summary["delegate_nodes"],
             "delegated_ops": sum(summary["delegated"].values()),
             "outside_delegate": dict(sorted(summary["builtin"].items()))}

@@ -320,6 +320,10 @@ class _Lowerer:
             self.b.add_op("TRANSPOSE", [v.ref, self.b.add_const(self.name(f"{label}/perm"), order)], [out])
         return Value(out, perm, v.spec)
 
+    def torch_order(self, v: Value, label: str) -> Value:
+        """``v`` stored in torch's dim order (:meth:`to_perm` to the identity layout)."""
+        return self.to_perm(v, tuple(range(len(v.perm))), label)
+
     def requant(self, v: Value, spec: QuantSpec, label: str) -> Value:
         """``v`` with other int8 parameters (QUANTIZE int8 → int8)."""
         if not self.q or v.spec == spec or (v.spec.scale, v.spec.zero_point) == (spec.scale, spec.zero_point):
@@ -523,7 +527,7 @@ class _Lowerer:
 
     def _op_linear(self, node: Node) -> None:
         x = self._in(node)
-        x = self.to_perm(x, tuple(range(len(x.perm))), node.name)
+        x = self.torch_order(x, node.name)
         w = self.g.constants[node.inputs[1]]
         bias = self.g.constants[node.inputs[2]] if len(node.inputs) > 2 else np.zeros(w.shape[0], np.float32)
         shape = tuple(node.shape)
@@ -542,8 +546,8 @@ class _Lowerer:
             if len(b.perm) == len(a.perm) and b.perm != a.perm:
                 b = self.to_perm(b, a.perm, node.name)
             elif len(b.perm) != len(a.perm):
-                a = self.to_perm(a, tuple(range(len(a.perm))), node.name)
-                b = self.to_perm(b, tuple(range(len(b.perm))), node.name)
+                a = self.torch_order(a, node.name)
+                b = self.torch_order(b, node.name)
             bref = b.ref
         else:
             arr = self.g.constants[node.inputs[1]] if len(node.inputs) > 1 else np.float32(node.attrs["scalar"])
@@ -553,7 +557,7 @@ class _Lowerer:
             if arr.ndim == len(a.perm):
                 arr = arr.transpose(a.perm)
             elif arr.ndim > 0:
-                a = self.to_perm(a, tuple(range(len(a.perm))), node.name)
+                a = self.torch_order(a, node.name)
             if arr.ndim == 0:
                 arr = arr.reshape(1)
             bref, _ = self.const(self.name(f"{node.name}/operand"), arr)
@@ -824,9 +828,8 @@ class _Lowerer:
 
     def _op_reshape(self, node):
         x = self._in(node)
-        identity = tuple(range(len(x.perm)))
         if not _same_order(x.stored_shape, inverse_perm(x.perm)):     # else RESHAPE reads the data as it is
-            x = self.to_perm(x, identity, node.name)
+            x = self.torch_order(x, node.name)
         shape = tuple(node.shape)
         out, _, _ = self._out(node, shape, tuple(range(len(shape))), spec=x.spec if self.q else None)
         self.b.add_op("RESHAPE", [x.ref, self.b.add_const(self.name(f"{node.name}/shape"), shape)], [out.ref])
@@ -880,7 +883,7 @@ class _Lowerer:
         model's outputs are float: no int8 step of 1/256 on the probabilities."""
         x = self._in(node)
         if x.perm.index(node.attrs["dim"]) != len(x.perm) - 1:
-            x = self.to_perm(x, tuple(range(len(x.perm))), node.name)     # check(): dim is torch's last
+            x = self.torch_order(x, node.name)     # check(): dim is torch's last
         if self._float_output(node, "SOFTMAX", x):
             return
         x = self._float(x, node.name)
@@ -979,7 +982,7 @@ class _Lowerer:
         rank, k = len(x.perm), node.attrs["dims"]
         dims = tuple(range(rank - k, rank))
         if x.perm[rank - k:] != dims:        # the normalised dims must be the trailing stored ones
-            x = self.to_perm(x, tuple(range(rank)), node.name)
+            x = self.torch_order(x, node.name)
         x = self._float(x, node.name)
         stored = x.stored_shape
         axes = self.b.add_const(self.name(f"{node.name}/axes"), list(dims))
@@ -1015,8 +1018,7 @@ class _Lowerer:
 
     def _op_attention(self, node):
         """softmax(q·kᵀ·scale + mask)·v: BATCH_MATMUL (adj_y), MUL, [ADD], SOFTMAX, BATCH_MATMUL."""
-        q, k, v = (self._float(self.to_perm(self._in(node, i), tuple(range(len(self._in(node, i).perm))),
-                                            node.name), node.name) for i in range(3))
+        q, k, v = (self._float(self.torch_order(self._in(node, i), node.name), node.name) for i in range(3))
         scores_shape = q.stored_shape[:-1] + (k.stored_shape[-2],)
         mask = self.g.constants[node.inputs[3]] if len(node.inputs) > 3 else None
 
@@ -1039,8 +1041,7 @@ class _Lowerer:
         self.layer(node, "BATCH_MATMUL+MUL+SOFTMAX+BATCH_MATMUL", node_macs=macs(self.g, node))
 
     def _op_matmul(self, node):
-        a, c = (self._float(self.to_perm(self._in(node, i), tuple(range(len(self._in(node, i).perm))),
-                                         node.name), node.name) for i in range(2))
+        a, c = (self._float(self.torch_order(self._in(node, i), node.name), node.name) for i in range(2))
         shape = tuple(node.shape)
         self._float_result(node, shape, tuple(range(len(shape))),
                            lambda out: self.b.add_op("BATCH_MATMUL", [a.ref, c.ref], [out]))

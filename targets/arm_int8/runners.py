@@ -113,7 +113,9 @@ class LiteRTHostRunner(Runner):
         from . import litert
 
         interp = litert.load_interpreter(checked_model(artifact), num_threads=self.num_threads)
-        return adapt(artifact, lambda xs: litert.run(interp, xs))
+        run = adapt(artifact, lambda xs: litert.run(interp, xs))
+        run.profile = {"delegation": litert.delegation(interp)}    # deploy's first run puts it in profile.json
+        return run
 
 
 class ReferenceRunner(Runner):

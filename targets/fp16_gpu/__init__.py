@@ -143,11 +143,8 @@ class FP16GPU(Target):
                           "weight_rounding_rel_err": baseline},
                  # overrides the manifest's default ``verify`` (this target's verify_rules(), the caps)
                  "verify": derived_rules(baseline)}
-        from targets.arm_int8.litert import delegation
-
         return Package(files={"model.tflite": low.model}, inputs=[TensorSig.from_dict(r) for r in low.inputs],
-                       outputs=[TensorSig.from_dict(r) for r in low.outputs], layers=layers, extra=extra,
-                       profile={"delegation": delegation(low.model)})     # CPU XNNPACK: the GPU delegate is not here
+                       outputs=[TensorSig.from_dict(r) for r in low.outputs], layers=layers, extra=extra)
 
     def verify_rules(self):
         # The bounds this target states for any fp16-gpu artifact: the cap on the per-artifact bounds that
