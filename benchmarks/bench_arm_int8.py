@@ -26,14 +26,14 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import sdk  # noqa: E402
 from examples.models import make  # noqa: E402
-from targets.arm_int8 import litert  # noqa: E402
+from sdk.litert import runtime  # noqa: E402
 
 IMPORT_S = time.perf_counter() - t_import
 
 
 def latency(path: Path, x: np.ndarray, threads: int, runs: int) -> float:
-    interp = litert.load_interpreter(path, num_threads=threads)
-    return litert.time_inference(interp, [x], warmup=10, runs=runs)
+    interp = runtime.load_interpreter(path, num_threads=threads)
+    return runtime.time_inference(interp, [x], warmup=10, runs=runs)
 
 
 def bench_model(name: str, runs: int, tmp: Path) -> dict:
@@ -64,7 +64,7 @@ def bench_model(name: str, runs: int, tmp: Path) -> dict:
     rep = arts["arm-int8"].verify(model, inputs=inputs)
     row["sqnr_db_int8"] = round(rep.sqnr_db["host"], 2)
     row["bit_exact_ratio_int8"] = rep.bit_exact_ratio["host"]
-    summary = litert.op_summary(litert.load_interpreter(arts["arm-int8"].file("model.tflite")))
+    summary = runtime.op_summary(runtime.load_interpreter(arts["arm-int8"].file("model.tflite")))
     row["xnnpack_delegated"] = not summary["builtin"]
     return row
 

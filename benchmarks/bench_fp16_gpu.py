@@ -33,8 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import sdk  # noqa: E402
 from examples.models import ZOO, make  # noqa: E402
-from targets.arm_int8.flatbuffer import op_name, read_model  # noqa: E402
-from targets.arm_int8.litert import load_interpreter  # noqa: E402
+from sdk.litert.flatbuffer import op_name, read_model  # noqa: E402
+from sdk.litert.runtime import load_interpreter  # noqa: E402
 from targets.fp16_gpu.half import HalfInterpreter  # noqa: E402
 
 

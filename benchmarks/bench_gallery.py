@@ -8,7 +8,7 @@ Per model: ``deploy()`` wall time and ``model.tflite`` size for each target
 median of ``--runs`` calls after warm-up, the two models timed interleaved in
 3 rounds to share machine noise), the int8 graph's XNNPACK partitions and
 leftover builtin ops, the int8 layers kept in float (layer norm, GELU,
-attention, softmax of the transformers: see targets/arm_int8/lowering.py),
+attention, softmax of the transformers: see sdk/litert/lowering.py),
 and the int8 SQNR against the float model on 4 random inputs.  The models are random init with batch-norm statistics estimated on
 random inputs (see tests/gallery.py): SQNR measures how much these untrained
 nets amplify rounding, not the accuracy a trained model keeps.
@@ -34,8 +34,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 import gallery  # noqa: E402
 import sdk  # noqa: E402
-from targets.arm_int8 import litert  # noqa: E402
-from targets.arm_int8.runners import to_stored  # noqa: E402
+from sdk.litert import runtime  # noqa: E402
+from sdk.litert.layout import to_stored  # noqa: E402
 
 TARGETS = ("arm-fp32", "arm-int8", "fp16-gpu")
 
@@ -57,16 +57,16 @@ def bench_model(name: str, resolution: int, runs: int, tmp: Path) -> dict:
 
     timed = ("arm-fp32", "arm-int8")
     stored = {t: to_stored(arts[t].manifest["inputs"][0], x.numpy()) for t in timed}
-    interps = {t: litert.load_interpreter(arts[t].file("model.tflite"), num_threads=1) for t in timed}
+    interps = {t: runtime.load_interpreter(arts[t].file("model.tflite"), num_threads=1) for t in timed}
     samples = {t: [] for t in timed}
     for _ in range(3):
         for t in timed:
-            samples[t].append(litert.time_inference(interps[t], [stored[t]], warmup=5, runs=runs))
+            samples[t].append(runtime.time_inference(interps[t], [stored[t]], warmup=5, runs=runs))
     for t in timed:
         row[f"latency_ms_{t}"] = round(statistics.median(samples[t]), 3)
     row["int8_over_fp32_latency"] = round(row["latency_ms_arm-int8"] / row["latency_ms_arm-fp32"], 4)
 
-    summary = litert.op_summary(interps["arm-int8"])
+    summary = runtime.op_summary(interps["arm-int8"])
     row["int8_partitions"] = summary["delegate_nodes"]
     row["int8_builtin_ops"] = dict(summary["builtin"])
     row["int8_float_layers"] = sorted({r["op"].split("->")[0] for r in arts["arm-int8"].profile["layers"]

@@ -99,8 +99,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 import sdk  # noqa: E402
 from examples.models import make  # noqa: E402
 from peers import _common  # noqa: E402  (benchmarks/peers, on sys.path as this script's folder)
-from targets.arm_int8 import litert  # noqa: E402
-from targets.arm_int8.runners import from_stored, to_stored  # noqa: E402
+from sdk.litert import runtime  # noqa: E402
+from sdk.litert.layout import from_stored, to_stored  # noqa: E402
 
 N_CALIBRATION = 32
 N_INPUTS = 8
@@ -178,10 +178,10 @@ def edgepack_side(name: str, model, x, cal, inputs, work: Path) -> tuple[dict, d
     deploy_s = time.perf_counter() - t0
     path = art.file("model.tflite")
     ins, outs = art.manifest["inputs"], art.manifest["outputs"]
-    interp = litert.load_interpreter(path, num_threads=1)
-    outputs = [[from_stored(s, y) for s, y in zip(outs, litert.run(interp, [to_stored(ins[0], xi.numpy())]))]
+    interp = runtime.load_interpreter(path, num_threads=1)
+    outputs = [[from_stored(s, y) for s, y in zip(outs, runtime.run(interp, [to_stored(ins[0], xi.numpy())]))]
                for xi in inputs]
-    summary = litert.op_summary(interp)
+    summary = runtime.op_summary(interp)
     metrics = {"deploy_s": round(deploy_s, 3), "bytes": os.path.getsize(path), "artifact": str(path),
                "io": sorted({s.get("stored_dtype") or s["dtype"] for s in ins + outs}),
                "xnnpack_partitions": summary["delegate_nodes"],

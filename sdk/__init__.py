@@ -11,13 +11,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Distiller, Package, Pruner, Quantizer, Runner, Target, TensorSig
+from .base import Distiller, Optimizer, Pruner, Quantizer, Runner, Target
+from .contract import Package, TensorSig
 from .config import Config
 from .errors import (
     ArtifactError,
     CalibrationError,
     ConfigError,
     EdgepackError,
+    EncodingError,
     ExportError,
     InputError,
     PluginConflictError,
@@ -37,15 +39,15 @@ _LAZY = {
     "deploy": "sdk.api", "compress": "sdk.api", "load": "sdk.artifact", "list_plugins": "sdk.api",
     "sign": "sdk.signing",
     "Recipe": "sdk.recipe", "Stage": "sdk.recipe", "Artifact": "sdk.artifact", "VerifyReport": "sdk.verify",
-    "TrainConfig": "sdk.trainer", "QuantSpec": "sdk.quant", "QuantPlan": "sdk.quant", "Graph": "sdk.graph",
+    "TrainConfig": "sdk.trainer", "StageContext": "sdk.context", "QuantSpec": "sdk.quant", "QuantPlan": "sdk.quant", "Graph": "sdk.graph",
 }
 
 __all__ = [
-    "deploy", "compress", "load", "sign", "list_plugins", "Recipe", "Stage", "Artifact", "VerifyReport", "TrainConfig",
-    "QuantSpec", "QuantPlan", "Graph", "Config", "Distiller", "Pruner", "Quantizer", "Target", "Runner",
+    "deploy", "compress", "load", "sign", "list_plugins", "Recipe", "Stage", "Artifact", "VerifyReport", "TrainConfig", "StageContext",
+    "QuantSpec", "QuantPlan", "Graph", "Config", "Distiller", "Optimizer", "Pruner", "Quantizer", "Target", "Runner",
     "Package", "TensorSig", "hookimpl", "hookspec", "__version__",
     "EdgepackError", "UnknownPluginError", "PluginConflictError", "PluginLoadError", "ConfigError", "RecipeError",
-    "ExportError", "UnsupportedOpError", "CalibrationError", "InputError", "ArtifactError", "VerificationError",
+    "ExportError", "UnsupportedOpError", "EncodingError", "CalibrationError", "InputError", "ArtifactError", "VerificationError",
     "ToolchainError", "RunnerError",
 ]
 

@@ -3,11 +3,14 @@
 The data flow of :func:`deploy`, one line per step::
 
     target.check(capture(model))      a recipe without training-time quantizers: refuse before training
-    compress(model, recipe)           torch-side stages: distill, prune, train-time quantizers
-    capture(model, example_inputs)    torch.export -> canonical Graph
+    compress(model, recipe, ctx)      torch-side stages (StageContext: data streams, teacher, target);
+                                      their masks/codebooks/bit widths stay on the layers as hints
+    capture(model, example_inputs)    torch.export -> canonical Graph (+ graph.hints by weight)
     fold_batch_norm, target.prepare   graph passes
     target.check(graph)               UnsupportedOpError before any slow work
-    quantizer.calibrate(graph, data)  QuantPlan (recipe's post-training quantizer or the target default)
+    quantizer.calibrate(graph, data)  QuantPlan: per-tensor encodings (each graph-side stage refines it)
+    target.check_plan(graph, plan)    EncodingError for what the target cannot ship; manifest "encodings"
+    target.cost(graph, plan)          per-layer bytes, MACs, estimated latency/energy (profile "estimate")
     target.pack(graph, plan)          files + I/O signature + per-layer profile
     Staging(output) ... commit        smoke-run and time in the default runner, hash, rename into place
 """
@@ -21,7 +24,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from . import __version__, plugins
-from .artifact import GOLDEN, FORMAT, FORMAT_VERSION, PROFILE, Artifact, Staging, check_output, load, save_npz
+from .artifact import Artifact, Staging, check_output, load, save_npz
+from .contract import FORMAT, FORMAT_VERSION, GOLDEN, PROFILE
 from .errors import EdgepackError, InputError, RunnerError
 from .recipe import Stage, as_recipe
 
@@ -33,49 +37,64 @@ def list_plugins() -> list[dict[str, Any]]:
     return plugins.list_plugins()
 
 
-def compress(model, recipe, data: Iterable | None = None, teacher=None, *, progress: bool = True):
+def compress(model, recipe, data=None, teacher=None, *, progress: bool = True, target=None):
     """Apply a recipe's torch-side stages to a copy of ``model`` and return it.
 
-    Distillers train the copy against ``teacher`` (default: the uncompressed
-    ``model`` itself, so "prune, then distil from the original" is a two-line
-    recipe); pruners and training-time quantizers rewrite it.  Post-training
-    quantizers (``ptq``) are not applied here: they act on the captured graph
-    in :func:`deploy`.  ``model`` is never modified.  ``progress=False`` turns off every
-    stage's progress bar (stages whose config has a ``progress`` field).
+    ``data`` is an iterable of training batches or named streams
+    ``{"train": ..., "unlabeled": ..., "val": ...}``; a stage that needs a
+    stream it was not given fails before any stage runs.  Distillers train the
+    copy against ``teacher`` (when none is given: the uncompressed ``model``
+    itself, so "prune, then distil from the original" is a two-line recipe;
+    stages can tell the two apart, :class:`sdk.context.StageContext`); pruners
+    and training-time quantizers rewrite it.  A stage may attach loss penalties
+    and per-step callbacks to the training of the stages after it.
+    Post-training quantizers (``ptq``) are not applied here: they act on the
+    captured graph in :func:`deploy`.  ``target`` (a name or instance; ``deploy``
+    passes its own) lets stages plan with the target's cost model.  ``model`` is
+    never modified.  ``progress=False`` turns off every stage's progress bar.
+    What stages fix about weights (masks, codebooks, bit widths) stays on the
+    returned layers as hints (:mod:`sdk.encoding`) for the target's plan.
 
     >>> small = sdk.compress(net, {"stages": [{"method": "magnitude", "config": {"sparsity": 0.5}}]})  # doctest: +SKIP
     """
     import torch
 
     from . import masks
+    from .context import DataStreams, StageContext, check_streams
+    from .trainer import training_extras
 
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     recipe = as_recipe(recipe)
+    streams = DataStreams.of(data)
+    check_streams(recipe.torch_stages, streams, teacher)
+    if isinstance(target, str):
+        target = plugins.get("target", target)()
     work = copy.deepcopy(model)
-    if teacher is None:
-        teacher = model
+    ctx = StageContext(streams, original=model, teacher=teacher, target=target)
     for stage in recipe.torch_stages:
         method = stage.build()
         if not progress and hasattr(method.config, "progress"):
             method.config = method.config.replace(progress=False)
-        if stage.kind == "distiller":
-            work = method.apply(work, teacher, data)
-        else:
-            work = method.apply(work, data)
+        # penalties/callbacks of earlier stages shape this one's training; its own apply to later ones
+        with training_extras(list(ctx.penalties), list(ctx.callbacks)):
+            work = method.run(work, ctx)
     masks.bake(work)
     return work.eval()
 
 
 def deploy(model, target: str, example_inputs, calibration: Iterable | None = None, recipe=None,
-           output: str | Path | None = None, *, data: Iterable | None = None, teacher=None,
+           output: str | Path | None = None, *, data=None, teacher=None,
            overwrite: bool = False, progress: bool = True, **target_options: Any) -> Artifact:
     """Compress (optional), capture, quantize and pack ``model`` for ``target``.
 
     ``model`` is never mutated.  ``calibration`` is an iterable of input
     batches (tensors or tuples) shaped like ``example_inputs`` except for the
     batch size; targets that quantize need it.  ``recipe`` adds compression
-    stages (``data``/``teacher`` feed its training stages).  Extra keyword
+    stages (``data`` — batches or ``{"train", "unlabeled", "val"}`` streams — and
+    ``teacher`` feed its training stages).  The plan (per-weight encodings, see
+    :mod:`sdk.encoding`) is checked against what the target carries before
+    packing: one it cannot ship is refused with :class:`EncodingError`.  Extra keyword
     options go to the target's config (e.g. ``io="int8"`` for ``arm-int8``).
     The artifact is written atomically to ``output`` (a temporary directory
     when omitted) and returned opened.  An existing artifact at ``output`` is
@@ -84,6 +103,7 @@ def deploy(model, target: str, example_inputs, calibration: Iterable | None = No
 
     >>> art = sdk.deploy(net, target="arm-int8", example_inputs=(x,), calibration=batches)  # doctest: +SKIP
     """
+    from .context import DataStreams, check_streams
     from .data import as_batches
     from .graph import capture, check_example_inputs, fold_batch_norm
 
@@ -102,6 +122,8 @@ def deploy(model, target: str, example_inputs, calibration: Iterable | None = No
     tgt = target_cls(**target_options)
     example_inputs = check_example_inputs(model, example_inputs)
     recipe = as_recipe(recipe)
+    data = DataStreams.of(data)
+    check_streams(recipe.torch_stages, data, teacher)
 
     t = phase("setup", started)
     if recipe.torch_stages and not any(s.kind == "quantizer" for s in recipe.torch_stages):
@@ -110,25 +132,31 @@ def deploy(model, target: str, example_inputs, calibration: Iterable | None = No
         # ops (binarize, fake-quant), checked after they ran.
         tgt.check(tgt.prepare(fold_batch_norm(capture(copy.deepcopy(model).eval(), example_inputs))))
         t = phase("early_check", t)
-    packed_model = compress(model, recipe, data=data, teacher=teacher, progress=progress) if recipe.torch_stages \
-        else copy.deepcopy(model).eval()
+    packed_model = compress(model, recipe, data=data, teacher=teacher, progress=progress, target=tgt) \
+        if recipe.torch_stages else copy.deepcopy(model).eval()
     t = phase("compress" if recipe.torch_stages else "copy", t)
     graph = tgt.prepare(fold_batch_norm(capture(packed_model, example_inputs)))
     tgt.check(graph)
     t = phase("capture", t)
 
-    qstage = recipe.graph_quantizer
-    if qstage is None and tgt.default_quantizer:
-        qstage = Stage.make(tgt.default_quantizer, tgt.default_quantizer_config())
-    quantizer = qstage.build() if qstage is not None else None
-    if quantizer is not None and hasattr(quantizer.config, "progress") and not progress:
-        quantizer.config = quantizer.config.replace(progress=False)
-    if calibration is None and quantizer is not None and not quantizer.requires_calibration:
+    qstages = list(recipe.graph_stages)
+    if not qstages and tgt.default_quantizer:
+        qstages = [Stage.make(tgt.default_quantizer, tgt.default_quantizer_config())]
+    quantizers = [q.build() for q in qstages]
+    for quantizer in quantizers:
+        if hasattr(quantizer.config, "progress") and not progress:
+            quantizer.config = quantizer.config.replace(progress=False)
+    if calibration is None and quantizers and not any(q.requires_calibration for q in quantizers):
         calibration = [example_inputs]
     batches = None
-    if quantizer is not None or calibration is not None:
+    if quantizers or calibration is not None:
         batches = as_batches(calibration, graph.inputs)
-    plan = quantizer.calibrate(graph, batches) if quantizer is not None else None
+    plan = None
+    for quantizer in quantizers:          # each later graph-side stage refines the plan so far
+        step = quantizer.calibrate(graph, batches)
+        plan = step if plan is None else plan.then(step)
+    encodings = tgt.check_plan(graph, plan)
+    cost = tgt.cost(graph, plan)
     t = phase("calibrate", t)
     package = tgt.pack(graph, plan, batches)
     t = phase("pack", t)
@@ -141,8 +169,7 @@ def deploy(model, target: str, example_inputs, calibration: Iterable | None = No
     golden = {f"input_{i}": x.numpy() for i, x in enumerate(example_inputs)}
     golden.update({f"output_{i}": o.detach().float().numpy() for i, o in enumerate(golden_out)})
 
-    used = [_plugin_row(target_cls)] + ([_plugin_row(plugins.find_method(qstage.method, qstage.kind))]
-                                        if qstage else [])
+    used = [_plugin_row(target_cls)] + [_plugin_row(q.plugin_class()) for q in qstages]
     used += [_plugin_row(plugins.find_method(s.method, s.kind)) for s in recipe.torch_stages]
     manifest = {
         "format": FORMAT,
@@ -158,6 +185,7 @@ def deploy(model, target: str, example_inputs, calibration: Iterable | None = No
                          **({"keep_fp32": plan.extra["keep_fp32"]} if "keep_fp32" in plan.extra else {})}
         if plan else None,
         "verify": tgt.verify_rules(),
+        "encodings": encodings,
         **package.extra,
     }
     with Staging(output, overwrite=overwrite) as stage:
@@ -171,6 +199,10 @@ def deploy(model, target: str, example_inputs, calibration: Iterable | None = No
         phase("first_run_and_timing", t)
         profile = {**_profile(tgt.name, package, latency, note, time.perf_counter() - started), **runner_profile}
         profile["deploy_phases_s"] = phases
+        if cost:
+            from .cost import totals
+
+            profile["estimate"] = {"device": tgt.device.name, **totals(cost), "layers": cost}
         if outs is not None:
             profile["fidelity"] = _fidelity(tgt.default_runner, outs, [golden[f"output_{i}"]
                                                                        for i in range(len(outs))])

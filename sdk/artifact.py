@@ -32,16 +32,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .base import TensorSig
+from .contract import FORMAT, FORMAT_VERSION, GOLDEN, MANIFEST, PROFILE, TensorSig
 from .errors import ArtifactError, InputError
 from .schema import check_file_name, check_manifest, check_profile
 from .signing import SIGNATURE, check_signature
 
-FORMAT = "edgepack-artifact"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-PROFILE = "profile.json"
-GOLDEN = "golden.npz"
 MAX_MANIFEST_BYTES = 8 << 20
 
 

@@ -10,7 +10,12 @@ Quantizer      ``calibrate(graph, batches)`` -> :class:`sdk.quant.QuantPlan`
                (post-training) or ``apply(model, data)`` (training-time)
 Target         ``pack(graph, plan)`` -> :class:`Package` (files + signature)
 Runner         ``open(artifact)`` -> callable running inputs to outputs
+Optimizer      ``build(params)`` -> ``torch.optim.Optimizer`` (training stages)
 =============  ==============================================================
+
+Torch-side methods run through ``run(model, ctx)`` (:class:`sdk.context.StageContext`:
+named data streams, teacher, penalties and callbacks for later stages); the
+default calls ``apply`` with the ``train`` stream.
 
 Instantiate with keyword options or a config::
 
@@ -26,6 +31,7 @@ from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Sequence
 
 from .config import Config
+from .contract import Package, TensorSig, VerifyRules
 from .errors import ConfigError
 
 if TYPE_CHECKING:  # heavy imports only for type checkers
@@ -33,10 +39,12 @@ if TYPE_CHECKING:  # heavy imports only for type checkers
     import torch
 
     from .artifact import Artifact
+    from .contract import ProfileRow
+    from .context import StageContext
     from .graph import Graph
     from .quant import QuantPlan
 
-KINDS = ("distiller", "pruner", "quantizer", "target", "runner")
+KINDS = ("distiller", "pruner", "quantizer", "target", "runner", "optimizer")
 
 
 class Plugin(ABC):
@@ -73,18 +81,36 @@ class Plugin(ABC):
         return f"{type(self).__name__}({self.config!r})"
 
 
-class Distiller(Plugin):
+class Method(Plugin):
+    """A torch-side compression method (distiller, pruner, quantizer)."""
+
+    #: data streams the method cannot run without (checked before any stage runs)
+    streams: ClassVar[tuple[str, ...]] = ()
+
+    def run(self, model: "torch.nn.Module", ctx: "StageContext") -> "torch.nn.Module":
+        """Apply the method to ``model`` inside :func:`sdk.compress` (default: ``apply`` on ``train``)."""
+        return self.apply(model, ctx.data.get("train"))
+
+
+class Distiller(Method):
     """Knowledge distillation: a loss between student and teacher, and the
     training loop that minimises it."""
 
     kind = "distiller"
+    #: True when the original model cannot be the teacher (an ensemble): ``teacher=`` is required
+    needs_teacher: ClassVar[bool] = False
+
+    def run(self, model, ctx):
+        """``apply(student, teacher, train)``; the teacher is the caller's or, when none was
+        given, the uncompressed original (``ctx.teacher is None`` tells the two apart)."""
+        return self.apply(model, ctx.teacher if ctx.teacher is not None else ctx.original, ctx.data.get("train"))
 
     @abstractmethod
     def apply(self, student: "torch.nn.Module", teacher: Any, data: Iterable) -> "torch.nn.Module":
         """Train ``student`` (in place) on ``data`` guided by ``teacher``; return it."""
 
 
-class Pruner(Plugin):
+class Pruner(Method):
     """Pruning: removes or zeroes weights, channels or blocks."""
 
     kind = "pruner"
@@ -94,7 +120,7 @@ class Pruner(Plugin):
         """Prune ``model`` (the caller passes a copy it may modify); return the result."""
 
 
-class Quantizer(Plugin):
+class Quantizer(Method):
     """Quantization.  Post-training quantizers (``post_training = True``) act on
     the captured graph at deploy time; training-time ones (QAT, binary, ...)
     rewrite the torch module in :meth:`apply`."""
@@ -113,44 +139,6 @@ class Quantizer(Plugin):
         raise NotImplementedError(f"quantizer {self.name!r} does not rewrite torch modules")
 
 
-@dataclasses.dataclass
-class TensorSig:
-    """One model input or output as the artifact sees it."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    quantization: dict | None = None  # {"scale": [...], "zero_point": [...], "axis": int|None}
-    layout: tuple[int, ...] | None = None   # stored dim i holds torch dim layout[i] (NHWC: 0, 2, 3, 1)
-    stored_dtype: str | None = None         # dtype inside the packed model, when not ``dtype``
-
-    def to_dict(self) -> dict:
-        d = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "quantization": self.quantization}
-        if self.layout is not None:
-            d["layout"] = list(self.layout)
-        if self.stored_dtype is not None:
-            d["stored_dtype"] = self.stored_dtype
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TensorSig":
-        layout = d.get("layout")
-        return cls(d["name"], tuple(d["shape"]), d["dtype"], d.get("quantization"),
-                   tuple(layout) if layout is not None else None, d.get("stored_dtype"))
-
-
-@dataclasses.dataclass
-class Package:
-    """What a target's :meth:`Target.pack` returns: the files of the artifact
-    and what the manifest should say about them."""
-
-    files: dict[str, bytes]
-    inputs: list[TensorSig]
-    outputs: list[TensorSig]
-    layers: list[dict]                       # per-layer profile rows
-    extra: dict = dataclasses.field(default_factory=dict)  # target-specific manifest entries
-
-
 class Target(Plugin):
     """A hardware target: lowers a captured graph and writes the packed model."""
 
@@ -159,6 +147,15 @@ class Target(Plugin):
     default_quantizer: ClassVar[str | None] = None
     #: runner used by ``art.run`` when none is named
     default_runner: ClassVar[str] = "host"
+    #: the weight encodings this target ships natively (:class:`sdk.encoding.Carries`; empty:
+    #: float32 weights as torch has them)
+    carries: ClassVar[tuple] = ()
+    #: quantized activation dtypes it takes from a plan (empty: float activations only)
+    activation_dtypes: ClassVar[tuple[str, ...]] = ()
+    #: True when every activation needs a quantization spec (integer-only graphs)
+    needs_activation_specs: ClassVar[bool] = False
+    #: the device the cost model estimates for (:class:`sdk.cost.DeviceProfile`)
+    device: ClassVar[Any] = None
 
     def default_quantizer_config(self) -> dict:
         """Config of :attr:`default_quantizer` derived from this target's own options."""
@@ -167,6 +164,25 @@ class Target(Plugin):
     def check(self, graph: "Graph") -> None:
         """Raise :class:`sdk.errors.UnsupportedOpError` for the first node this
         target cannot lower.  Called before calibration so bad models fail fast."""
+
+    def check_plan(self, graph: "Graph", plan: "QuantPlan | None") -> list[dict]:
+        """Refuse a plan (or torch-side hints) this target cannot ship with
+        :class:`sdk.encoding.EncodingError` naming the layer, the encoding and the targets
+        that carry it; return the per-weight ``encodings`` rows of the manifest."""
+        from .encoding import check_plan
+
+        return check_plan(self, graph, plan, graph.hints)
+
+    def cost(self, graph: "Graph", plan: "QuantPlan | None") -> list[dict]:
+        """Per-layer cost on :attr:`device` before packing (:func:`sdk.cost.layer_costs`):
+        stored weight bytes, MACs/BOPs, estimated latency and energy."""
+        from .cost import layer_costs
+        from .encoding import float_dtype
+
+        if self.device is None:
+            return []
+        stored = {r["tensor"]: r["stored_bits"] for r in self.check_plan(graph, plan)}
+        return layer_costs(graph, plan, self.device, float_format=float_dtype(self), stored_bits=stored)
 
     def prepare(self, graph: "Graph") -> "Graph":
         """Target-specific graph passes before calibration (default: none)."""
@@ -179,7 +195,7 @@ class Target(Plugin):
         ``calibration`` holds the checked calibration batches (``None`` when the
         user gave none), for targets that analyse ranges themselves."""
 
-    def verify_rules(self) -> dict:
+    def verify_rules(self) -> VerifyRules:
         """Pass criteria for :meth:`sdk.Artifact.verify`.  Keys (all optional):
         ``max_lsb`` (vs the reference runner), ``min_bit_exact_ratio``,
         ``min_sqnr_db``, ``max_rel_err`` and ``min_top1_agreement`` (vs the
@@ -203,3 +219,15 @@ class Runner(Plugin):
     @abstractmethod
     def open(self, artifact: "Artifact") -> Callable[[list["np.ndarray"]], list["np.ndarray"]]:
         """Load ``artifact`` once; return a function from inputs to float outputs."""
+
+
+class Optimizer(Plugin):
+    """An optimizer every training stage can name (``optimizer: <name>``, options in
+    ``optimizer_options``).  :meth:`build` receives parameter groups that carry
+    the stage's ``lr``."""
+
+    kind = "optimizer"
+
+    @abstractmethod
+    def build(self, params: Iterable) -> "torch.optim.Optimizer":
+        """A ``torch.optim.Optimizer`` over ``params`` (tensors or param-group dicts)."""

@@ -1,4 +1,5 @@
-"""Binary layers and training shared by the binary quantizers ``bnn``, ``bwn`` and ``xnor``.
+"""Binary layers and training shared by the binary quantizers ``bnn``, ``bwn`` and ``xnor``
+(layer choice, replacement and training: :mod:`sdk.layer_quant`).
 
 A binary layer replaces a ``Conv2d`` or ``Linear`` and computes ::
 
@@ -31,7 +32,8 @@ BinaryNet (BN → sign).  Without it a binary layer after a ReLU would see only 
 Two custom ops keep the binary structure visible after ``torch.export``, where
 the ``binary-popcount`` target finds it: ``edgepack::binarize`` (the sign) and
 ``edgepack::mean_abs_window`` (K).  The weights' sign is a constant and folds
-into the graph as an exactly ±1 tensor.
+into the graph as an exactly ±1 tensor.  Each binary layer carries the hint
+``Hint(codebook=2, per_channel=<α is used>)`` (:mod:`sdk.encoding`).
 
 >>> import torch
 >>> net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 2))
@@ -44,16 +46,15 @@ True
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, ClassVar, Iterable, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Quantizer
-from .config import Config, check_range
+from .encoding import Hint
 from .errors import ConfigError, InputError
-from .trainer import TrainConfig, fit, split_batch
+from .layer_quant import LayerQuantConfig, LayerQuantizer, QuantizedModule, quantize_layers
 
 # -- custom ops ------------------------------------------------------------------------
 
@@ -129,8 +130,18 @@ class BinaryInfo:
     input_bn: bool = True       # BatchNorm on the input before the sign
 
 
-class _BinaryLayer(nn.Module):
+class _BinaryLayer(QuantizedModule):
     binary_info: BinaryInfo
+    describes = "binary layers"
+
+    @property
+    def method(self) -> str:
+        return self.binary_info.method
+
+    def hint(self) -> Hint:
+        """Two shared values: ±1, or ±α with α per output filter (``per_channel``)."""
+        info = self.binary_info
+        return Hint(codebook=2, per_channel=info.scale_weights, source=info.method)
 
     def _init_from(self, layer: nn.Module, info: BinaryInfo, channels: int, bn: type[nn.Module]) -> None:
         self.binary_info = info
@@ -211,92 +222,62 @@ class BinaryLinear(_BinaryLayer):
         return [], [], [], []
 
 
+#: the float layer types that have a binary twin
+BINARY_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
+
+
 def binary_layers(model: nn.Module) -> dict[str, BinaryInfo]:
     """``{module name: BinaryInfo}`` of the binary layers in ``model``."""
     return {n: m.binary_info for n, m in model.named_modules() if isinstance(m, _BinaryLayer)}
 
 
+def binary_layer(name: str, layer: nn.Module, info: BinaryInfo) -> _BinaryLayer:
+    """The binary twin of the float ``Conv2d``/``Linear`` ``layer`` (module ``name``)."""
+    try:
+        return BinaryConv2d(layer, info) if isinstance(layer, nn.Conv2d) else BinaryLinear(layer, info)
+    except ConfigError as exc:
+        raise ConfigError(f"layer {name}: {exc}; add it to exclude to keep it float") from None
+
+
 def binarize_model(model: nn.Module, info: BinaryInfo, *, keep_first_last: bool = True,
                    exclude: Sequence[str] = ()) -> list[str]:
-    """Replace the ``Conv2d``/``Linear`` layers of ``model`` (in place) by binary ones.
+    """Replace the ``Conv2d``/``Linear`` layers of ``model`` (in place) by binary ones
+    (:func:`sdk.layer_quant.quantize_layers`, which annotates each with its hint).
 
     The first and the last of them (in module order) stay full precision when
     ``keep_first_last``, as in BinaryNet and XNOR-Net: the input has few channels
     and the classifier's outputs are the logits.  Returns the names replaced.
     Raises :class:`ConfigError` for an unknown name in ``exclude``, a model that is
-    binarized already, or when no layer is left to binarize.
+    binarized (or weight-quantized) already, or when no layer is left to binarize.
     """
-    done = binary_layers(model)
-    if done:
-        raise ConfigError(f"{info.method}: the model already has binary layers ({', '.join(done)}); "
-                          "apply one binary quantizer per recipe")
-    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    unknown = sorted(set(exclude) - set(layers))
-    if unknown:
-        raise ConfigError(f"{info.method}: exclude names {', '.join(unknown)}, which are not Conv2d/Linear "
-                          f"layers; valid names: {', '.join(layers) or '(none)'}")
-    keep = {layers[0], layers[-1]} if keep_first_last and layers else set()
-    chosen = [n for n in layers if n not in keep and n not in set(exclude)]
-    if not chosen:
-        raise ConfigError(f"{info.method}: no layer left to binarize among {layers or 'no Conv2d/Linear layers'}"
-                          + (" (the first and last stay float: keep_first_last=False binarizes them)"
-                             if keep_first_last else ""))
-    for name in chosen:
-        parent, _, child = name.rpartition(".")
-        old = model.get_submodule(name)
-        try:
-            new = BinaryConv2d(old, info) if isinstance(old, nn.Conv2d) else BinaryLinear(old, info)
-        except ConfigError as exc:
-            raise ConfigError(f"layer {name}: {exc}; add it to exclude to keep it float") from None
-        setattr(model.get_submodule(parent) if parent else model, child, new.to(old.weight.device))
-    return chosen
+    done = quantize_layers(model, info.method, lambda name, layer: binary_layer(name, layer, info),
+                           keep_first_last=keep_first_last, exclude=exclude, types=BINARY_LAYER_TYPES)
+    return list(done)
 
 
 # -- the quantizers' common part ---------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
-class BinaryConfig(Config):
-    """Training fields every binary quantizer takes."""
+class BinaryConfig(LayerQuantConfig):
+    """Fields every binary quantizer takes (:class:`sdk.layer_quant.LayerQuantConfig`'s)."""
 
     epochs: int = 10
-    lr: float = 1e-3
-    seed: int = 0
-    progress: bool = True
-    keep_first_last: bool = True
-    exclude: tuple[str, ...] = ()         # Conv2d/Linear names left full precision
-
-    def __post_init__(self):
-        owner = self.type_tag.rpartition(".")[2]
-        check_range(owner, "epochs", self.epochs, 1)
-        check_range(owner, "lr", self.lr, 0.0, lo_open=True)
 
 
-class BinaryQuantizer(Quantizer):
-    """Training-time quantizer: rewrite the layers (:func:`binarize_model`), then train
-    the whole network with cross-entropy on ``(x, y)`` batches (:func:`sdk.trainer.fit`)."""
+class BinaryQuantizer(LayerQuantizer):
+    """Training-time quantizer: replace the layers by binary ones (:func:`binary_layer`),
+    then train the whole network with cross-entropy on ``(x, y)`` batches (data is required:
+    a binarized network is useless untrained)."""
 
-    post_training = False
     Config: ClassVar[type[BinaryConfig]] = BinaryConfig
+    layer_types = BINARY_LAYER_TYPES
+    needs_training = True
+    streams = ("train",)
 
     def layer_info(self) -> BinaryInfo:
         """The :class:`BinaryInfo` of the layers this method makes."""
         raise NotImplementedError
 
-    def after_step(self, layers: list[_BinaryLayer]) -> Callable[[], None] | None:
-        """Called after every optimizer step (default: nothing)."""
-        return None
-
-    def apply(self, model: nn.Module, data: Iterable | None = None) -> nn.Module:
-        cfg = self.config
-        names = binarize_model(model, self.layer_info(), keep_first_last=cfg.keep_first_last, exclude=cfg.exclude)
-
-        def loss(m: nn.Module, batch: Any) -> torch.Tensor:
-            x, y = split_batch(batch)
-            if y is None:
-                raise InputError(f"{self.name} trains on labelled (x, y) batches; got inputs only")
-            return F.cross_entropy(m(x), y)
-
-        fit(model, data, loss, TrainConfig(epochs=cfg.epochs, lr=cfg.lr, seed=cfg.seed, progress=cfg.progress),
-            after_step=self.after_step([model.get_submodule(n) for n in names]), desc=self.name)
-        return model.eval()
+    def quantize_layer(self, name: str, layer: nn.Module) -> _BinaryLayer:
+        return binary_layer(name, layer, self.layer_info())

@@ -115,3 +115,36 @@ def check_range(owner: str, field: str, value: Any, lo: float | None = None,
             f"{owner}: {field}={value!r} is out of range; allowed: "
             f"{lb}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{rb}"
         )
+
+
+def check_betas(owner: str, betas: Any) -> None:
+    """Raise :class:`ConfigError` unless ``betas`` is two coefficients in [0, 1) (Adam's moment decays)."""
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ConfigError(f"{owner}: betas must be two numbers in [0, 1), got {betas!r}")
+    for b in betas:
+        check_range(owner, "betas", b, 0.0, 1.0, hi_open=True)
+
+
+def check_bool(owner: str, field: str, value) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is ``True`` or ``False`` (not ``'yes'``, not ``1``)."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{owner}: {field} must be True or False, got {value!r} ({type(value).__name__})"
+                          + ("; in YAML write true/false without quotes" if isinstance(value, str) else ""))
+
+
+def check_fp32_fields(owner: str, cfg) -> None:
+    """Validate (and normalise) the ``keep_fp32`` / ``auto_fp32`` fields of a frozen config:
+    ``keep_fp32`` a list or tuple of node/module names (stored as a tuple), ``auto_fp32`` a bool."""
+    keep = cfg.keep_fp32
+    if isinstance(keep, str):
+        raise ConfigError(f"{owner}: keep_fp32 must be a list of node or module names, got the string {keep!r}; "
+                          f"write keep_fp32=[{keep!r}]")
+    if not isinstance(keep, (list, tuple)):
+        raise ConfigError(f"{owner}: keep_fp32 must be a list of node or module names, got {keep!r} "
+                          f"({type(keep).__name__})")
+    bad = [k for k in keep if not isinstance(k, str) or not k]
+    if bad:
+        raise ConfigError(f"{owner}: keep_fp32 entries must be non-empty node or module names (strings), got "
+                          + ", ".join(repr(b) for b in bad))
+    object.__setattr__(cfg, "keep_fp32", tuple(keep))
+    check_bool(owner, "auto_fp32", cfg.auto_fp32)

@@ -26,7 +26,9 @@ emulator behind.
 The emulated processes are started by :meth:`Emulator.python_command` /
 :meth:`Emulator.command` with a clean environment and ``python -I -S``: they
 see the sysroot, the site folder and the files they are given, nothing of the
-host's Python.
+host's Python.  :mod:`sdk.emulated_session` keeps one such process serving
+one artifact (the sessions of the ``qemu-aarch64`` runners, :mod:`sdk.qemu`);
+:func:`cross_compile` builds the aarch64 shared objects that C artifacts run as.
 
 >>> from sdk import emulator
 >>> emulator.status()["installed"]          # doctest: +SKIP
@@ -39,6 +41,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -50,8 +53,8 @@ from typing import Any, Iterator, Sequence
 
 from .errors import ToolchainError
 
-__all__ = ["Emulator", "INSTALL_COMMAND", "cache_dir", "cross_compiler", "find", "install", "qemu_binary",
-           "status", "unavailable"]
+__all__ = ["CROSS_FLAGS", "CROSS_MARCH", "Emulator", "INSTALL_COMMAND", "cache_dir", "cross_compile",
+           "cross_compiler", "find", "install", "qemu_binary", "status", "unavailable"]
 
 #: The command users are told to run when the emulator is missing.
 INSTALL_COMMAND = "edgepack emulator install"
@@ -86,6 +89,9 @@ DEBIAN_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 #: CPU model qemu emulates (override with $EDGEPACK_QEMU_CPU or the runner's ``cpu``):
 #: a Cortex-A76 (Raspberry Pi 5 class, ARMv8.2-A with dot product).
 DEFAULT_CPU = "cortex-a76"
+#: -march for cross-compiled C artifacts: baseline ARMv8-A, NEON included, runs on every ARM64 board.
+CROSS_MARCH = "armv8-a"
+CROSS_FLAGS = ("-O3", "-std=c99")
 
 _TOOLS = {  # command -> Debian package that provides it
     "qemu-aarch64": "qemu-user",
@@ -116,6 +122,23 @@ def cross_compiler() -> str:
         raise ToolchainError("cross-compiling for ARM64 needs aarch64-linux-gnu-gcc; install it with "
                              "`apt-get install gcc-aarch64-linux-gnu libc6-dev-arm64-cross`")
     return cc
+
+
+def cross_compile(sources: Sequence[Path], output: Path, flags: Sequence[str] = CROSS_FLAGS,
+                  march: str = CROSS_MARCH) -> Path:
+    """Compile C ``sources`` (``.h`` files only add include directories) into an
+    aarch64 shared object at ``output``, for the emulated Python to load.
+
+    >>> cross_compile([src / "model.c", src / "model.h"], tmp / "model.so")   # doctest: +SKIP
+    """
+    cc = cross_compiler()
+    units = [str(s) for s in sources if s.suffix == ".c"]
+    includes = sorted({f"-I{s.parent}" for s in sources})
+    argv = [cc, *flags, f"-march={march}", "-fPIC", "-shared", *includes, *units, "-o", str(output), "-lm"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise ToolchainError(f"cross-compiling for aarch64 failed: {shlex.join(argv)}\n{proc.stderr.strip()}")
+    return output
 
 
 def _require(tool: str) -> str:

@@ -118,6 +118,24 @@ def _refusal_message(target: str, refused: Sequence[RefusedNode]) -> str:
     return "\n".join(lines)
 
 
+class EncodingError(EdgepackError, ValueError):
+    """A plan asks a target to ship an encoding it does not carry.
+
+    Attributes: ``target``, ``layer`` (module path or node), ``tensor``,
+    ``encoding`` (its description) and ``carriers`` (registered targets that
+    carry it).
+    """
+
+    def __init__(self, target: str, layer: str, tensor: str, encoding: str, carried: str,
+                 carriers: Sequence[str] = (), *, kind: str = "weight"):
+        self.target, self.layer, self.tensor, self.encoding = target, layer, tensor, encoding
+        self.carriers = sorted(carriers)
+        where = ", ".join(self.carriers) if self.carriers else "no registered target"
+        super().__init__(f"target {target!r} cannot ship layer {layer!r} ({kind} {tensor!r}) as {encoding}: it "
+                         f"carries {carried}; carried by: {where}. Deploy to one of those, or change the "
+                         "recipe's quantizer")
+
+
 class CalibrationError(EdgepackError, ValueError):
     """Calibration data that is empty, non-finite, of the wrong shape, or
     activations that do not fit the target's number format."""

@@ -49,12 +49,18 @@ class Node:
     call: Any = None      # (fn, args, kwargs) template for ops outside the canonical set
 
 
+#: canonical ops whose second input is a weight (what quantizers give a weight spec)
+WEIGHTED_OPS = ("conv", "linear")
+
+
 @dataclasses.dataclass
 class Graph:
     nodes: list[Node]
     inputs: list[tuple[str, tuple[int, ...], str]]   # (name, shape, dtype)
     outputs: list[str]
     constants: dict[str, np.ndarray]
+    #: torch-side stages' hints by weight constant (sdk.encoding.Hint: masks, codebooks, bit widths)
+    hints: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     # -- structure ---------------------------------------------------------
     def node(self, name: str) -> Node | None:
@@ -83,7 +89,7 @@ class Graph:
 
     def copy(self) -> "Graph":
         return Graph([dataclasses.replace(n, inputs=list(n.inputs), attrs=dict(n.attrs)) for n in self.nodes],
-                     list(self.inputs), list(self.outputs), dict(self.constants))
+                     list(self.inputs), list(self.outputs), dict(self.constants), dict(self.hints))
 
     def unique_name(self, base: str) -> str:
         taken = set(self.constants) | {n.name for n in self.nodes} | {i[0] for i in self.inputs}
@@ -176,7 +182,11 @@ def capture(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> G
             ) from exc
     finally:
         model.train(was_training)
-    return from_exported(ep)
+    from .encoding import graph_hints
+
+    graph = from_exported(ep)
+    graph.hints = graph_hints(model, graph)
+    return graph
 
 
 def check_example_inputs(model: Any, example_inputs: Any) -> tuple[torch.Tensor, ...]:
@@ -455,6 +465,9 @@ def fold_batch_norm(graph: Graph) -> Graph:
         b_name = g.unique_name(f"{prod.name}_b_bnfold")
         g.constants[w_name] = (w * inv.reshape((-1,) + (1,) * (w.ndim - 1))).astype(np.float32)
         g.constants[b_name] = ((b - mean) * inv + beta).astype(np.float32)
+        hint = g.hints.pop(prod.inputs[1], None)
+        if hint is not None:       # each output channel is scaled: shared values now differ per channel
+            g.hints[w_name] = dataclasses.replace(hint, per_channel=True) if hint.codebook or hint.bits else hint
         prod.inputs = [prod.inputs[0], w_name, b_name]
         prod.module = prod.module or bn.module
         # the BN's output name now comes from the conv: rename consumers

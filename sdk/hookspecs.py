@@ -1,4 +1,4 @@
-"""The whole hook surface of edgepack: five registration hooks.
+"""The whole hook surface of edgepack: six registration hooks.
 
 Every plugin — built-in or third-party — is a module with functions marked
 ``@hookimpl`` whose names match the specs below.  Each hook receives a
@@ -89,5 +89,20 @@ def register_runners(register: Callable[[type], None]) -> None:
     :param register: call ``register(cls)`` for each :class:`sdk.Runner`
         subclass; ``cls.name`` is what ``art.run(x, runner=...)`` takes and
         ``cls.targets`` the target names it can execute.
+    :returns: nothing; return values are ignored.
+    """
+
+
+@hookspec
+def register_optimizers(register: Callable[[type], None]) -> None:
+    """Register optimizers that every training stage can name (``optimizer: adamw``).
+
+    Called once, when the plugin manager is first built, for every loaded plugin.
+    Built in: ``sgd``, ``adam``, ``adamw``.  A stage's ``optimizer_options``
+    mapping is validated against the optimizer's ``Config`` when the recipe is
+    read, so a typo fails before any stage trains.
+
+    :param register: call ``register(cls)`` for each :class:`sdk.Optimizer`
+        subclass; ``cls.name`` is what a stage's ``optimizer`` field takes.
     :returns: nothing; return values are ignored.
     """

@@ -4,7 +4,8 @@ A mask is a ``torch.nn.utils.parametrize`` parametrization of ``weight``: the
 module computes ``weight = original * mask`` on every forward, so gradients of
 pruned entries are zero and fine-tuning keeps the sparsity.  ``torch.export``
 folds the product into a constant.  :func:`bake` removes the parametrization,
-leaving a plain (sparse) weight.
+leaving a plain (sparse) weight; the layer keeps a sparsity hint
+(:func:`sdk.encoding.annotate`) so the plan can tell targets which zeros to exploit.
 """
 
 from __future__ import annotations
@@ -44,8 +45,13 @@ def smallest_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     return mask
 
 
-def apply_mask(module: torch.nn.Module, mask: torch.Tensor, name: str = "weight") -> None:
-    """Multiply ``module.<name>`` by ``mask`` from now on (combined with an existing mask)."""
+def apply_mask(module: torch.nn.Module, mask: torch.Tensor, name: str = "weight", *,
+               pattern: str = "unstructured", block: tuple[int, int] | None = None) -> None:
+    """Multiply ``module.<name>`` by ``mask`` from now on (combined with an existing mask) and
+    hint the sparsity ``pattern`` (``block``: zero tiles of (rows, cols)) to the plan."""
+    from .encoding import Hint, Sparsity, annotate
+
+    annotate(module, Hint(sparsity=Sparsity(pattern, tuple(block) if block else None), source="mask"), name)
     mask = mask.to(getattr(module, name).dtype)
     if parametrize.is_parametrized(module, name):
         for p in module.parametrizations[name]:
@@ -67,6 +73,8 @@ def bake(model: torch.nn.Module) -> torch.nn.Module:
     """Replace every mask parametrization by its masked weight (in place)."""
     for mod in list(model.modules()):
         if parametrize.is_parametrized(mod):
+            cls = type(mod)   # deep copies share this class and removing edits it: take a private one
+            mod.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
             for name in list(mod.parametrizations.keys()):
                 parametrize.remove_parametrizations(mod, name, leave_parametrized=True)
     return model

@@ -27,6 +27,9 @@ from .errors import PluginConflictError, PluginLoadError, UnknownPluginError
 
 #: Modules registered before any entry point (the pytest/llm/datasette pattern).
 DEFAULT_PLUGINS: tuple[str, ...] = (
+    "plugins.optim.sgd",
+    "plugins.optim.adam",
+    "plugins.optim.adamw",
     "plugins.distill.kd",
     "plugins.distill.ensemble",
     "plugins.distill.fitnets",
@@ -49,8 +52,8 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "plugins.quantize.cle",
     "plugins.quantize.bias_correction",
     "targets.arm_int8",
+    "targets.arm_fp32",
     "targets.binary_popcount",
-    "targets.qemu_aarch64",
     "targets.fp16_gpu",
 )
 
@@ -61,6 +64,7 @@ _HOOK_OF_KIND = {
     "quantizer": "register_quantizers",
     "target": "register_targets",
     "runner": "register_runners",
+    "optimizer": "register_optimizers",
 }
 
 _lock = threading.RLock()
@@ -232,7 +236,7 @@ def _bases() -> dict[str, type]:
     from . import base
 
     return {"distiller": base.Distiller, "pruner": base.Pruner, "quantizer": base.Quantizer,
-            "target": base.Target, "runner": base.Runner}
+            "target": base.Target, "runner": base.Runner, "optimizer": base.Optimizer}
 
 
 _BASES = _bases()

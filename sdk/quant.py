@@ -83,14 +83,29 @@ def dequantize(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, axis: int | N
 
 @dataclasses.dataclass(frozen=True)
 class QuantSpec:
-    """How one tensor is quantized."""
+    """How one tensor is quantized, and for a weight the encoding the target must ship.
+
+    ``dtype`` is the storage type of the integers (``int8``, ``int32``) or a float
+    type (``float16``: scale and zero point unused).  ``bits`` is the width of the
+    integer codes (``None``: the dtype's width); codes narrower than the storage
+    (a 4-bit plan in int8 storage) must be shipped exactly.  Granularity is
+    per-tensor (``axis`` None), per-channel (``axis``) or blockwise (``axis`` and
+    ``block_size``: one scale per ``block_size`` consecutive weights of a channel).
+    ``codebook``: weights are shared, ``len(codebook)`` real values indexed by
+    ``bits``-wide indices.  ``sparsity``: zeros to be exploited (see
+    :class:`sdk.encoding.Sparsity`).
+    """
 
     dtype: str                          # "int8", "int4", "int32", "float16", ...
-    scale: tuple[float, ...]
-    zero_point: tuple[int, ...]
+    scale: tuple[float, ...] = ()
+    zero_point: tuple[int, ...] = ()
     axis: int | None = None             # channel axis for per-channel specs
     symmetric: bool = False
     narrow: bool = False
+    bits: int | None = None             # width of the integer codes; None: the dtype's
+    block_size: int | None = None       # blockwise granularity along the flattened input dims
+    codebook: tuple[float, ...] | None = None
+    sparsity: Any = None                # sdk.encoding.Sparsity
 
     @classmethod
     def from_range(cls, lo: Any, hi: Any, *, dtype: str = "int8", symmetric: bool, narrow: bool = False,
@@ -103,6 +118,20 @@ class QuantSpec:
     def per_channel(self) -> bool:
         return self.axis is not None
 
+    @property
+    def granularity(self) -> str:
+        """``per-tensor``, ``per-channel`` or ``blockwise``."""
+        if self.axis is None:
+            return "per-tensor"
+        return "blockwise" if self.block_size else "per-channel"
+
+    @property
+    def code_bits(self) -> int:
+        """Width of the integer codes (``bits``, else the storage width)."""
+        if self.bits is not None:
+            return self.bits
+        return {"int8": 8, "uint8": 8, "int4": 4, "int16": 16, "int32": 32, "float16": 16}.get(self.dtype, 32)
+
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         return np.asarray(self.scale, np.float32), np.asarray(self.zero_point, np.int64)
 
@@ -112,17 +141,28 @@ class QuantSpec:
                         axis=self.axis, narrow=self.narrow)
 
     def to_dict(self) -> dict:
-        return {"dtype": self.dtype, "scale": list(self.scale), "zero_point": list(self.zero_point),
-                "axis": self.axis}
+        d = {"dtype": self.dtype, "scale": list(self.scale), "zero_point": list(self.zero_point), "axis": self.axis}
+        if self.bits is not None:
+            d["bits"] = self.bits
+        if self.block_size is not None:
+            d["block_size"] = self.block_size
+        if self.codebook is not None:
+            d["codebook"] = list(self.codebook)
+        if self.sparsity is not None:
+            d["sparsity"] = self.sparsity.to_dict()
+        return d
 
 
 @dataclasses.dataclass
 class QuantPlan:
-    """Quantization specs of a graph's values, by value name.
+    """Quantization specs of a graph's values, by value name: the record a quantizer
+    hands to a target.
 
-    ``activations`` covers graph inputs and node outputs, ``weights`` the
-    constant weight inputs of conv/linear nodes.  ``method`` names the quantizer
-    that made it (recorded in the manifest).
+    ``activations`` covers graph inputs and node outputs (empty: float
+    activations, e.g. weight-only plans), ``weights`` the constant weight inputs
+    of conv/linear nodes, one :class:`QuantSpec` each: the encoding the target
+    must ship (:func:`sdk.encoding.check_plan` refuses what it cannot).
+    ``method`` names the quantizer that made it (recorded in the manifest).
     """
 
     activations: dict[str, QuantSpec]
@@ -130,6 +170,13 @@ class QuantPlan:
     method: str = ""
     config: dict = dataclasses.field(default_factory=dict)
     extra: dict = dataclasses.field(default_factory=dict)    # method-specific results (fp16 range analysis)
+
+    def then(self, later: "QuantPlan") -> "QuantPlan":
+        """This plan refined by a later graph-side stage's: its specs win where both have one."""
+        stages = [*self.config.get("stages", [self.config]), *later.config.get("stages", [later.config])]
+        return QuantPlan({**self.activations, **later.activations}, {**self.weights, **later.weights},
+                         method=f"{self.method}+{later.method}", config={"stages": stages},
+                         extra={**self.extra, **later.extra})
 
 
 # ---------------------------------------------------------------------------
@@ -377,14 +424,3 @@ def make_observer(kind: str, axis: int | None = None, **options: Any) -> Observe
 
 
 OBSERVERS = ("minmax", "moving-minmax", "percentile", "mse", "entropy")
-
-
-def weight_spec(w: np.ndarray, *, granularity: str = "per-channel", scheme: str = "symmetric",
-                dtype: str = "int8") -> "QuantSpec":
-    """Spec of one weight tensor ``[out, ...]`` as ``ptq`` quantizes it: per output channel (axis 0)
-    or per tensor; symmetric weights use the narrow range [-127, 127] so that -w is representable."""
-    sym = scheme == "symmetric"
-    if granularity == "per-channel":
-        flat = w.reshape(w.shape[0], -1)
-        return QuantSpec.from_range(flat.min(1), flat.max(1), dtype=dtype, symmetric=sym, narrow=sym, axis=0)
-    return QuantSpec.from_range(w.min(), w.max(), dtype=dtype, symmetric=sym, narrow=sym)

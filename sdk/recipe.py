@@ -13,7 +13,11 @@
 
 Each ``method`` is a registered distiller, pruner or quantizer name (add
 ``kind:`` when a name exists in two kinds).  Configs are validated when the
-recipe is built, so a typo fails before any training starts.
+recipe is built — training fields included (``optimizer`` must be a registered
+optimizer, ``optimizer_options`` its fields) — so a typo fails before any
+training starts.  Torch-side stages run in order in :func:`sdk.compress`;
+post-training quantizers (any number) run in order on the captured graph in
+:func:`sdk.deploy`.
 
 >>> r = Recipe.from_dict({"stages": [{"method": "magnitude", "config": {"sparsity": 0.25}}]})
 >>> Recipe.from_yaml(r.to_yaml()) == r
@@ -55,9 +59,13 @@ class Stage:
             cfg = plugin.Config.from_dict(config or {})
         return cls(plugin.name, cfg, plugin.kind)
 
+    def plugin_class(self) -> type[Plugin]:
+        """The registered class of the stage's method."""
+        return plugins.find_method(self.method, self.kind)
+
     def build(self) -> Plugin:
         """An instance of the stage's method."""
-        return plugins.find_method(self.method, self.kind)(self.config)
+        return self.plugin_class()(self.config)
 
     @property
     def post_training(self) -> bool:
@@ -140,12 +148,11 @@ class Recipe:
         return tuple(s for s in self.stages if not s.post_training)
 
     @property
-    def graph_quantizer(self) -> Stage | None:
-        """The post-training quantizer stage ``deploy`` uses instead of the target default."""
-        post = [s for s in self.stages if s.post_training]
-        if len(post) > 1:
-            raise RecipeError(f"a recipe may hold one post-training quantizer; found {[s.method for s in post]}")
-        return post[0] if post else None
+    def graph_stages(self) -> tuple[Stage, ...]:
+        """The post-training quantizer stages ``deploy`` runs on the captured graph, in order,
+        instead of the target default; each later plan refines the earlier ones
+        (:meth:`sdk.quant.QuantPlan.then`)."""
+        return tuple(s for s in self.stages if s.post_training)
 
 
 def _stage_from_dict(d: dict) -> Stage:

@@ -117,7 +117,7 @@ def check_quantization(where: str, q: Any, shape: tuple[int, ...]) -> None:
 
 
 def check_tensor_sig(where: str, d: Any) -> dict:
-    """One entry of ``inputs``/``outputs`` (see :class:`sdk.base.TensorSig`)."""
+    """One entry of ``inputs``/``outputs`` (see :class:`sdk.contract.TensorSig`)."""
     d = _dict(where, d)
     unknown = set(d) - {"name", "shape", "dtype", "quantization", "layout", "stored_dtype"}
     if unknown:
@@ -181,6 +181,15 @@ def check_manifest(m: Any, format_name: str, format_version: int) -> dict:
         if m.get(key) is not None:
             _dict(f"{where}: {key}", m[key])
     _check_rules(f"{where}: verify", m.get("verify", {}))
+    for i, row in enumerate(_list(f"{where}: encodings", m.get("encodings", []))):
+        row = _dict(f"{where}: encodings[{i}]", row)
+        for key in ("layer", "tensor", "planned"):
+            _str(f"{where}: encodings[{i}].{key}", row.get(key))
+        for key in ("bits", "stored_bits"):
+            if not _int(row.get(key)) or not 1 <= row[key] <= 32:
+                raise _fail(f"{where}: encodings[{i}].{key}", f"expected an integer in [1, 32], got {row.get(key)!r}")
+        if "sparsity" in row:
+            _dict(f"{where}: encodings[{i}].sparsity", row["sparsity"])
     files = _dict(f"{where}: files", m.get("files"))
     if not files:
         raise _fail(f"{where}: files", "empty file list")
@@ -225,6 +234,18 @@ def check_profile(p: Any) -> dict:
         for k, v in _dict(f"{where}: delegation.outside_delegate", d.get("outside_delegate", {})).items():
             if not (_num(v) and v >= 0):
                 raise _fail(f"{where}: delegation.outside_delegate.{k}", f"expected a count, got {v!r}")
+    if "estimate" in p:
+        est = _dict(f"{where}: estimate", p["estimate"])
+        _str(f"{where}: estimate.device", est.get("device"))
+        for k in ("weight_bytes", "macs", "bops", "est_latency_ms", "est_energy_mj"):
+            if not (_num(est.get(k)) and est[k] >= 0):
+                raise _fail(f"{where}: estimate.{k}", f"expected a non-negative number, got {est.get(k)!r}")
+        for i, row in enumerate(_list(f"{where}: estimate.layers", est.get("layers", []))):
+            row = _dict(f"{where}: estimate.layers[{i}]", row)
+            for k in ("params", "weight_bytes", "macs", "bops", "est_latency_us", "est_energy_uj"):
+                if not (_num(row.get(k)) and row[k] >= 0):
+                    raise _fail(f"{where}: estimate.layers[{i}].{k}",
+                                f"expected a non-negative number, got {row.get(k)!r}")
     if "latency_note" in p:
         _str(f"{where}: latency_note", p["latency_note"])
     return p

@@ -79,7 +79,8 @@ def _hmac_key(key: bytes) -> bytes:
 def sign(path, key) -> Path:
     """Sign the artifact at ``path`` with ``key`` (bytes or key file path); returns
     the signature file.  Replaces an earlier signature."""
-    from .artifact import MANIFEST, load
+    from .artifact import load
+    from .contract import MANIFEST
 
     path = Path(path)
     load(path)                                  # sign only what would load

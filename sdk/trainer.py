@@ -13,54 +13,117 @@ fine-tuning after pruning.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, ClassVar, Iterable
 
 import torch
 from tqdm.auto import tqdm
 
-from .config import Config, check_choice, check_range
-from .errors import InputError
+from .config import Config, _plain, check_range
+from .errors import ConfigError, InputError
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig(Config):
+    """The training fields every training stage shares; a stage's ``Config`` derives from it
+    (and may change the defaults).  Validated when the recipe is read: ``optimizer``
+    must be a registered optimizer (``register_optimizers``) and ``optimizer_options``
+    valid fields of its ``Config``.
+
+    >>> TrainConfig(optimizer="sgd", optimizer_options={"momentum": 0.5}).optimizer_config().momentum
+    0.5
+    """
+
+    #: fewest epochs the stage takes (0: its training may be skipped)
+    min_epochs: ClassVar[int] = 1
+
     epochs: int = 1
     lr: float = 1e-3
     optimizer: str = "adam"
-    momentum: float = 0.9
-    weight_decay: float = 0.0
+    optimizer_options: dict = dataclasses.field(default_factory=dict, hash=False)
     seed: int = 0
     max_steps: int | None = None      # stop after this many optimizer steps
     progress: bool = True
 
     def __post_init__(self):
-        check_range("train", "epochs", self.epochs, 1)
-        check_range("train", "lr", self.lr, 0.0, lo_open=True)
-        check_choice("train", "optimizer", self.optimizer, ("adam", "adamw", "sgd"))
+        owner = self.type_tag
+        check_range(owner, "epochs", self.epochs, self.min_epochs)
+        check_range(owner, "lr", self.lr, 0.0, lo_open=True)
+        if self.max_steps is not None:
+            check_range(owner, "max_steps", self.max_steps, 1)
+        if not isinstance(self.optimizer_options, dict):
+            raise ConfigError(f"{owner}: optimizer_options must be a mapping of the optimizer's options, "
+                              f"got {type(self.optimizer_options).__name__}")
+        # the dict form (lists for tuples), so that from_dict(to_dict()) == self
+        object.__setattr__(self, "optimizer_options", _plain(self.optimizer_options))
+        self.optimizer_config()
+
+    def optimizer_config(self) -> Config:
+        """The named optimizer's validated ``Config`` (:class:`ConfigError` / :class:`UnknownPluginError`)."""
+        from . import plugins
+        from .errors import UnknownPluginError
+
+        if not isinstance(self.optimizer, str):
+            raise ConfigError(f"{self.type_tag}: optimizer must be a registered optimizer name, got {self.optimizer!r}")
+        try:
+            cls = plugins.get("optimizer", self.optimizer)
+        except UnknownPluginError as exc:
+            raise ConfigError(f"{self.type_tag}: optimizer={self.optimizer!r} is not registered; valid: "
+                              f"{', '.join(exc.valid)}") from None
+        try:
+            return cls.Config.from_dict(self.optimizer_options)
+        except (TypeError, ConfigError) as exc:
+            raise ConfigError(f"{self.type_tag}: optimizer_options for {self.optimizer!r}: {exc}") from None
+
+    def training(self, **changes: Any) -> "TrainConfig":
+        """The shared training fields of this (stage) config as a plain :class:`TrainConfig`."""
+        base = {f.name: getattr(self, f.name) for f in dataclasses.fields(TrainConfig)}
+        return TrainConfig(**{**base, **changes})
 
 
 TrainConfig.type_tag = "train"
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The registered optimizer ``cfg.optimizer`` over the trainable ``params`` at ``cfg.lr``."""
+    from . import plugins
+
     params = [p for p in params if p.requires_grad]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = plugins.get("optimizer", cfg.optimizer)(cfg.optimizer_config())
+    return optimizer.build([{"params": params, "lr": cfg.lr}])
+
+
+#: penalties and callbacks that earlier stages of the running recipe attached (see sdk.context)
+_extras: contextvars.ContextVar[tuple[list, list]] = contextvars.ContextVar("edgepack_training_extras",
+                                                                           default=([], []))
+
+
+@contextlib.contextmanager
+def training_extras(penalties: list, callbacks: list):
+    """Within the block, :func:`fit` adds ``penalty(model)`` to every loss and calls
+    ``callback(model, step)`` after every step (how one recipe stage shapes the next's training)."""
+    token = _extras.set((penalties, callbacks))
+    try:
+        yield
+    finally:
+        _extras.reset(token)
 
 
 def fit(model: torch.nn.Module, data: Iterable, loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
         cfg: TrainConfig | None = None, *, params: Iterable[torch.nn.Parameter] | None = None,
-        after_step: Callable[[], None] | None = None, desc: str = "training") -> list[float]:
+        after_step: Callable[[], None] | None = None, desc: str = "training",
+        subject: torch.nn.Module | None = None) -> list[float]:
     """Minimise ``loss_fn(model, batch)`` over ``data`` for ``cfg.epochs``.
 
     ``data`` must be re-iterable (a list, a DataLoader).  Seeds torch with
     ``cfg.seed`` first, so two runs on the same data give the same weights.
     Returns the mean loss of each epoch.  Raises :class:`InputError` when the
-    loss becomes NaN.
+    loss becomes NaN.  Penalties and callbacks of earlier recipe stages see
+    ``subject`` (default ``model``): the network being compressed when ``model``
+    also holds peers or adapters.
     """
     cfg = cfg or TrainConfig()
     if data is None:
@@ -71,6 +134,8 @@ def fit(model: torch.nn.Module, data: Iterable, loss_fn: Callable[[torch.nn.Modu
         raise InputError(f"{desc} data is empty")
     torch.manual_seed(cfg.seed)
     opt = make_optimizer(model.parameters() if params is None else params, cfg)
+    penalties, callbacks = _extras.get()
+    subject = model if subject is None else subject
     model.train()
     history, step = [], 0
     total = cfg.epochs * len(data) if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * len(data))
@@ -79,6 +144,8 @@ def fit(model: torch.nn.Module, data: Iterable, loss_fn: Callable[[torch.nn.Modu
             running, count = 0.0, 0
             for batch in data:
                 loss = loss_fn(model, batch)
+                for penalty in penalties:
+                    loss = loss + penalty(subject)
                 if not torch.isfinite(loss):
                     raise InputError(f"{desc}: loss became {loss.item()} at step {step}; lower lr or check data")
                 opt.zero_grad(set_to_none=True)
@@ -86,6 +153,8 @@ def fit(model: torch.nn.Module, data: Iterable, loss_fn: Callable[[torch.nn.Modu
                 opt.step()
                 if after_step is not None:
                     after_step()
+                for callback in callbacks:
+                    callback(subject, step)
                 running += float(loss.detach())
                 count += 1
                 step += 1
@@ -120,11 +189,10 @@ def classification_loss(model: torch.nn.Module, batch: Any, *, who: str = "train
     return torch.nn.functional.cross_entropy(model(x), y)
 
 
-def finetune(model: torch.nn.Module, data: Any, *, epochs: int, lr: float, optimizer: str = "adam", seed: int = 0,
-             progress: bool = True, desc: str = "fine-tune", penalty: Callable[[], torch.Tensor] | None = None
-             ) -> list[float]:
-    """Cross-entropy training on ``(x, y)`` batches, plus ``penalty()`` when given (pruners'
-    fine-tuning and sparsity training)."""
+def finetune(model: torch.nn.Module, data: Any, cfg: TrainConfig, *, desc: str = "fine-tune",
+             penalty: Callable[[], torch.Tensor] | None = None) -> list[float]:
+    """Cross-entropy training on ``(x, y)`` batches with the training fields of ``cfg``, plus
+    ``penalty()`` when given (pruners' fine-tuning and sparsity training)."""
     if data is None:
         raise InputError(f"{desc} needs labelled data: pass data= as (x, y) batches")
 
@@ -132,8 +200,7 @@ def finetune(model: torch.nn.Module, data: Any, *, epochs: int, lr: float, optim
         loss = classification_loss(m, batch, who=desc)
         return loss + penalty() if penalty is not None else loss
 
-    return fit(model, data, step, TrainConfig(epochs=epochs, lr=lr, optimizer=optimizer, seed=seed,
-                                              progress=progress), desc=desc)
+    return fit(model, data, step, cfg, desc=desc)
 
 
 def make_loader(x: Any, y: Any = None, *, batch_size: int = 64, shuffle: bool = True, seed: int = 0):

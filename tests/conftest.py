@@ -1,4 +1,6 @@
 import importlib.util
+import os
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -21,6 +23,18 @@ def digits():
     x = (d.images / 16.0).astype(np.float32)[:, None]
     xtr, xte, ytr, yte = train_test_split(x, d.target, test_size=0.25, random_state=0, stratify=d.target)
     return torch.from_numpy(xtr), torch.from_numpy(ytr), torch.from_numpy(xte), torch.from_numpy(yte)
+
+
+@pytest.fixture(scope="session")
+def example_plugin_env(tmp_path_factory):
+    """Environment variables for subprocesses that see examples/plugin_example installed through
+    its entry point: pip-installed into a temporary directory on PYTHONPATH, never into the
+    test venv (the in-process registry stays the built-ins')."""
+    where = tmp_path_factory.mktemp("example-plugin")
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                        "--target", str(where), str(EXAMPLE_PLUGIN)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(where), os.environ.get("PYTHONPATH")]))}
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ from torch import nn
 
 import sdk
 from sdk.errors import CalibrationError, ExportError, UnsupportedOpError
-from targets.arm_int8 import litert
-from targets.arm_int8.flatbuffer import read_model, op_name
+from sdk.litert import runtime
+from sdk.litert.flatbuffer import read_model, op_name
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from examples.models import ZOO, make  # noqa: E402
@@ -45,7 +45,7 @@ def test_zoo_int8_is_bit_exact_with_reference(zoo_artifacts, name):
     assert rep.bit_exact_ratio["host"] >= 0.99 and rep.max_lsb["host"] <= 1
     assert rep.sqnr_db["host"] > 20, "int8 output should track the float model"
     # the integer graph runs in LiteRT as XNNPACK delegate nodes only (no fallback kernels)
-    summary = litert.op_summary(litert.load_interpreter(art.file("model.tflite")))
+    summary = runtime.op_summary(runtime.load_interpreter(art.file("model.tflite")))
     assert not summary["builtin"], summary
 
 
@@ -136,7 +136,7 @@ def test_all_ops(target, tmp_path):
         assert rep.sqnr_db["host"] > 25
         # PReLU, softmax (float between DEQUANTIZE/QUANTIZE), nearest upsampling (copies), hardswish,
         # hardsigmoid, LeakyReLU, mean: all inside the one XNNPACK partition
-        summary = litert.op_summary(litert.load_interpreter(art.file("model.tflite")))
+        summary = runtime.op_summary(runtime.load_interpreter(art.file("model.tflite")))
         assert summary["delegate_nodes"] == 1 and not summary["builtin"], summary
 
 
@@ -146,7 +146,7 @@ def test_int8_nearest_upsampling_is_exact_copies_in_one_partition(factor, tmp_pa
     m = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Upsample(scale_factor=factor, mode="nearest")).eval()
     x = torch.randn(1, 3, 5, 4)
     art = sdk.deploy(m, "arm-int8", (x,), calibration=calibration(x, 4), output=tmp_path / "a", progress=False)
-    summary = litert.op_summary(litert.load_interpreter(art.file("model.tflite")))
+    summary = runtime.op_summary(runtime.load_interpreter(art.file("model.tflite")))
     assert summary["delegate_nodes"] == 1 and not summary["builtin"], summary
     y = art.run(x, runner="host")[0]
     assert np.array_equal(y, art.run(x, runner="reference")[0])
@@ -215,7 +215,7 @@ def test_profile_says_where_deploy_time_goes_and_what_left_xnnpack(tmp_path, cap
     model, x = make("lenet")
     art = sdk.deploy(model, "arm-int8", (x,), calibration=calibration(x, 2), output=tmp_path / "a", progress=False)
     prof = art.profile
-    summary = litert.op_summary(litert.load_interpreter(art.file("model.tflite")))
+    summary = runtime.op_summary(runtime.load_interpreter(art.file("model.tflite")))
     assert prof["delegation"] == {"delegate": "XNNPACK", "partitions": summary["delegate_nodes"],
                                   "delegated_ops": sum(summary["delegated"].values()),
                                   "outside_delegate": dict(summary["builtin"])}
@@ -243,4 +243,24 @@ def test_precision_critical_outputs_stay_float(act, tmp_path):
     assert rep.passed and rep.max_lsb["host"] == 0, rep
     values = np.concatenate([art.run(t)[0].ravel() for t in calibration(x, 4, seed=4)])
     assert len(np.unique(values)) > 20 and not np.allclose(values * 256, np.round(values * 256))
-    assert litert.op_summary(litert.load_interpreter(art.file("model.tflite")))["delegate_nodes"] == 1
+    assert runtime.op_summary(runtime.load_interpreter(art.file("model.tflite")))["delegate_nodes"] == 1
+
+
+def _imports(path: Path) -> list[str]:
+    import ast
+
+    tree = ast.parse(path.read_text())
+    return [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names] + \
+        [("." * n.level) + (n.module or "") for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+
+
+def test_litert_targets_share_sdk_litert_only():
+    """The LiteRT toolkit lives in sdk/litert; each LiteRT target package imports no other target,
+    and the flatbuffer writer does not import its checker (who writes and then checks calls both)."""
+    root = Path(__file__).resolve().parents[1]
+    for pkg in ("arm_int8", "arm_fp32", "fp16_gpu"):
+        for path in (root / "targets" / pkg).rglob("*.py"):
+            others = [m for m in _imports(path) if m.startswith("targets.")]
+            assert not others, (path, others)
+    writer = _imports(root / "sdk" / "litert" / "flatbuffer.py")
+    assert not [m for m in writer if m.endswith("fbcheck")], writer

@@ -24,9 +24,9 @@ import sdk.plugins as p
 from sdk.binary import BinaryConv2d, BinaryInfo, BinaryLinear, binarize, binarize_model, binary_layers, mean_abs_window
 from sdk.errors import ConfigError, ToolchainError, UnsupportedOpError
 from sdk.recipe import Recipe
-from targets.binary_popcount import binary_layer_agreement
-from targets.binary_popcount import codegen as cg
+from targets.binary_popcount import binary_layer_agreement, blob, build, emit
 from targets.binary_popcount import reference as ref
+from targets.binary_popcount import specs as sp
 from targets.binary_popcount.packing import words
 from targets.binary_popcount.runners import artifact_specs
 
@@ -256,7 +256,7 @@ def test_batch_norm_after_a_bias_free_bnn_conv_folds_into_its_scale(tmp_path):
     model.eval()
     art = sdk.deploy(model, "binary-popcount", (torch.randn(1, 3, 6, 6),), output=tmp_path / "a", progress=False)
     specs, _ = artifact_specs(art)
-    conv = next(s for s in specs if isinstance(s, cg.BinaryConv))
+    conv = next(s for s in specs if isinstance(s, sp.BinaryConv))
     bn = model[2]
     np.testing.assert_allclose(conv.alpha, (bn.weight / torch.sqrt(bn.running_var + bn.eps)).abs().detach(),
                                rtol=1e-6)
@@ -308,8 +308,8 @@ int main(int argc, char **argv) {
 def test_layers_json_rebuilds_the_same_model(trained):
     art = trained["xnor_art"]
     specs, names = artifact_specs(art)
-    assert cg.write_weights_bin(specs) == art.file("weights.bin").read_bytes()
-    assert cg.generate_sources(specs) == (art.file("model.c").read_text(), art.file("model.h").read_text())
+    assert blob.write_weights_bin(specs) == art.file("weights.bin").read_bytes()
+    assert emit.generate_sources(specs) == (art.file("model.c").read_text(), art.file("model.h").read_text())
     assert "features.4" not in names and "conv2d_1" in names        # graph node names
 
 
@@ -387,13 +387,13 @@ def test_k_scale_agrees_in_torch_numpy_and_c(shape, k, stride, pad, tmp_path):
     x = rng.standard_normal(shape).astype(np.float32)
     if len(shape) == 4:
         w = rng.standard_normal((9, shape[1], k, k))
-        binary = cg.BinaryConv.from_float(w, np.ones(9), stride, pad)
+        binary = sp.BinaryConv.from_float(w, np.ones(9), stride, pad)
         geometry = ([k, k], [stride] * 2, [pad] * 2, [1, 1])
     else:
         w = rng.standard_normal((9, shape[1]))
-        binary, geometry = cg.BinaryLinear.from_float(w, np.ones(9)), ([], [], [], [])
-    specs = [cg.InputSpec(shape), cg.Sign(), binary, cg.MeanAbsScale(0, k, stride, pad)]
-    got = cg.compile_model(specs, cache_dir=tmp_path).run(x)
+        binary, geometry = sp.BinaryLinear.from_float(w, np.ones(9)), ([], [], [], [])
+    specs = [sp.InputSpec(shape), sp.Sign(), binary, sp.MeanAbsScale(0, k, stride, pad)]
+    got = build.compile_model(specs, cache_dir=tmp_path).run(x)
     want, _ = ref.run_reference(specs, x)
     np.testing.assert_array_equal(got, want)             # same summation order by design
     xt = torch.from_numpy(x)

@@ -75,7 +75,7 @@ stages:
     assert Recipe.from_yaml(r.to_yaml()) == r
     assert Recipe.from_dict(r.to_dict()) == r
     assert [s.method for s in r.torch_stages] == ["magnitude", "kd"]
-    assert r.graph_quantizer.method == "ptq"
+    assert [s.method for s in r.graph_stages] == ["ptq"]
     built = Recipe([("magnitude", {"sparsity": 0.75, "scope": "global"}), ("kd", {"objective": "soft",
                     "temperature": 2.0, "epochs": 3}), ("ptq", {"activation_observer": "percentile",
                                                                "percentile": 99.9})])

@@ -74,29 +74,24 @@ def test_import_sdk_is_lazy():
     assert out.strip() == "[]"
 
 
-def _cli(*args):
+def _cli(*args, env=None):
     return subprocess.run([sys.executable, "-m", "sdk", *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=600)
+                          env=env, timeout=600)
 
 
-def test_cli_deploy_verify_inspect(tmp_path, small_cnn):
+def test_cli_deploy_verify_inspect(tmp_path, small_cnn, example_plugin_env):
     x = torch.randn(1, 1, 8, 8)
     torch.export.save(torch.export.export(small_cnn, (x,)), tmp_path / "m.pt2")
     np.savez(tmp_path / "cal.npz", x=np.random.default_rng(0).random((32, 1, 8, 8), dtype=np.float32))
-    plugin = ROOT / "examples" / "plugin_example"
-    env_ok = subprocess.run([sys.executable, "-c", "import edgepack_example"], capture_output=True).returncode == 0
-    if not env_ok:
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                        str(plugin)], check=True)
     out = tmp_path / "art"
     r = _cli("deploy", str(tmp_path / "m.pt2"), "--target", "torch-ir", "--calibration", str(tmp_path / "cal.npz"),
-             "-o", str(out))
+             "-o", str(out), env=example_plugin_env)
     assert r.returncode == 0, r.stderr
     assert "wrote" in r.stdout
-    r = _cli("verify", str(out), "--json")
+    r = _cli("verify", str(out), "--json", env=example_plugin_env)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["passed"] is True
-    r = _cli("inspect", str(out))
+    r = _cli("inspect", str(out), env=example_plugin_env)
     assert r.returncode == 0 and "conv" in r.stdout and "latency (host)" in r.stdout
 
     # a broken packer: weights changed and re-hashed consistently -> verification fails, exit 1

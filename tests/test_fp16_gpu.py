@@ -10,7 +10,7 @@ from torch import nn
 
 import sdk
 from sdk.errors import CalibrationError
-from targets.arm_int8.flatbuffer import op_name, read_model
+from sdk.litert.flatbuffer import op_name, read_model
 from targets.fp16_gpu.half import dot16, mac16, sum16
 
 FLOAT32, FLOAT16, INT32 = 0, 1, 2          # schema TensorType codes
@@ -155,7 +155,7 @@ def test_underflow_is_reported(tmp_path):
 @pytest.mark.parametrize("name", ["lenet", "mobilenetv2"])
 def test_torch_translation_used_by_cuda_runner(name, tmp_path):
     """The cuda runner's torch rebuild of the flatbuffer, checked on the CPU in float32."""
-    from targets.arm_int8.reference import ReferenceInterpreter
+    from sdk.litert.reference import ReferenceInterpreter
     from targets.fp16_gpu.cuda import TorchLiteRT
 
     model, x = make(name)
@@ -240,7 +240,7 @@ def test_verify_bound_is_derived_from_the_weight_rounding_baseline(tmp_path):
     import shutil
 
     from tamper import rewrite
-    from targets.arm_int8.fbcheck import check_model
+    from sdk.litert.fbcheck import check_model
     from targets.fp16_gpu import REL_ERR_CAP
 
     model, x, g = _sharp_bn_resnet18()

@@ -21,8 +21,8 @@ import pytest
 import torch
 
 import sdk
-from targets.arm_int8 import litert
-from targets.arm_int8.runners import to_stored
+from sdk.litert import runtime
+from sdk.litert.layout import to_stored
 
 import gallery
 
@@ -73,9 +73,9 @@ def test_gallery_model_deploys_unmodified(name, tmp_path):
         for t in inputs:
             assert np.array_equal(int8.run(t, runner="host")[0], int8.run(t, runner="reference")[0])
     tflite = int8.file("model.tflite")
-    summary = litert.op_summary(litert.load_interpreter(tflite))
+    summary = runtime.op_summary(runtime.load_interpreter(tflite))
     assert summary["delegate_nodes"] == 1 and not summary["builtin"], summary
-    (y,) = litert.run(litert.load_interpreter(tflite, delegate=False),
+    (y,) = runtime.run(runtime.load_interpreter(tflite, delegate=False),
                       [to_stored(int8.manifest["inputs"][0], inputs[0].numpy())])
     assert np.all(np.isfinite(y))
 

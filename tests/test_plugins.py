@@ -44,9 +44,9 @@ def test_every_hook_has_a_test(hook):
     assert f"test_hook_{hook}" in globals(), f"add test_hook_{hook} to {__file__}"
 
 
-def test_hook_surface_is_the_five_registration_hooks():
+def test_hook_surface_is_the_six_registration_hooks():
     assert sorted(hook_names()) == sorted(["register_distillers", "register_pruners", "register_quantizers",
-                                           "register_targets", "register_runners"])
+                                           "register_targets", "register_runners", "register_optimizers"])
 
 
 # -- one test per hook: each kind reaches the registry through its hook ------------
@@ -79,6 +79,13 @@ def test_hook_register_targets(example_plugin):
 def test_hook_register_runners(example_plugin):
     assert _registered_via_hook("register_runners", "runner", "host")
     assert p.get_runner("host", "torch-ir").__name__ == "TorchIRRunner"
+
+
+def test_hook_register_optimizers(example_plugin):
+    assert _registered_via_hook("register_optimizers", "optimizer", "adamw")
+    assert _registered_via_hook("register_optimizers", "optimizer", "lion")
+    assert p.names("optimizer") == ["adam", "adamw", "lion", "sgd"]
+    assert p.get("optimizer", "sgd").__module__ == "plugins.optim.sgd"
 
 
 # -- errors ------------------------------------------------------------------------
@@ -139,21 +146,18 @@ def test_list_plugins_rows():
 
 # -- real entry point ---------------------------------------------------------------
 
-def _run(*args, env=None):
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, **(env or {})}, timeout=600)
+def _run(*args, env):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
 
 
 @pytest.fixture(scope="module")
-def installed_example():
-    """pip-install examples/plugin_example into this environment (offline, no build isolation)."""
-    r = _run("-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", str(ROOT / "examples/plugin_example"))
-    assert r.returncode == 0, r.stderr
-    return True
+def installed_example(example_plugin_env):
+    """examples/plugin_example installed for subprocesses only (see conftest.example_plugin_env)."""
+    return example_plugin_env
 
 
 def test_entry_point_plugin_is_listed_and_deploys(installed_example, tmp_path):
-    r = _run("-m", "sdk", "plugins", "--json")
+    r = _run("-m", "sdk", "plugins", "--json", env=installed_example)
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
     assert {"name": "torch-ir", "kind": "target", "version": "0.1.0", "module": "edgepack_example"} in rows
@@ -170,26 +174,73 @@ assert art.manifest["plugins"][0]["module"] == "edgepack_example"
 assert any(r["name"] == "random" for r in art.manifest["plugins"])
 print(art.verify().passed)
 """
-    r = _run("-c", code)
+    r = _run("-c", code, env=installed_example)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().endswith("True")
 
 
 def test_autoload_can_be_disabled(installed_example):
-    r = _run("-m", "sdk", "plugins", "--json", env={"EDGEPACK_DISABLE_PLUGIN_AUTOLOAD": "1"})
+    r = _run("-m", "sdk", "plugins", "--json", env={**installed_example, "EDGEPACK_DISABLE_PLUGIN_AUTOLOAD": "1"})
     assert r.returncode == 0
     assert not any(row["module"] == "edgepack_example" for row in json.loads(r.stdout))
 
 
-def test_no_plugin_module_imports_another_plugin():
-    """Shared logic lives in sdk/ (BN folding: sdk/torch_fold.py, weight specs: sdk.quant.weight_spec)."""
+def _plugin_imports(module: str, source: str, roots: tuple[str, ...] = ("plugins",)) -> list[str]:
+    """The ``plugins.*`` (or other ``roots``) modules that ``source`` (the text of module ``module``)
+    imports, relative imports resolved (``from .kd import KD`` in ``plugins.distill.fitnets``:
+    ``plugins.distill.kd``)."""
     import ast
 
-    root = Path(__file__).resolve().parents[1] / "plugins"
+    package = module.rsplit(".", 1)[0]
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+            found += [f"{base}.{node.module}"] if node.module else [f"{base}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            found.append(node.module or "")
+    return [n for n in found if n.split(".")[0] in roots]
+
+
+def test_no_plugin_module_imports_another_plugin():
+    """Shared logic lives in sdk/ (BN folding: sdk/torch_fold.py, weight specs: sdk.quant.weight_spec,
+    feature capture: sdk/features.py, distillation losses: sdk/losses.py), relative imports included."""
+    assert _plugin_imports("plugins.distill.fitnets", "from .kd import KD\nfrom .. import prune\n"
+                           "import plugins.quantize.ptq\nfrom sdk.features import capture\n") == \
+        ["plugins.distill.kd", "plugins.prune", "plugins.quantize.ptq"]
+    root = Path(__file__).resolve().parents[1]
     offenders = []
-    for path in root.rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            offenders += [f"{path.relative_to(root.parent)}: {n}" for n in names if n.split(".")[0] == "plugins"]
+    for path in (root / "plugins").rglob("*.py"):
+        # "plugins.distill.__init__" resolves relative imports against its package, as Python does
+        module = ".".join(path.relative_to(root).with_suffix("").parts)
+        offenders += [f"{path.relative_to(root)}: {n}" for n in _plugin_imports(module, path.read_text())]
+    assert not offenders, offenders
+
+
+def _foreign_target_imports(module: str, source: str) -> list[str]:
+    """What a module under ``targets/`` imports of ``plugins.*`` or of a target package other than its own."""
+    own = ".".join(module.split(".")[:2])            # targets.<name>
+    return [n for n in _plugin_imports(module, source, roots=("plugins", "targets"))
+            if n != own and not n.startswith(own + ".")]
+
+
+def test_a_target_package_imports_only_sdk_and_itself():
+    """A target package is self-contained: what two targets share lives in sdk/ (the LiteRT toolkit:
+    sdk/litert/, the qemu-aarch64 runner base: sdk/qemu.py, the emulator: sdk/emulator.py), and a
+    target never imports a method plugin (fp32 field checks: sdk.config.check_fp32_fields)."""
+    assert _foreign_target_imports("targets.binary_popcount.qemu",
+                                   "from .build import kernel_sources\nfrom .. import arm_int8\n"
+                                   "from ..arm_fp32 import NAME\nimport targets.fp16_gpu.half\n"
+                                   "from targets.binary_popcount.emit import generate_sources\n"
+                                   "from plugins.quantize.fp16 import check_fp32_fields\n"
+                                   "from sdk import emulator\nimport numpy\n") == \
+        ["targets.arm_int8", "targets.arm_fp32", "targets.fp16_gpu.half", "plugins.quantize.fp16"]
+    assert _foreign_target_imports("targets.arm_int8.__init__", "from .lowering import lower\n") == []
+    root = Path(__file__).resolve().parents[1]
+    offenders = []
+    for path in (root / "targets").rglob("*.py"):
+        module = ".".join(path.relative_to(root).with_suffix("").parts)
+        offenders += [f"{path.relative_to(root)}: {n}" for n in _foreign_target_imports(module, path.read_text())]
     assert not offenders, offenders

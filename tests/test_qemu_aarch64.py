@@ -21,8 +21,9 @@ import torch
 import sdk
 import sdk.plugins as plugins
 from sdk import emulator
-from sdk.errors import RunnerError, ToolchainError
-from targets.qemu_aarch64 import QemuAarch64Runner
+from sdk.errors import ConfigError, RunnerError, ToolchainError
+from sdk.qemu import QemuAarch64Runner
+from targets.arm_int8 import QemuRunner as ArmInt8QemuRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -61,17 +62,33 @@ def emu():
 # -- without the emulator ----------------------------------------------------------
 
 
-def test_runner_is_registered_for_the_targets():
-    for target in ("arm-int8", "arm-fp32"):
-        assert "qemu-aarch64" in plugins.runners_for(target)
-    row = next(r for r in plugins.list_plugins() if r["name"] == "qemu-aarch64")
-    assert row["module"] == "targets.qemu_aarch64" and "binary-popcount" in row["targets"]
+def test_each_target_registers_its_own_runner():
+    modules = {"arm-int8": "targets.arm_int8", "arm-fp32": "targets.arm_fp32",
+               "binary-popcount": "targets.binary_popcount.qemu"}
+    for target, module in modules.items():
+        cls = plugins.get_runner("qemu-aarch64", target)
+        assert issubclass(cls, QemuAarch64Runner) and cls.targets == (target,) and cls.__module__ == module
+        assert cls.version == "1.0" and cls.exact
+    assert "qemu-aarch64" not in plugins.runners_for("fp16-gpu")
+    rows = [r for r in plugins.list_plugins() if r["name"] == "qemu-aarch64"]
+    assert sorted((r["module"], tuple(r["targets"])) for r in rows) == sorted(
+        (m, (t,)) for t, m in modules.items())
+
+
+def test_config_is_validated_naming_the_field():
+    assert ArmInt8QemuRunner().config == QemuAarch64Runner.Config()
+    assert ArmInt8QemuRunner(cpu="cortex-a72").config.cpu == "cortex-a72"
+    with pytest.raises(ConfigError, match="num_threads must be >= 1, got 0"):
+        ArmInt8QemuRunner(num_threads=0)
+    with pytest.raises(ConfigError, match="timeout_s must be > 0"):
+        plugins.get_runner("qemu-aarch64", "binary-popcount")(timeout_s=0)
+    assert QemuAarch64Runner.Config.type_tag == "runner.qemu-aarch64"
 
 
 def test_without_the_emulator_the_message_says_how_to_install(tmp_path, monkeypatch):
     _, x, art = deploy("mlp", tmp_path)
     monkeypatch.setenv("EDGEPACK_CACHE", str(tmp_path / "empty-cache"))
-    reason = QemuAarch64Runner().unavailable()
+    reason = ArmInt8QemuRunner().unavailable()
     assert "edgepack emulator install" in reason and "\n" not in reason
     with pytest.raises(ToolchainError) as info:
         art.run(x, runner="qemu-aarch64")
@@ -184,7 +201,7 @@ def test_other_cpu_models_agree(emu, tmp_path):
     _, x, art = deploy("dscnn", tmp_path)
     inputs = [s.numpy() for s in batches(x.shape, 2, seed=5)]
     host = [art.run(s, runner="host")[0] for s in inputs]
-    with QemuAarch64Runner(cpu="cortex-a72").open(art) as session:
+    with ArmInt8QemuRunner(cpu="cortex-a72").open(art) as session:
         for s, h in zip(inputs, host):
             np.testing.assert_array_equal(session([s])[0], h)
         assert session.command[session.command.index("-cpu") + 1] == "cortex-a72"
@@ -193,7 +210,7 @@ def test_other_cpu_models_agree(emu, tmp_path):
 @pytest.mark.emulation
 def test_one_process_serves_many_calls(emu, tmp_path):
     _, x, art = deploy("mlp", tmp_path)
-    session = QemuAarch64Runner().open(art)
+    session = ArmInt8QemuRunner().open(art)
     workdir = session.workdir
     assert sorted(p.name for p in (workdir / "artifact").iterdir()) == sorted(
         [*art.manifest["files"], "manifest.json"])
@@ -225,7 +242,7 @@ def test_a_broken_model_is_refused_before_the_emulator(emu, tmp_path):
     (art.path / "model.tflite").write_bytes(b"not a flatbuffer" * 8)
     broken = Artifact(art.path, art.manifest, art.profile)   # past load()'s hash check, on purpose
     with pytest.raises(ArtifactError):
-        QemuAarch64Runner().open(broken)
+        ArmInt8QemuRunner().open(broken)
 
 
 @pytest.fixture

@@ -108,18 +108,18 @@ def _race(fn, xs, want, in_threads, calls=250):
 def test_the_lock_is_what_makes_litert_safe(artifacts, one_thread, in_threads):
     """A bare LiteRT interpreter raced from 4 threads fails (when the scheduler interleaves
     them); the same interpreter behind the session's lock does not."""
-    from targets.arm_int8 import litert, runners
+    from sdk.litert import layout, runners, runtime
 
     art = artifacts["arm-int8"]
-    interp = litert.load_interpreter(runners.checked_model(art))
+    interp = runtime.load_interpreter(runners.checked_model(art))
     sig_in, sig_out = art.manifest["inputs"][0], art.manifest["outputs"][0]
 
     def bare(x):
-        return [runners.from_stored(sig_out, litert.run(interp, [runners.to_stored(sig_in, x[0])])[0])]
+        return [layout.from_stored(sig_out, runtime.run(interp, [layout.to_stored(sig_in, x[0])])[0])]
 
     xs = [[x.numpy()] for x in _batches((1, 1, 8, 8), DISTINCT, 1)]
     want = [bare(x) for x in xs]
-    errors, wrong = _race(runners.adapt(art, lambda s: litert.run(interp, s)), xs, want, in_threads)
+    errors, wrong = _race(runners.adapt(art, lambda s: runtime.run(interp, s)), xs, want, in_threads)
     assert not errors and not wrong, (errors[:5], wrong[:5])
     errors, wrong = _race(bare, xs, want, in_threads)
     if not errors and not wrong:

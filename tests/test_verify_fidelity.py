@@ -16,8 +16,8 @@ import torch
 
 import sdk
 from sdk.errors import InputError
+from sdk.litert.fbcheck import check_model
 from sdk.verify import FLOAT_MODEL, GOLDEN, REFERENCE, merge_rules
-from targets.arm_int8.fbcheck import check_model
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

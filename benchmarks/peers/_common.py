@@ -4,7 +4,7 @@ The workers run in the peers' own venvs, which do not have edgepack's
 dependencies, so this module needs only the standard library, numpy and,
 imported lazily, ``ai_edge_litert`` (the LiteRT parts) and torch (the job's
 tensors and the warm-up conversion; every peer venv has torch).  It mirrors the few
-pieces of ``targets/arm_int8/litert.py`` the benchmark needs: load an
+pieces of ``sdk/litert/runtime.py`` the benchmark needs: load an
 interpreter with 1 thread, run it, count its XNNPACK partitions, and a timing
 loop that interleaves several sides in rounds.
 
@@ -157,7 +157,7 @@ class LiteRTModel:
         LiteRT lists every original node and, after them, the DELEGATE nodes that
         replaced some; a DELEGATE node shows only its partition's boundary tensors,
         so the replaced nodes are found by walking back from its outputs to its
-        inputs (as ``targets.arm_int8.litert.op_summary`` does).
+        inputs (as ``sdk.litert.runtime.op_summary`` does).
         """
         ops = self.interp._get_ops_details()  # the only API that exposes delegation
         original = [o for o in ops if o["op_name"] != "DELEGATE"]

@@ -11,7 +11,7 @@ networks' predicted distributions.  For student ``k`` with probabilities
 
 with the peers' ``p_l`` treated as constants (detached) in ``L_k``.  KL is
 averaged over the batch; it is kd's soft term at ``T = 1``
-(:class:`plugins.distill.kd.KD`), reused here.  The peers' secondary
+(:func:`sdk.losses.soft_target_kl`).  The peers' secondary
 probabilities act as a learned, sample-specific label smoothing, which is why
 the cohort generalises better than the same networks trained alone.
 
@@ -29,8 +29,12 @@ and costs one forward per network per step).
   points are what makes the peers informative).
 * ``teacher`` a model or a list/tuple of models: these are the peers
   (``peers`` is then ignored).  They are deep-copied first, so the caller's
-  models are left untouched — ``sdk.compress`` passes the uncompressed model
-  as ``teacher`` and promises not to modify it.
+  models are left untouched.
+
+In a recipe (``sdk.compress(model, recipe, data=..., teacher=...)``) the peers
+are the caller's ``teacher`` when one is given and fresh ones when not: unlike
+the other distillers, dml does not fall back to the uncompressed model, whose
+copy would start where the student starts and teach it nothing at first.
 
 The trained student is returned; the whole trained cohort (student first) is
 kept in ``self.cohort`` for callers who want the peers too.
@@ -50,14 +54,14 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
 from sdk import hookimpl
 from sdk.base import Distiller
-from sdk.config import Config, check_range
+from sdk.config import check_range
 from sdk.errors import InputError
+from sdk.losses import soft_target_kl
 from sdk.trainer import TrainConfig, fit, split_batch
-
-from .kd import KD
 
 
 class DML(Distiller):
@@ -65,22 +69,17 @@ class DML(Distiller):
 
     name = "dml"
     version = "1.0"
+    streams = ("train",)
 
     @dataclasses.dataclass(frozen=True)
-    class Config(Config):
+    class Config(TrainConfig):
+        """Cohort size; the training fields are :class:`TrainConfig`'s (one optimizer for the cohort)."""
+
         peers: int = 1                # extra freshly initialised copies when no peers are given
-        epochs: int = 1
-        lr: float = 1e-3
-        optimizer: str = "adam"
-        seed: int = 0
-        progress: bool = True
 
         def __post_init__(self):
+            super().__post_init__()
             check_range("dml", "peers", self.peers, 1)
-            check_range("dml", "epochs", self.epochs, 1)
-            check_range("dml", "lr", self.lr, 0.0, lo_open=True)
-
-    _kl = KD(objective="soft", temperature=1.0, progress=False)
 
     def __init__(self, config=None, **options) -> None:
         super().__init__(config, **options)
@@ -95,7 +94,7 @@ class DML(Distiller):
         peers = list(teacher)
         if not peers:
             raise InputError("dml needs at least one peer's logits")
-        mimicry = sum(self._kl.loss(student, p.detach()) for p in peers) / len(peers)
+        mimicry = sum(soft_target_kl(student, p.detach()) for p in peers) / len(peers)
         return F.cross_entropy(student, target) + mimicry
 
     def cohort_loss(self, logits: Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
@@ -115,29 +114,48 @@ class DML(Distiller):
             raise InputError("dml: the student cannot be its own peer; pass other models or teacher=None")
         return [student] + [copy.deepcopy(p) for p in peers]
 
+    def run(self, model, ctx):
+        """``apply`` with the caller's ``teacher`` as peers, or fresh peers when none was given
+        (never a copy of the uncompressed original, see the module docstring)."""
+        return self.apply(model, ctx.teacher, ctx.data.get("train"))
+
     def apply(self, student: torch.nn.Module, teacher, data) -> torch.nn.Module:
-        cfg = self.config
         cohort = self.make_cohort(student, teacher)
 
         def step(models, batch):
             x, y = split_batch(batch)
             return self.cohort_loss([m(x) for m in models], y)
 
-        fit(torch.nn.ModuleList(cohort), data, step,
-            TrainConfig(epochs=cfg.epochs, lr=cfg.lr, optimizer=cfg.optimizer, seed=cfg.seed, progress=cfg.progress),
-            desc=f"dml x{len(cohort)}")
+        fit(torch.nn.ModuleList(cohort), data, step, self.config, desc=f"dml x{len(cohort)}", subject=student)
         self.cohort = cohort
         return student
 
 
 def _fresh_copy(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """A deep copy of ``model`` with every resettable layer re-initialised under ``seed``."""
+    """A deep copy of ``model`` with every resettable layer re-initialised under ``seed``; a
+    pruned layer's mask stays, so the copy is as sparse as ``model``."""
     twin = copy.deepcopy(model)
     torch.manual_seed(seed)
     for m in twin.modules():
-        if hasattr(m, "reset_parameters"):
+        if not hasattr(m, "reset_parameters"):
+            continue
+        if parametrize.is_parametrized(m):
+            _reset_masked(m)
+        else:
             m.reset_parameters()
     return twin
+
+
+def _reset_masked(m: torch.nn.Module) -> None:
+    """``reset_parameters`` of a masked layer.  Called on the layer itself it would initialise
+    the computed weight·mask, a temporary; it runs instead on a plain view of the layer whose
+    tensors are the masked originals (remove_parametrizations cannot be used: the deep copies
+    share their parametrized class with the student, and removing edits that class)."""
+    plain = object.__new__(parametrize.type_before_parametrizations(m))
+    plain.__dict__.update(m.__dict__)
+    plain._parameters = {**m._parameters, **{name: p.original for name, p in m.parametrizations.items()}}
+    plain._modules = {k: v for k, v in m._modules.items() if k != "parametrizations"}
+    plain.reset_parameters()
 
 
 @hookimpl

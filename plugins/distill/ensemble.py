@@ -15,15 +15,18 @@ distribution, so one model carries the ensemble's knowledge:
 
 Probabilities are averaged, not logits: averaging logits would be a
 geometric mean of the members' distributions, which is a different target.
-The averaged distribution is handed to :class:`plugins.distill.kd.KD` as the
-pseudo-logits ``T · log p̄`` (``softmax(T · log p̄ / T) = p̄``), so the KL, the
-T² scaling and the hard term are kd's own code.
+The averaged distribution is handed to kd's loss (:func:`sdk.losses.kd_loss`) as
+the pseudo-logits ``T · log p̄`` (``softmax(T · log p̄ / T) = p̄``), so the KL,
+the T² scaling and the hard term are kd's own code.
 
 ``apply(student, teacher, data)`` needs ``teacher`` to be a list or tuple of at
 least two models with the student's number of classes.  A single model is
 refused with an :class:`~sdk.errors.InputError` that points at ``kd``: an
-"ensemble" of one is kd, and ``sdk.compress`` passes the uncompressed model
-as the teacher when none is given, which is never what this method wants.
+"ensemble" of one is kd.  In a recipe the teachers come from the caller,
+``sdk.compress(model, recipe, data=..., teacher=[model_a, model_b])``; with no
+teacher given the stage fails with an :class:`~sdk.errors.InputError` saying
+so, instead of falling back to the uncompressed model as other distillers do
+(that would be the one-member ensemble, i.e. kd under another name).
 
 >>> import torch
 >>> from plugins.distill.ensemble import Ensemble
@@ -42,11 +45,13 @@ import torch
 
 from sdk import hookimpl
 from sdk.base import Distiller
-from sdk.config import Config, check_choice, check_range
+from sdk.config import check_choice, check_range
 from sdk.errors import InputError
+from sdk.losses import kd_loss
 from sdk.trainer import TrainConfig, fit, split_batch
 
-from .kd import KD
+#: how a caller hands the teachers over
+_HOW = "pass teacher=[model_a, model_b, ...] (sdk.compress(model, recipe, data=..., teacher=[...]))"
 
 
 def ensemble_logits(teacher_logits: torch.Tensor | Sequence[torch.Tensor], temperature: float) -> torch.Tensor:
@@ -62,7 +67,8 @@ def ensemble_logits(teacher_logits: torch.Tensor | Sequence[torch.Tensor], tempe
     """
     stacked = torch.stack(list(teacher_logits)) if not isinstance(teacher_logits, torch.Tensor) else teacher_logits
     if stacked.dim() != 3:
-        raise InputError(f"ensemble teacher logits must be (teachers, batch, classes), got shape {tuple(stacked.shape)}")
+        raise InputError("ensemble teacher logits must be (teachers, batch, classes), "
+                         f"got shape {tuple(stacked.shape)}")
     log_p = torch.log_softmax(stacked / temperature, dim=-1)
     # log-mean-exp keeps tiny probabilities finite where log(mean(p)) would underflow
     log_mean = torch.logsumexp(log_p, dim=0) - math.log(stacked.shape[0])
@@ -74,44 +80,47 @@ class Ensemble(Distiller):
 
     name = "ensemble"
     version = "1.0"
+    streams = ("train",)
+    needs_teacher = True
 
     @dataclasses.dataclass(frozen=True)
-    class Config(Config):
+    class Config(TrainConfig):
+        """The soft-target objective; the training fields are :class:`TrainConfig`'s."""
+
         objective: str = "soft+hard"
         temperature: float = 4.0
         alpha: float = 0.9            # weight of the soft term in soft+hard
-        epochs: int = 1
-        lr: float = 1e-3
-        optimizer: str = "adam"
-        seed: int = 0
-        progress: bool = True
 
         def __post_init__(self):
+            super().__post_init__()
             check_choice("ensemble", "objective", self.objective, ("soft", "soft+hard"))
             check_range("ensemble", "temperature", self.temperature, 0.0, lo_open=True)
             check_range("ensemble", "alpha", self.alpha, 0.0, 1.0)
-            check_range("ensemble", "epochs", self.epochs, 1)
-            check_range("ensemble", "lr", self.lr, 0.0, lo_open=True)
-
-    def _kd(self) -> KD:
-        cfg = self.config
-        return KD(objective=cfg.objective, temperature=cfg.temperature, alpha=cfg.alpha, progress=False)
 
     def loss(self, student: torch.Tensor, teacher: torch.Tensor | Sequence[torch.Tensor],
              target: torch.Tensor | None = None) -> torch.Tensor:
         """The loss for one batch: ``student`` logits ``(N, C)``, the teachers'
         logits as ``(K, N, C)`` or a list of K ``(N, C)`` tensors, labels ``(N,)``."""
-        pseudo = ensemble_logits(teacher, self.config.temperature)
+        cfg = self.config
+        pseudo = ensemble_logits(teacher, cfg.temperature)
         if pseudo.shape != student.shape:
             raise InputError(f"ensemble: teacher logits {tuple(pseudo.shape)} do not match the student's "
                              f"{tuple(student.shape)}; teachers and student must predict the same classes")
-        return self._kd().loss(student, pseudo, target)
+        return kd_loss(student, pseudo, target, objective=cfg.objective, temperature=cfg.temperature,
+                       alpha=cfg.alpha, who="ensemble")
+
+    def run(self, model, ctx):
+        """``apply`` with the caller's teachers; the uncompressed original is no ensemble, so
+        ``ctx.teacher is None`` is an :class:`InputError` saying what to pass."""
+        if ctx.teacher is None:
+            raise InputError(f"ensemble needs several teacher models and none was given: {_HOW}; "
+                             "to distil from the uncompressed model alone use the 'kd' distiller")
+        return self.apply(model, ctx.teacher, ctx.data.get("train"))
 
     def apply(self, student: torch.nn.Module, teacher, data) -> torch.nn.Module:
         teachers = _teacher_list(teacher)
         for t in teachers:
             t.eval()
-        cfg = self.config
 
         def step(model, batch):
             x, y = split_batch(batch)
@@ -119,22 +128,20 @@ class Ensemble(Distiller):
                 logits = torch.stack([t(x) for t in teachers])
             return self.loss(model(x), logits, y)
 
-        fit(student, data, step, TrainConfig(epochs=cfg.epochs, lr=cfg.lr, optimizer=cfg.optimizer, seed=cfg.seed,
-                                             progress=cfg.progress), desc="ensemble")
+        fit(student, data, step, self.config, desc="ensemble")
         return student
 
 
 def _teacher_list(teacher) -> list[torch.nn.Module]:
     """The teachers as a list, or an :class:`InputError` saying what to pass."""
-    how = "pass teacher=[model_a, model_b, ...] (sdk.compress(model, recipe, data=..., teacher=[...]))"
     if isinstance(teacher, torch.nn.Module):
-        raise InputError(f"ensemble needs several teacher models, got a single {type(teacher).__name__}: {how}; "
+        raise InputError(f"ensemble needs several teacher models, got a single {type(teacher).__name__}: {_HOW}; "
                          "to distil from one teacher use the 'kd' distiller")
     if not isinstance(teacher, (list, tuple)) or len(teacher) < 2:
-        raise InputError(f"ensemble needs a list of at least two teacher models: {how}")
+        raise InputError(f"ensemble needs a list of at least two teacher models: {_HOW}")
     bad = [i for i, t in enumerate(teacher) if not isinstance(t, torch.nn.Module)]
     if bad:
-        raise InputError(f"ensemble teacher entries {bad} are not torch.nn.Module: {how}")
+        raise InputError(f"ensemble teacher entries {bad} are not torch.nn.Module: {_HOW}")
     return list(teacher)
 
 

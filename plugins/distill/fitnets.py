@@ -24,7 +24,12 @@ Stage 1 (``hint_epochs``, ``hint_lr``)
 Stage 2 (``epochs``, ``lr``)
     The whole student trains with kd's loss (``objective`` ``soft+hard`` by
     default: ``alpha · T² · KL(softmax(t/T) ‖ softmax(s/T)) + (1 − alpha) · CE``),
-    reused from :class:`plugins.distill.kd.KD`.
+    :func:`sdk.losses.kd_loss`.
+
+Both stages use the config's training fields (:class:`sdk.trainer.TrainConfig`:
+``optimizer``, ``optimizer_options``, ``seed``, ``max_steps`` — each stage counts
+its own steps — and ``progress``); stage 1 replaces ``epochs`` and ``lr`` with
+``hint_epochs`` and ``hint_lr``.
 
 The regressor (``regressor``): ``conv1x1`` maps conv features ``(N, C, H, W)``
 of equal spatial size; ``linear`` maps the flattened features; ``auto`` picks
@@ -35,9 +40,10 @@ paper ``r`` is linear; pick hint/guided layers with matching activations
 it is never attached to the student, so the returned student's state dict is
 unchanged in its keys.
 
-Layers are named as in ``model.named_modules()`` (``"features.3"``).  Both
-must be given (the defaults are empty); a missing name or one that does not
-exist raises a :class:`~sdk.errors.ConfigError` listing the available ones.
+Layers are named as in ``model.named_modules()`` (``"features.3"``) and
+captured with :mod:`sdk.features`.  Both must be given (the defaults are
+empty); a missing name or one that does not exist raises a
+:class:`~sdk.errors.ConfigError` listing the available ones.
 
 >>> import torch
 >>> from plugins.distill.fitnets import FitNets
@@ -49,95 +55,32 @@ exist raises a :class:`~sdk.errors.ConfigError` listing the available ones.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 
 from sdk import hookimpl
 from sdk.base import Distiller
-from sdk.config import Config, check_choice, check_range
+from sdk.config import check_choice, check_range
 from sdk.errors import ConfigError, InputError
+from sdk.features import capture, named_module
+from sdk.losses import kd_loss
 from sdk.trainer import TrainConfig, fit, split_batch
 
-from .kd import KD
-
-
-# -- capturing intermediate features (shared with ``relational``) --------------
-
-class _Captured(Exception):
-    """Raised from a hook to end a forward pass once every wanted feature is in."""
-
-
-def named_module(model: torch.nn.Module, name: str, role: str, *, allow_whole: bool = True) -> torch.nn.Module:
-    """The submodule called ``name`` (``""``: the model itself, unless
-    ``allow_whole`` is false), or a :class:`ConfigError` listing the names
-    ``model`` has.
-
-    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
-    >>> named_module(net, "1", "guided_layer")
-    ReLU()
-    """
-    modules = dict(model.named_modules())
-    if name not in modules or (not name and not allow_whole):
-        available = ", ".join(repr(n) for n in modules if n) or "(none)"
-        whole = "'' (the whole model), " if allow_whole else ""
-        what = "is not a module of" if name else "must name a module of"
-        raise ConfigError(f"{role}={name!r} {what} {type(model).__name__}; available: {whole}{available}")
-    return modules[name]
-
-
-def capture(model: torch.nn.Module, x: torch.Tensor, names: Sequence[str], roles: Sequence[str] | None = None,
-            *, stop: bool = False) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-    """Run ``model(x)`` and return ``(output, [output of each named module])``.
-
-    With ``stop=True`` the forward pass ends as soon as every named module has
-    run (later layers are skipped) and ``output`` is ``None``.  A module called
-    several times in one pass contributes its first output.
-    """
-    roles = roles or [f"layer {n!r}" for n in names]
-    modules = [named_module(model, n, r) for n, r in zip(names, roles)]
-    got: dict[int, torch.Tensor] = {}
-    handles = []
-
-    def hook_for(i: int):
-        def hook(module, args, out):
-            if i not in got:
-                out = out[0] if isinstance(out, (tuple, list)) else out
-                if not isinstance(out, torch.Tensor):
-                    raise InputError(f"{roles[i]}={names[i]!r} returns {type(out).__name__}, not a tensor; "
-                                     "choose a layer whose output is a tensor")
-                got[i] = out
-            if stop and len(got) == len(modules):
-                raise _Captured
-        return hook
-
-    try:
-        for i, m in enumerate(modules):
-            handles.append(m.register_forward_hook(hook_for(i)))
-        try:
-            output = model(x)
-        except _Captured:
-            output = None
-    finally:
-        for h in handles:
-            h.remove()
-    missing = [names[i] for i in range(len(modules)) if i not in got]
-    if missing:
-        raise ConfigError(f"layer(s) {missing} did not run in {type(model).__name__}.forward; choose layers it uses")
-    return output, [got[i] for i in range(len(modules))]
-
-
-# -- the method -----------------------------------------------------------------
 
 class FitNets(Distiller):
     """Hint training of a guided layer through a regressor, then kd."""
 
     name = "fitnets"
     version = "1.0"
+    streams = ("train",)
 
     @dataclasses.dataclass(frozen=True)
-    class Config(Config):
+    class Config(TrainConfig):
+        """Hint stage and kd stage; ``epochs``/``lr`` (and the other :class:`TrainConfig`
+        fields) are the kd stage's."""
+
         hint_layer: str = ""          # teacher module name (named_modules)
         guided_layer: str = ""        # student module name
         regressor: str = "auto"
@@ -146,21 +89,15 @@ class FitNets(Distiller):
         objective: str = "soft+hard"  # stage 2, as in kd
         temperature: float = 4.0
         alpha: float = 0.9
-        epochs: int = 1
-        lr: float = 1e-3
-        optimizer: str = "adam"
-        seed: int = 0
-        progress: bool = True
 
         def __post_init__(self):
+            super().__post_init__()
             check_choice("fitnets", "regressor", self.regressor, ("auto", "linear", "conv1x1", "identity"))
             check_range("fitnets", "hint_epochs", self.hint_epochs, 1)
             check_range("fitnets", "hint_lr", self.hint_lr, 0.0, lo_open=True)
             check_choice("fitnets", "objective", self.objective, ("soft", "soft+hard"))
             check_range("fitnets", "temperature", self.temperature, 0.0, lo_open=True)
             check_range("fitnets", "alpha", self.alpha, 0.0, 1.0)
-            check_range("fitnets", "epochs", self.epochs, 1)
-            check_range("fitnets", "lr", self.lr, 0.0, lo_open=True)
 
     # per-batch objectives
 
@@ -169,15 +106,11 @@ class FitNets(Distiller):
         pred = regressor(guided)
         return 0.5 * F.mse_loss(pred.reshape(hint.shape), hint)
 
-    def _kd(self) -> KD:
-        """Stage 2 as a kd distiller with this config's objective and training options."""
-        cfg = self.config
-        return KD(objective=cfg.objective, temperature=cfg.temperature, alpha=cfg.alpha, epochs=cfg.epochs,
-                  lr=cfg.lr, optimizer=cfg.optimizer, seed=cfg.seed, progress=cfg.progress)
-
     def loss(self, student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
-        """Stage 2: kd's loss between student and teacher logits."""
-        return self._kd().loss(student, teacher, target)
+        """Stage 2: kd's loss between student and teacher logits (:func:`sdk.losses.kd_loss`)."""
+        cfg = self.config
+        return kd_loss(student, teacher, target, objective=cfg.objective, temperature=cfg.temperature,
+                       alpha=cfg.alpha, who="fitnets")
 
     # pieces of training
 
@@ -227,14 +160,22 @@ class FitNets(Distiller):
             return self.hint_loss(h, g, regressor)
 
         pair = torch.nn.ModuleList([student, regressor])
-        fit(pair, data, step, TrainConfig(epochs=cfg.hint_epochs, lr=cfg.hint_lr, optimizer=cfg.optimizer,
-                                          seed=cfg.seed, progress=cfg.progress),
-            params=upstream + list(regressor.parameters()), desc="fitnets hints")
+        fit(pair, data, step, cfg.training(epochs=cfg.hint_epochs, lr=cfg.hint_lr),
+            params=upstream + list(regressor.parameters()), desc="fitnets hints", subject=student)
         return regressor
 
     def train_kd(self, student: torch.nn.Module, teacher: torch.nn.Module, data: Iterable) -> torch.nn.Module:
-        """Stage 2: train the whole student with kd; return it."""
-        return self._kd().apply(student, teacher, data)
+        """Stage 2: train the whole student with kd's loss; return it."""
+        teacher.eval()
+
+        def step(model, batch):
+            x, y = split_batch(batch)
+            with torch.no_grad():
+                t = teacher(x)
+            return self.loss(model(x), t, y)
+
+        fit(student, data, step, self.config, desc="fitnets kd")
+        return student
 
     def apply(self, student: torch.nn.Module, teacher, data) -> torch.nn.Module:
         if not isinstance(teacher, torch.nn.Module):

@@ -12,6 +12,11 @@ Three objectives (``objective``):
 ``logits-mse``
     ``mean((s − t)²)``: regress the logits directly (the T → ∞ limit).
 
+The formulas live in :mod:`sdk.losses` (``ensemble``, ``fitnets`` and ``dml``
+use them too).  The training fields (``epochs``, ``lr``, ``optimizer`` — a
+registered optimizer — with ``optimizer_options``, ``seed``, ``max_steps``,
+``progress``) are :class:`sdk.trainer.TrainConfig`'s.
+
 >>> import torch
 >>> from plugins.distill.kd import KD
 >>> kd = KD(objective="logits-mse")
@@ -24,12 +29,12 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 
 from sdk import hookimpl
 from sdk.base import Distiller
-from sdk.config import Config, check_choice, check_range
+from sdk.config import check_choice, check_range
 from sdk.errors import InputError
+from sdk.losses import OBJECTIVES, kd_loss
 from sdk.trainer import TrainConfig, fit, split_batch
 
 
@@ -38,42 +43,32 @@ class KD(Distiller):
 
     name = "kd"
     version = "1.0"
+    streams = ("train",)
 
     @dataclasses.dataclass(frozen=True)
-    class Config(Config):
+    class Config(TrainConfig):
+        """kd's objective; the training fields (epochs, lr, optimizer, ...) are :class:`TrainConfig`'s."""
+
         objective: str = "soft+hard"
         temperature: float = 4.0
         alpha: float = 0.9            # weight of the soft term in soft+hard
-        epochs: int = 1
-        lr: float = 1e-3
-        optimizer: str = "adam"
-        seed: int = 0
-        progress: bool = True
 
         def __post_init__(self):
-            check_choice("kd", "objective", self.objective, ("soft", "soft+hard", "logits-mse"))
+            super().__post_init__()
+            check_choice("kd", "objective", self.objective, OBJECTIVES)
             check_range("kd", "temperature", self.temperature, 0.0, lo_open=True)
             check_range("kd", "alpha", self.alpha, 0.0, 1.0)
 
     def loss(self, student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
-        """The distillation loss for one batch of student and teacher logits."""
+        """The distillation loss for one batch of student and teacher logits (:func:`sdk.losses.kd_loss`)."""
         cfg = self.config
-        if cfg.objective == "logits-mse":
-            return F.mse_loss(student, teacher)
-        t = cfg.temperature
-        soft = F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), reduction="batchmean",
-                        log_target=True) * (t * t)
-        if cfg.objective == "soft":
-            return soft
-        if target is None:
-            raise InputError("kd objective 'soft+hard' needs labels: pass (x, y) batches, or use objective='soft'")
-        return cfg.alpha * soft + (1.0 - cfg.alpha) * F.cross_entropy(student, target)
+        return kd_loss(student, teacher, target, objective=cfg.objective, temperature=cfg.temperature,
+                       alpha=cfg.alpha, who="kd")
 
     def apply(self, student: torch.nn.Module, teacher, data) -> torch.nn.Module:
         if not isinstance(teacher, torch.nn.Module):
             raise InputError("kd needs a teacher model: sdk.compress(model, recipe, data=..., teacher=big_model)")
         teacher.eval()
-        cfg = self.config
 
         def step(model, batch):
             x, y = split_batch(batch)
@@ -81,8 +76,7 @@ class KD(Distiller):
                 t = teacher(x)
             return self.loss(model(x), t, y)
 
-        fit(student, data, step, TrainConfig(epochs=cfg.epochs, lr=cfg.lr, optimizer=cfg.optimizer, seed=cfg.seed,
-                                             progress=cfg.progress), desc="kd")
+        fit(student, data, step, self.config, desc="kd")
         return student
 
 

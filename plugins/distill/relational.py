@@ -27,9 +27,10 @@ angle-wise
 (defaults 1 : 2 between the two relational terms, as in the paper's
 metric-learning runs; ``ce_weight = 0`` drops the label term, so unlabeled
 data works).  ``student_layer`` / ``teacher_layer`` name the modules whose
-outputs are the embeddings (``named_modules`` names; ``""``, the default, is
-the models' outputs); bad names raise a :class:`~sdk.errors.ConfigError`
-listing the available ones.  Batches need at least three samples.
+outputs are the embeddings (``named_modules`` names, captured with
+:mod:`sdk.features`; ``""``, the default, is the models' outputs); bad names
+raise a :class:`~sdk.errors.ConfigError` listing the available ones.  Batches
+need at least three samples.
 
 >>> import torch
 >>> from plugins.distill.relational import distance_loss
@@ -47,11 +48,10 @@ import torch.nn.functional as F
 
 from sdk import hookimpl
 from sdk.base import Distiller
-from sdk.config import Config, check_range
+from sdk.config import check_range
 from sdk.errors import InputError
+from sdk.features import capture, named_module
 from sdk.trainer import TrainConfig, fit, split_batch
-
-from .fitnets import capture, named_module
 
 _EPS = 1e-12
 
@@ -105,26 +105,23 @@ class Relational(Distiller):
 
     name = "relational"
     version = "1.0"
+    streams = ("train",)
 
     @dataclasses.dataclass(frozen=True)
-    class Config(Config):
+    class Config(TrainConfig):
+        """Loss weights and embedding layers; the training fields are :class:`TrainConfig`'s."""
+
         lambda_distance: float = 1.0
         lambda_angle: float = 2.0
         ce_weight: float = 1.0        # weight of CE on labels; 0 for unlabeled data
         student_layer: str = ""       # "" = the model's output
         teacher_layer: str = ""
-        epochs: int = 1
-        lr: float = 1e-3
-        optimizer: str = "adam"
-        seed: int = 0
-        progress: bool = True
 
         def __post_init__(self):
+            super().__post_init__()
             check_range("relational", "lambda_distance", self.lambda_distance, 0.0)
             check_range("relational", "lambda_angle", self.lambda_angle, 0.0)
             check_range("relational", "ce_weight", self.ce_weight, 0.0)
-            check_range("relational", "epochs", self.epochs, 1)
-            check_range("relational", "lr", self.lr, 0.0, lo_open=True)
 
     def loss(self, student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor | None = None,
              logits: torch.Tensor | None = None) -> torch.Tensor:
@@ -158,8 +155,7 @@ class Relational(Distiller):
             out, (s,) = capture(model, x, [cfg.student_layer], ["student_layer"])
             return self.loss(s, t, y, logits=out)
 
-        fit(student, data, step, TrainConfig(epochs=cfg.epochs, lr=cfg.lr, optimizer=cfg.optimizer, seed=cfg.seed,
-                                             progress=cfg.progress), desc="relational")
+        fit(student, data, step, cfg, desc="relational")
         return student
 
 

@@ -14,7 +14,8 @@ every pruning step each prunable layer gets a magnitude mask with exactly
 position).  Masks are multiplied into the previous ones, so pruned weights never
 return and (since ``s_t`` only grows) the count stays exact.  Training goes on
 after ``t0 + n·Δt`` with the final masks fixed; the schedule must end within
-``epochs × len(data)`` steps.  Steps count optimizer steps from 0.
+``epochs × len(data)`` steps (and ``max_steps``).  Steps count optimizer steps
+from 0.  The training fields are :class:`sdk.trainer.TrainConfig`'s.
 
 :func:`agp_sparsity` is the schedule as a pure function; ``history`` holds
 ``(step, target sparsity, zeros of each pruned layer)`` for every pruning step
@@ -34,7 +35,7 @@ import torch
 
 from sdk import hookimpl
 from sdk.base import Pruner
-from sdk.config import Config, check_choice, check_range
+from sdk.config import check_range
 from sdk.errors import ConfigError, InputError
 from sdk.masks import apply_mask, mask_of, prunable_layers, smallest_mask
 from sdk.trainer import TrainConfig, classification_loss, fit
@@ -45,23 +46,21 @@ class AGPPruner(Pruner):
 
     name = "agp"
     version = "1.0"
+    streams = ("train",)     # prunes while training
 
     @dataclasses.dataclass(frozen=True)
-    class Config(Config):
+    class Config(TrainConfig):
         initial_sparsity: float = 0.0             # s_i
         final_sparsity: float = 0.8               # s_f
         start_step: int = 0                       # t0
         pruning_steps: int = 10                   # n
         frequency: int = 10                       # Δt, training steps between pruning steps
         epochs: int = 5
-        lr: float = 1e-3
-        optimizer: str = "adam"
-        seed: int = 0
-        progress: bool = True
         layer_types: tuple[str, ...] = ("Conv1d", "Conv2d", "Linear")
         exclude: tuple[str, ...] = ()             # module names left dense
 
         def __post_init__(self):
+            super().__post_init__()
             check_range("agp", "initial_sparsity", self.initial_sparsity, 0.0, 1.0, hi_open=True)
             check_range("agp", "final_sparsity", self.final_sparsity, 0.0, 1.0, hi_open=True)
             if self.final_sparsity < self.initial_sparsity:
@@ -70,9 +69,6 @@ class AGPPruner(Pruner):
             check_range("agp", "start_step", self.start_step, 0)
             check_range("agp", "pruning_steps", self.pruning_steps, 1)
             check_range("agp", "frequency", self.frequency, 1)
-            check_range("agp", "epochs", self.epochs, 1)
-            check_range("agp", "lr", self.lr, 0.0, lo_open=True)
-            check_choice("agp", "optimizer", self.optimizer, ("adam", "adamw", "sgd"))
 
         @property
         def end_step(self) -> int:
@@ -91,10 +87,13 @@ class AGPPruner(Pruner):
         if not hasattr(data, "__len__"):
             data = list(data)
         total = cfg.epochs * len(data)
+        if cfg.max_steps is not None:
+            total = min(total, cfg.max_steps)
         if total <= cfg.end_step:
             raise ConfigError(f"agp: the schedule ends at step {cfg.end_step} but training runs {total} steps "
-                              f"({cfg.epochs} epochs × {len(data)} batches); raise epochs or lower "
-                              "start_step, pruning_steps or frequency")
+                              f"({cfg.epochs} epochs × {len(data)} batches"
+                              + (f", max_steps={cfg.max_steps}" if cfg.max_steps is not None else "")
+                              + "); raise epochs or lower start_step, pruning_steps or frequency")
         layers = [m for _, m in prunable_layers(model, cfg.layer_types, cfg.exclude)]
         for mod in layers:    # masks exist before the optimizer is built, so it holds the right tensors
             apply_mask(mod, torch.ones_like(mod.weight))
@@ -113,9 +112,7 @@ class AGPPruner(Pruner):
                 self.history.append((step, target, tuple(int((mask_of(m) == 0).sum()) for m in layers)))
             step += 1
 
-        fit(model, data, classification_loss,
-            TrainConfig(epochs=cfg.epochs, lr=cfg.lr, optimizer=cfg.optimizer, seed=cfg.seed, progress=cfg.progress),
-            after_step=after_step, desc="agp")
+        fit(model, data, classification_loss, cfg.training(), after_step=after_step, desc="agp")
         return model
 
 

@@ -41,8 +41,8 @@ import torch
 from sdk import hookimpl
 from sdk.base import Pruner
 from sdk.channels import ChannelGroup, channel_groups, example_from, remove_channels, select_groups
-from sdk.trainer import finetune
-from sdk.config import Config, check_choice, check_range
+from sdk.config import check_range
+from sdk.trainer import TrainConfig, finetune
 
 
 class FilterL1Pruner(Pruner):
@@ -52,25 +52,23 @@ class FilterL1Pruner(Pruner):
     version = "1.0"
 
     @dataclasses.dataclass(frozen=True)
-    class Config(Config):
+    class Config(TrainConfig):
+        """Which channels go; the training fields (:class:`sdk.trainer.TrainConfig`) are the
+        fine-tuning's, whose length is ``finetune_epochs`` (``epochs`` is not used)."""
+
         ratio: float = 0.5                      # fraction of each group's channels removed
         exclude: tuple[str, ...] = ()           # modules (or parents) that keep their output channels
         min_channels: int = 1                   # channels every group keeps at least
         round_to: int = 1                       # kept channels rounded to a multiple of this
         input_shape: tuple[int, ...] | None = None  # example input shape when no data is given
         finetune_epochs: int = 0                # cross-entropy fine-tuning after removal (needs data)
-        lr: float = 1e-3
-        optimizer: str = "adam"
-        seed: int = 0
-        progress: bool = True
 
         def __post_init__(self):
+            super().__post_init__()
             check_range("filter-l1", "ratio", self.ratio, 0.0, 1.0, hi_open=True)
             check_range("filter-l1", "min_channels", self.min_channels, 1)
             check_range("filter-l1", "round_to", self.round_to, 1)
             check_range("filter-l1", "finetune_epochs", self.finetune_epochs, 0)
-            check_range("filter-l1", "lr", self.lr, 0.0, lo_open=True)
-            check_choice("filter-l1", "optimizer", self.optimizer, ("adam", "adamw", "sgd"))
 
     def apply(self, model: torch.nn.Module, data=None) -> torch.nn.Module:
         cfg = self.config
@@ -79,8 +77,7 @@ class FilterL1Pruner(Pruner):
         plan = {g: self.smallest(model, g) for g in groups}
         remove_channels(model, plan)
         if cfg.finetune_epochs:
-            finetune(model, data, epochs=cfg.finetune_epochs, lr=cfg.lr, optimizer=cfg.optimizer, seed=cfg.seed,
-                     progress=cfg.progress, desc="filter-l1 fine-tune")
+            finetune(model, data, cfg.training(epochs=cfg.finetune_epochs), desc="filter-l1 fine-tune")
         return model.eval()
 
     def n_removed(self, channels: int) -> int:

@@ -26,6 +26,15 @@ as 1×k ones; by default only convolutions are pruned, because filter pruning
 of the classifier would delete output classes.  The paper retrains after
 pruning: follow this stage with a training stage (``kd``, ``qat``...).
 
+Each pruned layer carries the sparsity pattern for the plan
+(:class:`sdk.encoding.Sparsity`, on the ``[out, in·k]`` matrix of the weight):
+``fine`` is ``unstructured``; a group that is a contiguous run of ``n``
+weights of one row — a row ``W[o, i, h, :]``, a kernel, a filter — is
+``block`` with ``block=(1, n)`` (aligned ``1×n`` tiles of zeros); a kernel
+column ``W[o, i, :, w]`` (``vector`` with ``vector_axis="height"``, kernels
+wider than 1) is strided in that matrix and is ``kernel-column`` with the
+column's ``block=(H, 1)`` inside the kernel.  (:func:`group_pattern`.)
+
 >>> import torch
 >>> from plugins.prune.granularity import GranularityPruner
 >>> conv = GranularityPruner(granularity="kernel", sparsity=0.25).apply(torch.nn.Conv2d(4, 8, 3))
@@ -80,7 +89,9 @@ class GranularityPruner(Pruner):
         cfg = self.config
         key = f"vector-{cfg.vector_axis}" if cfg.granularity == "vector" else cfg.granularity
         for name, mod in prunable_layers(model, cfg.layer_types, cfg.exclude):
-            apply_mask(mod, group_mask(mod.weight, GROUP_DIMS[key], cfg.sparsity, cfg.norm, layer=name))
+            pattern, block = group_pattern(as_4d(mod.weight, name).shape, GROUP_DIMS[key])
+            apply_mask(mod, group_mask(mod.weight, GROUP_DIMS[key], cfg.sparsity, cfg.norm, layer=name),
+                       pattern=pattern, block=block)
         return model
 
 
@@ -94,6 +105,26 @@ def as_4d(weight: torch.Tensor, layer: str = "") -> torch.Tensor:
         return weight
     raise ConfigError(f"granularity: layer {layer!r} has a {weight.dim()}-D weight; only Linear, Conv1d and "
                       "Conv2d are supported: drop it from layer_types or name it in exclude")
+
+
+def group_pattern(shape: tuple[int, ...], dims: tuple[int, ...]) -> tuple[str, tuple[int, int] | None]:
+    """The :class:`sdk.encoding.Sparsity` ``(pattern, block)`` of groups spanning ``dims`` of an
+    (O, I, H, W) weight of ``shape``, seen as its ``[O, I·H·W]`` matrix (see the module docstring).
+
+    >>> group_pattern((8, 4, 3, 3), GROUP_DIMS["kernel"]), group_pattern((8, 4, 3, 3), GROUP_DIMS["fine"])
+    (('block', (1, 9)), ('unstructured', None))
+    >>> group_pattern((8, 4, 3, 3), GROUP_DIMS["vector-height"])
+    ('kernel-column', (3, 1))
+    """
+    n = 1
+    for d in dims:
+        n *= shape[d]
+    if n == 1:                      # fine, or a 1-wide group (Linear, Conv1d kernels): single weights
+        return "unstructured", None
+    # contiguous in a row when every dim after the first spanned one is spanned too (or has size 1)
+    if all(d in dims or shape[d] == 1 for d in range(min(dims), 4)):
+        return "block", (1, n)
+    return "kernel-column", (n, 1)
 
 
 def group_scores(weight: torch.Tensor, dims: tuple[int, ...], norm: str = "l1") -> torch.Tensor:

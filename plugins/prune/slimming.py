@@ -41,9 +41,9 @@ import torch
 from sdk import hookimpl
 from sdk.base import Pruner
 from sdk.channels import ChannelGroup, channel_groups, example_from, remove_channels, select_groups
-from sdk.trainer import finetune
-from sdk.config import Config, check_choice, check_range
+from sdk.config import check_range
 from sdk.errors import InputError
+from sdk.trainer import TrainConfig, finetune
 
 
 class SlimmingPruner(Pruner):
@@ -51,31 +51,31 @@ class SlimmingPruner(Pruner):
 
     name = "slimming"
     version = "1.0"
+    streams = ("train",)     # trains with the L1 penalty before removing
 
     @dataclasses.dataclass(frozen=True)
-    class Config(Config):
+    class Config(TrainConfig):
+        """The training fields (:class:`sdk.trainer.TrainConfig`) are the sparsity training's;
+        the fine-tuning takes them with ``finetune_epochs`` and ``finetune_lr``; ``epochs: 0``
+        skips the sparsity training (rank the channels by the γ the model has)."""
+
+        min_epochs = 0
         ratio: float = 0.5                # fraction of candidate channels removed (global threshold)
         l1: float = 1e-4                  # λ, weight of Σ|γ| (the paper: 1e-4 on CIFAR)
         epochs: int = 10                  # sparsity training
         finetune_epochs: int = 5          # cross-entropy fine-tuning after removal (0: none)
-        lr: float = 1e-3                  # sparsity training
         finetune_lr: float | None = None  # default: lr
-        optimizer: str = "adam"
         min_channels: int = 1             # channels every group keeps at least
         exclude: tuple[str, ...] = ()     # modules (or parents) that keep their output channels
-        seed: int = 0
-        progress: bool = True
 
         def __post_init__(self):
+            super().__post_init__()
             check_range("slimming", "ratio", self.ratio, 0.0, 1.0, hi_open=True)
             check_range("slimming", "l1", self.l1, 0.0)
-            check_range("slimming", "epochs", self.epochs, 0)
             check_range("slimming", "finetune_epochs", self.finetune_epochs, 0)
-            check_range("slimming", "lr", self.lr, 0.0, lo_open=True)
             if self.finetune_lr is not None:
                 check_range("slimming", "finetune_lr", self.finetune_lr, 0.0, lo_open=True)
             check_range("slimming", "min_channels", self.min_channels, 1)
-            check_choice("slimming", "optimizer", self.optimizer, ("adam", "adamw", "sgd"))
 
     def apply(self, model: torch.nn.Module, data=None) -> torch.nn.Module:
         cfg = self.config
@@ -83,8 +83,8 @@ class SlimmingPruner(Pruner):
         self.train_sparse(model, data, groups)
         remove_channels(model, self.select(model, groups))
         if cfg.finetune_epochs:
-            finetune(model, data, epochs=cfg.finetune_epochs, lr=cfg.finetune_lr or cfg.lr,
-                     optimizer=cfg.optimizer, seed=cfg.seed, progress=cfg.progress, desc="slimming fine-tune")
+            finetune(model, data, cfg.training(epochs=cfg.finetune_epochs, lr=cfg.finetune_lr or cfg.lr),
+                     desc="slimming fine-tune")
         return model.eval()
 
     def candidates(self, model: torch.nn.Module, data) -> list[ChannelGroup]:
@@ -98,16 +98,15 @@ class SlimmingPruner(Pruner):
     def train_sparse(self, model: torch.nn.Module, data, groups: list[ChannelGroup]) -> list[float]:
         """Train with ``CE + λ Σ|γ|`` over the BNs of ``groups``; per-epoch mean losses."""
         cfg = self.config
-        if not cfg.epochs:
-            return []
         bns = {s.module: model.get_submodule(s.module) for g in groups for s in g.of_role("norm")}
         gammas = [bn.weight for bn in bns.values() if bn.weight is not None]
 
         def penalty() -> torch.Tensor:
             return cfg.l1 * sum(g.abs().sum() for g in gammas)
 
-        return finetune(model, data, epochs=cfg.epochs, lr=cfg.lr, optimizer=cfg.optimizer, seed=cfg.seed,
-                        progress=cfg.progress, desc="slimming sparsity training", penalty=penalty)
+        if not cfg.epochs:
+            return []
+        return finetune(model, data, cfg.training(), desc="slimming sparsity training", penalty=penalty)
 
     def select(self, model: torch.nn.Module, groups: list[ChannelGroup]) -> dict[ChannelGroup, list[int]]:
         """Channels below the global ``ratio`` threshold of the γ scores, per group."""

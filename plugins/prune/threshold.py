@@ -24,7 +24,9 @@ of the last :meth:`apply` are kept in ``history``.
 
 Not reproduced: the paper's dropout-ratio adjustment for retraining (it is
 specific to the model being pruned); the L2 regularisation the paper prefers
-during retraining is ``weight_decay``.
+during retraining is the optimizer's ``weight_decay`` (``optimizer_options:
+{weight_decay: 1e-4}``).  The training fields are :class:`sdk.trainer.TrainConfig`'s;
+round ``r`` retrains with seed ``seed + r``.
 
 >>> import torch
 >>> from plugins.prune.threshold import ThresholdPruner, threshold_mask
@@ -42,7 +44,7 @@ import torch
 
 from sdk import hookimpl
 from sdk.base import Pruner
-from sdk.config import Config, check_choice, check_range
+from sdk.config import check_range
 from sdk.masks import apply_mask, mask_of, prunable_layers
 from sdk.trainer import TrainConfig, classification_loss, fit
 
@@ -54,25 +56,17 @@ class ThresholdPruner(Pruner):
     version = "1.0"
 
     @dataclasses.dataclass(frozen=True)
-    class Config(Config):
+    class Config(TrainConfig):
         quality: float = 1.0                      # s in |w| < s · std(w)
         iterations: int = 3                       # prune + retrain rounds (1 without data)
         epochs: int = 2                           # retraining epochs per round
-        lr: float = 1e-3
-        optimizer: str = "adam"
-        weight_decay: float = 0.0                 # L2 during retraining
-        seed: int = 0
-        progress: bool = True
         layer_types: tuple[str, ...] = ("Conv1d", "Conv2d", "Linear")
         exclude: tuple[str, ...] = ()             # module names left dense
 
         def __post_init__(self):
+            super().__post_init__()
             check_range("threshold", "quality", self.quality, 0.0, lo_open=True)
             check_range("threshold", "iterations", self.iterations, 1)
-            check_range("threshold", "epochs", self.epochs, 1)
-            check_range("threshold", "lr", self.lr, 0.0, lo_open=True)
-            check_choice("threshold", "optimizer", self.optimizer, ("adam", "adamw", "sgd"))
-            check_range("threshold", "weight_decay", self.weight_decay, 0.0)
 
     def __init__(self, config: Any = None, **options: Any) -> None:
         super().__init__(config, **options)
@@ -90,9 +84,7 @@ class ThresholdPruner(Pruner):
                 apply_mask(mod, threshold_mask(mod.weight, cfg.quality))
             self.history.append(masked_fraction(layers))
             if data is not None:
-                fit(model, data, classification_loss,
-                    TrainConfig(epochs=cfg.epochs, lr=cfg.lr, optimizer=cfg.optimizer,
-                                weight_decay=cfg.weight_decay, seed=cfg.seed + r, progress=cfg.progress),
+                fit(model, data, classification_loss, cfg.training(seed=cfg.seed + r),
                     desc=f"threshold retrain {r + 1}/{rounds}")
         return model
 

@@ -48,7 +48,8 @@ from sdk import hookimpl
 from sdk.base import Quantizer
 from sdk.config import Config, check_choice, check_range
 from sdk.errors import InputError
-from sdk.quant import dequantize, weight_spec
+from sdk.encoding import weight_spec
+from sdk.quant import dequantize
 from sdk.torch_fold import WEIGHTED, fold_batch_norms
 from sdk.trainer import split_batch
 

@@ -9,7 +9,8 @@ estimator with the hardtanh clip, ``g · 1_{|x| <= 1}``, and the real-valued
 weights are clipped to [−1, 1] after each update (outside it their gradient is
 0 and they would drift away).  The first conv and the last linear layer stay
 full precision (``keep_first_last``).  The result runs on the
-``binary-popcount`` target as XNOR + popcount.
+``binary-popcount`` target as XNOR + popcount.  The binary layers carry the hint
+``Hint(codebook=2)`` (weights ±1, no per-filter scale).
 
 >>> from plugins.quantize.bnn import BNN
 >>> BNN(epochs=3).config.clip_weights

@@ -6,7 +6,8 @@ is approximated by ``α · sign(W)`` with ``α = mean |W|`` (the optimal scale o
 eq. 4), so the layer computes ``(x ⊛ sign(W)) · α`` with real-valued x.  The
 sign's gradient is the straight-through estimator ``g · 1_{|W| <= 1}``; α is
 differentiated as the function of W it is.  The first conv and the last linear
-layer stay full precision (``keep_first_last``).
+layer stay full precision (``keep_first_last``).  The binary layers carry the hint
+``Hint(codebook=2, per_channel=True)`` (weights ±α, α per filter).
 
 BWN layers keep float activations, so the ``binary-popcount`` target (XNOR +
 popcount on both operands) refuses them and says to use ``xnor`` or ``bnn``.

@@ -30,7 +30,9 @@ Deployment: the quantized weights fold into float constants.  Quantized
 activations need a ``round`` op (the clip is a ``hardtanh``); ``arm-fp32``'s
 lowering has none, so a model with ``activation_bits < 32`` is refused there
 (``UnsupportedOpError`` naming ``aten.round``) while a weights-only one
-(``activation_bits=32``) deploys.
+(``activation_bits=32``) deploys.  Layers with quantized weights carry the hint
+``Hint(bits=weight_bits)`` (:mod:`sdk.encoding`): at most ``2^k`` levels on a
+uniform grid.  Layer choice and training: :mod:`sdk.layer_quant`.
 
 >>> import torch
 >>> q = DoReFa(weight_bits=2, activation_bits=32)
@@ -46,13 +48,12 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
 
 from sdk import hookimpl
 from sdk.config import check_choice
+from sdk.encoding import Hint
 from sdk.errors import ConfigError
-
-from .ternary import WeightQuant, WeightQuantConfig, WeightQuantizer, ste
+from sdk.layer_quant import LayerQuantConfig, LayerQuantizer, WeightQuant, ste
 
 #: bit widths DoReFa takes; 32 means "not quantized"
 BITS = (1, 2, 3, 4, 5, 6, 7, 8, 32)
@@ -105,6 +106,9 @@ class DoReFaWeight(WeightQuant):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return dorefa_weight(w, self.bits)
 
+    def hint(self) -> Hint:
+        return Hint(bits=self.bits, source=self.method)
+
     def extra_repr(self) -> str:
         return f"bits={self.bits}"
 
@@ -128,14 +132,14 @@ def _quantize_input(layer: nn.Module, args: tuple) -> tuple:
     return (layer.input_quant(args[0]), *args[1:])
 
 
-class DoReFa(WeightQuantizer):
+class DoReFa(LayerQuantizer):
     """DoReFa-Net: k-bit weights (tanh-normalised) and k-bit clipped activations."""
 
     name = "dorefa"
     version = "1.0"
 
     @dataclasses.dataclass(frozen=True)
-    class Config(WeightQuantConfig):
+    class Config(LayerQuantConfig):
         weight_bits: int = 4        # 32: float weights
         activation_bits: int = 4    # 32: float activations
 
@@ -147,16 +151,15 @@ class DoReFa(WeightQuantizer):
                 raise ConfigError("dorefa: weight_bits=32 and activation_bits=32 quantize nothing; "
                                   "lower one of them (e.g. weight_bits=4)")
 
-    def quantize_layer(self, name: str, layer: nn.Module) -> None:
+    def quantize_layer(self, name: str, layer: nn.Module) -> DoReFaWeight | None:
         cfg = self.config
-        if cfg.weight_bits < 32:
-            parametrize.register_parametrization(layer, "weight", DoReFaWeight(cfg.weight_bits))
         if cfg.activation_bits < 32:
             if hasattr(layer, "input_quant"):
                 raise ConfigError(f"dorefa: layer {name} already quantizes its input; "
                                   "apply one dorefa stage per recipe")
             layer.input_quant = DoReFaActivation(cfg.activation_bits)
             layer.register_forward_pre_hook(_quantize_input)
+        return DoReFaWeight(cfg.weight_bits) if cfg.weight_bits < 32 else None
 
 
 @hookimpl

@@ -31,34 +31,10 @@ from tqdm.auto import tqdm
 
 from sdk import hookimpl
 from sdk.base import Quantizer
-from sdk.config import Config, check_range
-from sdk.errors import CalibrationError, ConfigError
-from sdk.quant import FP16_MAX, FP16_TINY, QuantPlan
-
-
-def check_bool(owner: str, field: str, value) -> None:
-    """Raise :class:`ConfigError` unless ``value`` is ``True`` or ``False`` (not ``'yes'``, not ``1``)."""
-    if not isinstance(value, bool):
-        raise ConfigError(f"{owner}: {field} must be True or False, got {value!r} ({type(value).__name__})"
-                          + ("; in YAML write true/false without quotes" if isinstance(value, str) else ""))
-
-
-def check_fp32_fields(owner: str, cfg) -> None:
-    """Validate (and normalise) the ``keep_fp32`` / ``auto_fp32`` fields of a frozen config:
-    ``keep_fp32`` a list or tuple of node/module names (stored as a tuple), ``auto_fp32`` a bool."""
-    keep = cfg.keep_fp32
-    if isinstance(keep, str):
-        raise ConfigError(f"{owner}: keep_fp32 must be a list of node or module names, got the string {keep!r}; "
-                          f"write keep_fp32=[{keep!r}]")
-    if not isinstance(keep, (list, tuple)):
-        raise ConfigError(f"{owner}: keep_fp32 must be a list of node or module names, got {keep!r} "
-                          f"({type(keep).__name__})")
-    bad = [k for k in keep if not isinstance(k, str) or not k]
-    if bad:
-        raise ConfigError(f"{owner}: keep_fp32 entries must be non-empty node or module names (strings), got "
-                          + ", ".join(repr(b) for b in bad))
-    object.__setattr__(cfg, "keep_fp32", tuple(keep))
-    check_bool(owner, "auto_fp32", cfg.auto_fp32)
+from sdk.config import Config, check_bool, check_fp32_fields, check_range
+from sdk.errors import CalibrationError
+from sdk.graph import WEIGHTED_OPS
+from sdk.quant import FP16_MAX, FP16_TINY, QuantPlan, QuantSpec
 
 
 class FP16(Quantizer):
@@ -144,7 +120,10 @@ class FP16(Quantizer):
                 "Pass keep_fp32=[...] with these names, or auto_fp32=True, to keep them in float32")
         for name in keep:
             layers[name]["fp32"] = True
-        return QuantPlan({}, {}, method=self.name, config=cfg.to_dict(),
+        # the record targets check: every weight in float16, those of the layers kept in float32 in float32
+        weights = {n.inputs[1]: QuantSpec("float32" if n.name in keep else "float16") for n in graph.nodes
+                   if n.op in WEIGHTED_OPS and len(n.inputs) > 1 and graph.is_const(n.inputs[1])}
+        return QuantPlan({}, weights, method=self.name, config=cfg.to_dict(),
                          extra={"layers": layers, "keep_fp32": sorted(keep), "problems": problems})
 
 @hookimpl

@@ -24,7 +24,9 @@ Pruning, Trained Quantization and Huffman Coding" (ICLR 2016), §3.  Per layer:
 
 The index and codebook of each layer are :meth:`KMeansWeight.codebook`; the
 ``deep-compression`` pipeline Huffman-codes them.  For deployment the shared
-weights fold into ordinary float constants.
+weights fold into ordinary float constants, and each quantized layer carries
+the hint ``Hint(codebook=k)`` (k + 1 values where a pruner's zeros stay;
+:mod:`sdk.encoding`).  Layer choice and training: :mod:`sdk.layer_quant`.
 
 >>> import torch
 >>> layer = torch.nn.Linear(16, 8)
@@ -39,12 +41,11 @@ import dataclasses
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from sdk import hookimpl
 from sdk.config import check_choice, check_range
-
-from .ternary import WeightQuant, WeightQuantConfig, WeightQuantizer
+from sdk.encoding import Hint
+from sdk.layer_quant import LayerQuantConfig, LayerQuantizer, WeightQuant
 
 
 def linear_init(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -132,6 +133,11 @@ class KMeansWeight(WeightQuant):
         # the latent weight is not used any more: the codebook is the layer's parameter
         return self.centroids[self.index] * self.nonzero
 
+    def hint(self) -> Hint:
+        """At most the ``k`` centroids, and 0 where weights were pruned before clustering."""
+        pruned = bool((self.nonzero == 0).any())
+        return Hint(codebook=self.centroids.numel() + int(pruned), source=self.method)
+
     def codebook(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(centroids, index)``; pruned positions carry index 0 and are zero in the weight."""
         return self.centroids.detach(), self.index
@@ -140,14 +146,14 @@ class KMeansWeight(WeightQuant):
         return f"k={self.centroids.numel()}"
 
 
-class KMeans(WeightQuantizer):
+class KMeans(LayerQuantizer):
     """Weight sharing: per-layer k-means codebook of 2^bits centroids, then centroid fine-tuning."""
 
     name = "kmeans"
     version = "1.0"
 
     @dataclasses.dataclass(frozen=True)
-    class Config(WeightQuantConfig):
+    class Config(LayerQuantConfig):
         bits: int = 4               # codebook of 2^bits shared weights per layer
         max_iter: int = 100         # Lloyd iterations at most
 
@@ -156,9 +162,8 @@ class KMeans(WeightQuantizer):
             check_choice("kmeans", "bits", self.bits, range(1, 9))
             check_range("kmeans", "max_iter", self.max_iter, 1)
 
-    def quantize_layer(self, name: str, layer: nn.Module) -> None:
-        q = KMeansWeight.cluster(layer.weight, self.config.bits, self.config.max_iter)
-        parametrize.register_parametrization(layer, "weight", q)
+    def quantize_layer(self, name: str, layer: nn.Module) -> KMeansWeight:
+        return KMeansWeight.cluster(layer.weight, self.config.bits, self.config.max_iter)
 
 
 @hookimpl

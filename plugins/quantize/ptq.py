@@ -33,10 +33,9 @@ from tqdm.auto import tqdm
 from sdk import hookimpl
 from sdk.base import Quantizer
 from sdk.config import Config, check_choice, check_range
-from sdk.quant import OBSERVERS, QuantPlan, QuantSpec, make_observer, weight_spec
-
-#: ops whose weight input (index 1) is quantized per output channel (axis 0)
-WEIGHTED_OPS = ("conv", "linear")
+from sdk.encoding import weight_spec
+from sdk.graph import WEIGHTED_OPS
+from sdk.quant import OBSERVERS, QuantPlan, QuantSpec, make_observer
 
 
 class PTQ(Quantizer):
@@ -49,8 +48,10 @@ class PTQ(Quantizer):
     class Config(Config):
         activation_observer: str = "mse"         # measured best on ResNet-18 / MobileNetV2 (README, Performance)
         percentile: float = 99.99
-        weight_granularity: str = "per-channel"
+        weight_granularity: str = "per-channel"   # or per-tensor, blockwise (block_size weights per scale)
         weight_scheme: str = "symmetric"
+        weight_bits: int = 8                      # 4 or 2: codes of that width (targets that carry them)
+        block_size: int = 32
         activation_scheme: str = "asymmetric"
         dtype: str = "int8"
         num_batches: int | None = None     # use at most this many calibration batches
@@ -59,18 +60,23 @@ class PTQ(Quantizer):
         def __post_init__(self):
             check_choice("ptq", "activation_observer", self.activation_observer, OBSERVERS)
             check_range("ptq", "percentile", self.percentile, 50.0, 100.0, lo_open=True)
-            check_choice("ptq", "weight_granularity", self.weight_granularity, ("per-channel", "per-tensor"))
+            check_choice("ptq", "weight_granularity", self.weight_granularity,
+                         ("per-channel", "per-tensor", "blockwise"))
+            check_choice("ptq", "weight_bits", self.weight_bits, (2, 4, 8))
+            check_range("ptq", "block_size", self.block_size, 1)
             check_choice("ptq", "weight_scheme", self.weight_scheme, ("symmetric", "asymmetric"))
             check_choice("ptq", "activation_scheme", self.activation_scheme, ("asymmetric", "symmetric"))
             check_choice("ptq", "dtype", self.dtype, ("int8",))
             if self.num_batches is not None:
                 check_range("ptq", "num_batches", self.num_batches, 1)
 
-    def weight_spec(self, w: np.ndarray) -> QuantSpec:
-        """Spec of one weight tensor [out, ...]: symmetric weights use the narrow
-        range [-127, 127] so that -w is always representable."""
+    def weight_spec(self, w: np.ndarray, hint=None) -> QuantSpec:
+        """Spec of one weight tensor [out, ...] (:func:`sdk.encoding.weight_spec`): symmetric
+        weights use the narrow range [-127, 127] so that -w is always representable; a
+        torch-side hint (codebook, bit width, sparsity) is honoured."""
         cfg = self.config
-        return weight_spec(w, granularity=cfg.weight_granularity, scheme=cfg.weight_scheme, dtype=cfg.dtype)
+        return weight_spec(w, hint, granularity=cfg.weight_granularity, scheme=cfg.weight_scheme, dtype=cfg.dtype,
+                           bits=None if cfg.weight_bits == 8 else cfg.weight_bits, block_size=cfg.block_size)
 
     def calibrate(self, graph, batches: Sequence[tuple]) -> QuantPlan:
         cfg = self.config
@@ -96,7 +102,8 @@ class PTQ(Quantizer):
         weights = {}
         for node in graph.nodes:
             if node.op in WEIGHTED_OPS and graph.is_const(node.inputs[1]):
-                weights[node.inputs[1]] = self.weight_spec(graph.constants[node.inputs[1]])
+                weights[node.inputs[1]] = self.weight_spec(graph.constants[node.inputs[1]],
+                                                           graph.hints.get(node.inputs[1]))
         return QuantPlan(acts, weights, method=self.name, config=cfg.to_dict())
 
 

@@ -15,7 +15,8 @@ block).  Backward: the sign's gradient is the straight-through estimator
 ``g · 1_{|x| <= 1}``; α is differentiated as a function of W, K is a constant
 scale.  The first conv and the last linear layer stay full precision
 (``keep_first_last``).  On the ``binary-popcount`` target the product is XNOR +
-popcount and K is computed in the generated C (a ``MeanAbsScale`` layer).
+popcount and K is computed in the generated C (a ``MeanAbsScale`` layer).  The
+binary layers carry the hint ``Hint(codebook=2, per_channel=True)`` (weights ±α).
 
 >>> from plugins.quantize.xnor import XNOR
 >>> XNOR(epochs=3).layer_info().scale_activations

@@ -1,13 +1,18 @@
-"""Targets ``arm-int8`` and ``arm-fp32``: LiteRT flatbuffers for ARM CPUs.
+"""Target ``arm-int8``: an integer LiteRT flatbuffer for ARM CPUs.
 
-``arm-int8`` writes an integer ``.tflite`` (int8 per-channel symmetric
-weights, int8 asymmetric activations, int32 bias, fused ReLU/ReLU6) that
-LiteRT's XNNPACK delegate takes whole; the few ops XNNPACK has no int8 kernel
-for (layer norm, GELU, attention, softmax, PReLU, bilinear resize) run in float
-between DEQUANTIZE and QUANTIZE inside the same partition (``lowering.FLOAT_IN_INT8``); ``arm-fp32`` is the same lowering in
-float, the baseline int8 is measured against.  The flatbuffer is written by
-:mod:`.flatbuffer` from the LiteRT schema, no TensorFlow involved, and checked
-against :mod:`.reference`, a numpy re-execution of the same file.
+``model.tflite`` holds int8 per-channel symmetric weights, int8 asymmetric
+activations, int32 bias and fused ReLU/ReLU6, which LiteRT's XNNPACK delegate
+takes whole; the few ops XNNPACK has no int8 kernel for (layer norm, GELU,
+attention, softmax, PReLU, bilinear resize) run in float between DEQUANTIZE and
+QUANTIZE inside the same partition (:data:`sdk.litert.lowering.FLOAT_IN_INT8`).
+``arm-fp32`` (``targets/arm_fp32``) is the same lowering in float, the
+baseline int8 is measured against.  The flatbuffer is written by
+:mod:`sdk.litert.flatbuffer` from the LiteRT schema, no TensorFlow involved,
+and checked against :mod:`sdk.litert.reference`, a numpy re-execution of the
+same file with the runtime's integer arithmetic.
+
+Runners: ``host`` (LiteRT here) and ``reference`` (the integer reference);
+``qemu-aarch64`` runs the same file on an emulated ARM64 Linux.
 
 >>> art = sdk.deploy(model, target="arm-int8", example_inputs=(x,), calibration=batches)   # doctest: +SKIP
 >>> art.verify(model).bit_exact_ratio["host"]                                               # doctest: +SKIP
@@ -18,50 +23,36 @@ from __future__ import annotations
 
 import dataclasses
 
-from sdk import Package, Target, TensorSig, hookimpl
+from sdk import hookimpl
 from sdk.config import Config, check_choice
+from sdk.cost import ARM_A76
+from sdk.encoding import Carries
+from sdk.litert import qemu, runners
+from sdk.litert.target import LiteRTTarget
 
-from .runners import LiteRTHostRunner, ReferenceRunner
-
-
-class _LiteRTTarget(Target):
-    quantized = False
-
-    def prepare(self, graph):
-        # stand-alone batch norms become depthwise convs before calibration, so that ptq gives
-        # their weights int8 specs like any conv's
-        from .lowering import prepare
-
-        return prepare(graph)
-
-    def check(self, graph):
-        from .lowering import check
-
-        check(graph, self.name)
-
-    def pack(self, graph, plan, calibration=None):
-        from .lowering import lower
-
-        io = getattr(self.config, "io", "float")
-        low = lower(graph, plan if self.quantized else None, target=self.name, io=io)
-        return Package(files={"model.tflite": low.model}, inputs=[TensorSig.from_dict(r) for r in low.inputs],
-                       outputs=[TensorSig.from_dict(r) for r in low.outputs], layers=low.layers)
+NAME = "arm-int8"
 
 
-class ArmInt8(_LiteRTTarget):
+class ArmInt8(LiteRTTarget):
     """Integer LiteRT model for ARM CPUs (XNNPACK int8 kernels, float only where XNNPACK has no int8 one)."""
 
-    name = "arm-int8"
+    name = NAME
     version = "1.0"
     default_quantizer = "ptq"
     quantized = True
+    # XNNPACK's int8 conv/FC kernels: symmetric (zero point 0) per-tensor or per-channel int8 weights;
+    # narrower codes (4-bit, codebooks) travel exactly as int8 codes; zeros ship dense
+    carries = (Carries("int8", bits=(8,), granularity=("per-tensor", "per-channel"), symmetric=True),)
+    activation_dtypes = ("int8",)
+    needs_activation_specs = True
+    device = ARM_A76
 
     @dataclasses.dataclass(frozen=True)
     class Config(Config):
         io: str = "float"      # "float": QUANTIZE/DEQUANTIZE at the edges; "int8": integer-only I/O
 
         def __post_init__(self):
-            check_choice("arm-int8", "io", self.io, ("float", "int8"))
+            check_choice(NAME, "io", self.io, ("float", "int8"))
 
     def verify_rules(self):
         # max_lsb / min_bit_exact_ratio: the runtime against the integer reference (same file, same integers).
@@ -74,27 +65,31 @@ class ArmInt8(_LiteRTTarget):
         return {"max_lsb": 1, "min_bit_exact_ratio": 0.99, "min_sqnr_db": 20.0}
 
 
-class ArmFP32(_LiteRTTarget):
-    """Float32 LiteRT model: the baseline for arm-int8."""
+class HostRunner(runners.LiteRTHostRunner):
+    """LiteRT on this machine with its default XNNPACK delegate, 1 thread."""
 
-    name = "arm-fp32"
-    version = "1.0"
+    targets = (NAME,)
 
-    @dataclasses.dataclass(frozen=True)
-    class Config(Config):
-        pass
 
-    def verify_rules(self):
-        return {"max_rel_err": 1e-4}
+class ReferenceRunner(runners.ReferenceRunner):
+    """The SDK's numpy integer reference: int32 accumulation and the runtime's rounding."""
+
+    targets = (NAME,)
+
+
+class QemuRunner(qemu.LiteRTQemuRunner):
+    """``model.tflite`` in the aarch64 LiteRT on an emulated ARM64 Linux (qemu-aarch64): XNNPACK's NEON int8 kernels."""
+
+    targets = (NAME,)
 
 
 @hookimpl
 def register_targets(register):
     register(ArmInt8)
-    register(ArmFP32)
 
 
 @hookimpl
 def register_runners(register):
-    register(LiteRTHostRunner)
+    register(HostRunner)
     register(ReferenceRunner)
+    register(QemuRunner)

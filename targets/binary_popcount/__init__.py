@@ -45,8 +45,11 @@ import dataclasses
 
 from sdk import Package, Target, TensorSig, hookimpl
 from sdk.config import Config
+from sdk.cost import ARM_A76
+from sdk.encoding import Carries
 from sdk.errors import ArtifactError, ConfigError
 
+from .qemu import QemuRunner
 from .runners import LAYERS_FILE, HostRunner, ReferenceRunner, binary_layer_agreement, dump_specs, load_specs
 
 __all__ = ["BinaryPopcount", "binary_layer_agreement"]
@@ -58,6 +61,11 @@ class BinaryPopcount(Target):
     name = "binary-popcount"
     version = "1.0"
 
+    # binarized layers are sign ops in the graph (packed to bits by the lowering); weights of the
+    # rest ship as float32
+    carries = (Carries("float32"),)
+    device = ARM_A76
+
     @dataclasses.dataclass(frozen=True)
     class Config(Config):
         pass
@@ -68,13 +76,11 @@ class BinaryPopcount(Target):
         lower(graph, self.name)
 
     def pack(self, graph, plan, calibration=None):
+        from .blob import write_weights_bin
         from .build import kernel_sources
-        from .codegen import generate_sources, write_weights_bin
+        from .emit import generate_sources
         from .lowering import lower
 
-        if plan is not None:
-            raise ConfigError(f"{self.name} takes no post-training quantizer (the recipe has {plan.method!r}): "
-                              "its layers are binarized by bnn or xnor in the recipe")
         low = lower(graph, self.name)
         model_c, model_h = generate_sources(low.specs)
         weights, layers = write_weights_bin(low.specs), dump_specs(low.specs, low.names)
@@ -107,3 +113,4 @@ def register_targets(register):
 def register_runners(register):
     register(HostRunner)
     register(ReferenceRunner)
+    register(QemuRunner)

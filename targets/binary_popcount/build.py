@@ -1,4 +1,9 @@
-"""Compile the C kernel library (and generated models) with the system compiler.
+"""Compile the C kernel library and generated models with the system compiler, and run them in-process.
+
+:func:`compile_model` generates a network's C (:mod:`.emit`), compiles it with
+the kernels and loads it as a :class:`CompiledModel`; :func:`write_model` writes
+the same sources as a tree a firmware build can take; :func:`load_kernels`
+wraps the kernel library alone for tests and benchmarks.
 
 Shared objects are cached by the sha256 of everything that can change the
 binary: every source and header, the flags, and the compiler's own description
@@ -37,7 +42,11 @@ from pathlib import Path
 
 import numpy as np
 
-from sdk.errors import CompileError, ToolchainError
+from sdk.errors import CompileError, RunnerError, ToolchainError
+
+from .blob import write_weights_bin
+from .emit import generate_sources
+from .specs import LayerSpec, binary_output_shapes, infer_shapes, model_input
 
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
 DEFAULT_FLAGS: tuple[str, ...] = ("-O3", "-std=c99")
@@ -351,3 +360,89 @@ def load_kernels(*, cc: str | None = None, flags: Sequence[str] = DEFAULT_FLAGS,
     """Compile the kernel library for this machine and wrap it."""
     return KernelLibrary(compile_library(kernel_sources(), cc=cc, flags=flags, march=march,
                                          cache_dir=cache_dir))
+
+
+def write_model(specs: Sequence[LayerSpec], directory: str | Path) -> list[Path]:
+    """Write a self-contained source tree: model.c, model.h, weights.bin and the
+    kernel library files; returns the paths written."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model_c, model_h = generate_sources(specs)
+    written = []
+    for name, data in (("model.c", model_c.encode()), ("model.h", model_h.encode()),
+                       ("weights.bin", write_weights_bin(specs))):
+        (directory / name).write_bytes(data)
+        written.append(directory / name)
+    for src in kernel_sources():
+        shutil.copyfile(src, directory / src.name)
+        written.append(directory / src.name)
+    return written
+
+
+_ERRORS = {1: "out of memory",
+           2: "weights.bin does not belong to this model (or the host is big endian)"}
+
+
+class CompiledModel:
+    """A generated model compiled for this machine and loaded with ctypes.
+
+    One instance serves several threads at once: each call has its own input,
+    output and debug buffers, the C model allocates its arena per call, and the
+    weights are only read."""
+
+    def __init__(self, lib: ctypes.CDLL, specs: Sequence[LayerSpec], weights: bytes):
+        self.lib = lib
+        self.infos = infer_shapes(specs)
+        self.binary_shapes = binary_output_shapes(specs)
+        for fn in (lib.edgepack_model_run, lib.edgepack_model_run_debug):
+            fn.restype = ctypes.c_int
+        lib.edgepack_model_run.argtypes = [ctypes.c_void_p] * 3
+        lib.edgepack_model_run_debug.argtypes = [ctypes.c_void_p] * 4
+        self.weights = aligned_empty(len(weights))
+        self.weights[:] = np.frombuffer(weights, dtype=np.uint8)
+
+    def _call(self, x: np.ndarray, debug: bool):
+        x = model_input(x, self.infos[0].shape)
+        out = np.empty(self.infos[-1].shape, dtype=np.float32)
+        ptrs = [x.ctypes.data, out.ctypes.data, self.weights.ctypes.data]
+        if debug:
+            binary = np.empty(sum(int(np.prod(s)) for s in self.binary_shapes), dtype=np.int32)
+            rc = self.lib.edgepack_model_run_debug(*ptrs, binary.ctypes.data)
+        else:
+            binary, rc = None, self.lib.edgepack_model_run(*ptrs)
+        if rc:
+            raise RunnerError(f"edgepack_model_run failed with code {rc}: "
+                              f"{_ERRORS.get(rc, 'unknown error')}")
+        return out, binary
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """Output of the network for input ``x`` (float32, the InputSpec shape)."""
+        return self._call(x, debug=False)[0]
+
+    def run_debug(self, x: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Output plus each binary layer's int32 result (NHWC, layer order)."""
+        out, flat = self._call(x, debug=True)
+        results, pos = [], 0
+        for shape in self.binary_shapes:
+            size = int(np.prod(shape))
+            results.append(flat[pos:pos + size].reshape(shape))
+            pos += size
+        return out, results
+
+
+def compile_model(specs: Sequence[LayerSpec], *, cc: str | None = None,
+                  flags: Sequence[str] = DEFAULT_FLAGS, march: str | None = "native",
+                  cache_dir: str | Path | None = None) -> CompiledModel:
+    """Generate, compile (cached) and load ``specs`` as a :class:`CompiledModel`.
+
+    >>> model = compile_model([InputSpec((1, 64)), Sign(), BinaryLinear.from_float(w)])   # doctest: +SKIP
+    >>> model.run(np.ones((1, 64), np.float32)).shape                                   # doctest: +SKIP
+    (1, 4)
+    """
+    model_c, model_h = generate_sources(specs)
+    with tempfile.TemporaryDirectory(prefix="edgepack_model_") as tmp:
+        (Path(tmp) / "model.c").write_text(model_c)
+        (Path(tmp) / "model.h").write_text(model_h)
+        lib = compile_library([Path(tmp) / "model.c", Path(tmp) / "model.h", *kernel_sources()],
+                              cc=cc, flags=flags, march=march, cache_dir=cache_dir)
+    return CompiledModel(lib, specs, write_weights_bin(specs))

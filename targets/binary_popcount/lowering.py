@@ -1,4 +1,4 @@
-"""Lower a captured binary network (:class:`sdk.graph.Graph`) to the layer specs of :mod:`.codegen`.
+"""Lower a captured binary network (:class:`sdk.graph.Graph`) to the layer specs of :mod:`.specs`.
 
 Which layers are binary is read from the graph itself, so a model lowers
 whatever modules built it, as long as it uses the SDK's binary ops
@@ -34,12 +34,11 @@ from sdk.binary import BINARIZE_OP, MEAN_ABS_WINDOW_OP
 from sdk.errors import ConfigError, UnsupportedOpError
 from sdk.graph import Graph, Node
 
-from . import codegen as cg
-from .codegen import (
-    BINARY_LAYERS,
+from .specs import (
     Add,
     AvgPool,
     BinaryConv,
+    BinaryLayer,
     BinaryLinear,
     Flatten,
     FloatConv,
@@ -52,6 +51,7 @@ from .codegen import (
     ReLU,
     ScaleBias,
     Sign,
+    layer_profile,
 )
 
 APPLY_HINT = ("apply the xnor or bnn quantizer in the recipe, e.g. "
@@ -60,7 +60,7 @@ APPLY_HINT = ("apply the xnor or bnn quantizer in the recipe, e.g. "
 
 @dataclasses.dataclass
 class Lowered:
-    specs: list                  # codegen layer specs; specs[0] is the InputSpec
+    specs: list                  # layer specs; specs[0] is the InputSpec
     names: list[str]             # graph node each spec comes from ("" for the input)
     layers: list[dict]           # profile rows, one per spec after the input
 
@@ -136,19 +136,19 @@ class _Lowerer:
         if self.index.get(out) != len(self.specs) - 1:
             raise UnsupportedOpError("output", out, self.target, "the model output must be its last computed "
                                      "activation")
-        if not any(isinstance(s, BINARY_LAYERS) for s in self.specs):
+        if not any(isinstance(s, BinaryLayer) for s in self.specs):
             raise ConfigError(f"target {self.target!r} found no binarized layer in the model: {APPLY_HINT}")
         return Lowered(self.specs, self.names, self._profile())
 
     def _profile(self) -> list[dict]:
         rows = []
-        for prof in cg.layer_profile(self.specs)[1:]:
+        for prof in layer_profile(self.specs)[1:]:
             i, spec = prof["index"], self.specs[prof["index"]]
-            params = sum(a.size for _, a in cg.layer_arrays(spec))
+            params = sum(a.size for _, a in spec.arrays())
             row = {"name": self.names[i], "module": self.modules[i], "op": f"{self.ops[i]}->{type(spec).__name__}",
                    "in_shape": prof["input_shape"], "out_shape": prof["output_shape"], "params": int(params),
                    "bytes": int(prof["param_bytes"]), "macs": int(prof["macs"]), "bops": int(prof["bops"])}
-            if isinstance(spec, BINARY_LAYERS):
+            if isinstance(spec, BinaryLayer):
                 row["params"] = self.fp32_weights[i] + spec.alpha.size
                 row["fp32_bytes"] = 4 * self.fp32_weights[i]
                 row["fp32_macs"] = row["bops"]
@@ -241,7 +241,7 @@ class _Lowerer:
             src = self.src(node, vi)
             scale = self._per_channel(node, self.const(node, ci))
             spec = self.specs[src]
-            if isinstance(spec, BINARY_LAYERS) and np.all(spec.alpha == 1) and len(self.g.users(node.inputs[vi])) == 1:
+            if isinstance(spec, BinaryLayer) and np.all(spec.alpha == 1) and len(self.g.users(node.inputs[vi])) == 1:
                 spec.alpha = scale          # α · (integer product): the same single rounding either way
                 self.index[node.name] = src
                 return

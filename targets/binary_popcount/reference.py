@@ -8,37 +8,22 @@ must equal the C runtime's bit for bit; float results agree to rounding.
 
 4-D activations are NHWC, packed ones ``[N, H, W, ceil(C/64)]`` (see
 ``packing.py`` for the bit convention); :func:`run_reference` takes and
-returns torch-ordered tensors like the compiled model.
+returns torch-ordered tensors like the compiled model.  What each layer kind
+computes is its :meth:`.specs.LayerSpec.reference`, which calls the functions
+here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .codegen import (
-    Add,
-    AvgPool,
-    BinaryConv,
-    BinaryLinear,
-    Flatten,
-    FloatConv,
-    FloatLinear,
-    GlobalAvgPool,
-    InputSpec,
-    LayerSpec,
-    MaxPool,
-    MeanAbsScale,
-    PReLU,
-    ReLU,
-    ScaleBias,
-    Sign,
-    infer_shapes,
-    model_input,
-    source_index,
-)
 from .packing import pack_bits
+
+if TYPE_CHECKING:
+    from .specs import LayerSpec
 
 _CHUNK_ELEMS = 1 << 22  # bound the temporaries of the broadcasted XOR
 
@@ -189,52 +174,18 @@ def run_reference(specs: Sequence[LayerSpec], x: np.ndarray) -> tuple[np.ndarray
 
     Returns the output (NCHW if 4-D) and the int32 result of every binary
     layer in layer order, NHWC ``[N, OH, OW, O]`` or ``[N, O]``: the same
-    values and layout as ``CompiledModel.run_debug``.  Raises InputError for an
-    ``x`` of another shape.  Safe to call from several threads: it keeps no state.
+    values and layout as ``CompiledModel.run_debug``.  Raises ConfigError for
+    a malformed spec list, InputError for an ``x`` of another shape.  Safe to
+    call from several threads: it keeps no state.
     """
+    # here, not at the top: the layer kinds in .specs call this module's functions
+    from .specs import infer_shapes, model_input, source_index
+
     infos = infer_shapes(specs)
-    x = model_input(x, infos[0].shape)
     tensors: list[np.ndarray] = []
-    binary: list[np.ndarray] = []
+    popcounts: list[np.ndarray] = []
     for i, spec in enumerate(specs):
-        if isinstance(spec, InputSpec):
-            tensors.append(x.transpose(0, 2, 3, 1) if x.ndim == 4 else x)
-            continue
-        t = tensors[source_index(specs, i)]
-        if isinstance(spec, FloatConv):
-            y = conv2d(t, spec.weight, spec.bias, spec.stride, spec.padding)
-        elif isinstance(spec, BinaryConv):
-            acc = binary_conv2d(t, spec.weight, spec.in_channels, spec.stride, spec.padding)
-            binary.append(acc)
-            y = acc.astype(np.float32) * spec.alpha
-        elif isinstance(spec, BinaryLinear):
-            acc = binary_gemm(t, spec.weight, spec.in_features)
-            binary.append(acc)
-            y = acc.astype(np.float32) * spec.alpha
-        elif isinstance(spec, FloatLinear):
-            y = linear(t, spec.weight, spec.bias)
-        elif isinstance(spec, ScaleBias):
-            y = scale_bias(t, spec.scale, spec.bias)
-        elif isinstance(spec, MeanAbsScale):
-            y = mean_abs_scale(t, tensors[spec.other], spec.kernel, spec.stride, spec.padding)
-        elif isinstance(spec, Sign):
-            y = sign_pack(t, spec.threshold)
-        elif isinstance(spec, MaxPool):
-            y = max_pool2d(t, spec.kernel, spec.stride, spec.padding)
-        elif isinstance(spec, AvgPool):
-            y = avg_pool2d(t, spec.kernel, spec.stride, spec.padding)
-        elif isinstance(spec, ReLU):
-            y = relu(t)
-        elif isinstance(spec, PReLU):
-            y = prelu(t, spec.slopes)
-        elif isinstance(spec, Add):
-            y = (t + tensors[spec.other]).astype(np.float32)
-        elif isinstance(spec, GlobalAvgPool):
-            y = global_avg_pool(t)
-        elif isinstance(spec, Flatten):
-            y = t.transpose(0, 3, 1, 2).reshape(t.shape[0], -1) if t.ndim == 4 else t
-        else:  # infer_shapes has rejected anything else
-            raise AssertionError(spec)
-        tensors.append(y)
+        t = model_input(x, infos[0].shape) if i == 0 else tensors[source_index(specs, i)]
+        tensors.append(spec.reference(t, tensors, popcounts))
     out = tensors[-1]
-    return (out.transpose(0, 3, 1, 2) if out.ndim == 4 else out), binary
+    return (out.transpose(0, 3, 1, 2) if out.ndim == 4 else out), popcounts

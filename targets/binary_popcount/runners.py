@@ -11,7 +11,7 @@ arrays of the expected dtype and rank lying where this edgepack puts them inside
 ``weights.bin``, and ``weights.bin`` byte for byte what those specs give.  Then
 :func:`artifact_specs` checks that the C files the artifact ships (for firmware
 builds) are exactly what this edgepack makes: ``model.c`` and ``model.h`` what
-:func:`.codegen.generate_sources` gives for the specs, each ``ep_*`` kernel file
+:func:`.emit.generate_sources` gives for the specs, each ``ep_*`` kernel file
 the one installed with edgepack, and no other C file; anything else is refused
 with ``ArtifactError``.  The host runner compiles the freshly generated C and the
 installed kernels, never a file of the artifact, and loads only shared objects
@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import typing
 from typing import Any
 
 import numpy as np
@@ -37,23 +36,15 @@ import numpy as np
 from sdk import Runner, __version__
 from sdk.errors import ArtifactError, ConfigError, InputError, ToolchainError
 
-from . import codegen as cg
+from .blob import weight_layout, write_weights_bin
+from .build import CompiledModel, compile_model, find_compiler, kernel_sources
+from .emit import generate_sources
+from .reference import run_reference
+from .specs import LAYER_KINDS, BinaryLayer, Stored, infer_shapes
 
 TARGETS = ("binary-popcount",)
 LAYERS_FILE = "layers.json"
 LAYERS_FORMAT = 1
-SPEC_TYPES = {cls.__name__: cls for cls in typing.get_args(cg.LayerSpec)}
-#: per layer type, the arrays it keeps in weights.bin: dtype and rank as stored, and the
-#: inverse of the transpose codegen.layer_arrays applies on the way in
-_ARRAYS: dict[str, dict[str, tuple[str, int, tuple[int, ...] | None]]] = {
-    "FloatConv": {"weight": ("<f4", 4, (3, 2, 0, 1)), "bias": ("<f4", 1, None)},
-    "BinaryConv": {"weight": ("<u8", 4, None), "alpha": ("<f4", 1, None)},
-    "BinaryLinear": {"weight": ("<u8", 2, None), "alpha": ("<f4", 1, None)},
-    "ScaleBias": {"scale": ("<f4", 1, None), "bias": ("<f4", 1, None)},
-    "Sign": {"threshold": ("<f4", 1, None)},
-    "PReLU": {"slopes": ("<f4", 1, None)},
-    "FloatLinear": {"weight": ("<f4", 2, (1, 0)), "bias": ("<f4", 1, None)},
-}
 _MAX_LAYERS_JSON_BYTES = 16 << 20
 _MAX_LAYERS = 4096              # the memory planner is quadratic in the layer count
 _MAX_NAME = 1024
@@ -67,10 +58,10 @@ _MAX_ACTIVATION_BYTES = 1 << 31  # all tensors of one run together: the referenc
 def dump_specs(specs: list, names: list[str]) -> bytes:
     """``layers.json`` for ``specs``: each layer's type, name and scalar fields, and for
     each array its dtype, stored shape and byte offset in ``weights.bin``."""
-    offsets, _ = cg.weight_layout(specs)
+    offsets = weight_layout(specs).offsets
     layers = []
     for i, (spec, name) in enumerate(zip(specs, names, strict=True)):
-        arrays = dict(cg.layer_arrays(spec))
+        arrays = dict(spec.arrays())
         fields = {f.name: _plain(getattr(spec, f.name)) for f in dataclasses.fields(spec)
                   if f.name not in arrays and not isinstance(getattr(spec, f.name), np.ndarray)
                   and getattr(spec, f.name) is not None}
@@ -87,9 +78,9 @@ def _plain(v: Any) -> Any:
 def load_specs(layers_json: bytes, weights: bytes) -> tuple[list, list[str]]:
     """Inverse of :func:`dump_specs`: ``(specs, names)``, the arrays read from ``weights``
     (read-only views).  Both come from whoever sent the artifact, so every value is
-    checked before it is used; shapes must make a network :func:`.codegen.infer_shapes`
+    checked before it is used; shapes must make a network :func:`.specs.infer_shapes`
     accepts, within size bounds, and ``weights`` must be exactly the blob
-    :func:`.codegen.write_weights_bin` makes of the result.
+    :func:`.blob.write_weights_bin` makes of the result.
 
     Raises ArtifactError, saying which layer and what is wrong, for anything else.
     """
@@ -109,33 +100,33 @@ def load_specs(layers_json: bytes, weights: bytes) -> tuple[list, list[str]]:
     for i, layer in enumerate(layers):
         _check_keys(layer, {"type", "name", "fields", "arrays"}, f"layer {i}")
         kind, name = layer["type"], layer["name"]
-        if not isinstance(kind, str) or kind not in SPEC_TYPES:
+        if not isinstance(kind, str) or kind not in LAYER_KINDS:
             raise ArtifactError(f"{LAYERS_FILE}: layer {i} has type {_show(kind)}; known types: "
-                                f"{', '.join(sorted(SPEC_TYPES))}")
+                                f"{', '.join(sorted(LAYER_KINDS))}")
         if not isinstance(name, str) or len(name) > _MAX_NAME or not name.isprintable():
             raise ArtifactError(f"{LAYERS_FILE}: layer {i} ({kind}) needs a name of at most {_MAX_NAME} printable "
                                 f"characters, got {_show(name)}")
         where = f"layer {i} ({kind} {_show(name)})"
         kwargs = _fields(layer["fields"], kind, where)
-        stored = _ARRAYS.get(kind, {})
+        stored = LAYER_KINDS[kind].STORED
         arrays = layer["arrays"]
         if not isinstance(arrays, dict) or not set(arrays) <= set(stored):
             raise ArtifactError(f"{LAYERS_FILE}: {where}: 'arrays' must be an object with keys among "
                                 f"{sorted(stored)}, got {_show(arrays)}")
         for key, ref in arrays.items():
-            kwargs[key] = _array(ref, *stored[key], weights, f"{where}, array {key!r}")
+            kwargs[key] = _array(ref, stored[key], weights, f"{where}, array {key!r}")
             offsets[(i, key)] = ref["offset"]
-        missing = sorted(f.name for f in dataclasses.fields(SPEC_TYPES[kind])
+        missing = sorted(f.name for f in dataclasses.fields(LAYER_KINDS[kind])
                          if f.default is dataclasses.MISSING and f.name not in kwargs)
         if missing:
             raise ArtifactError(f"{LAYERS_FILE}: {where} lacks {', '.join(missing)}")
         try:
-            specs.append(SPEC_TYPES[kind](**kwargs))
+            specs.append(LAYER_KINDS[kind](**kwargs))
         except ConfigError as exc:
             raise ArtifactError(f"{LAYERS_FILE}: {where}: {exc}") from None
         names.append(name)
     try:
-        infos = cg.infer_shapes(specs)
+        infos = infer_shapes(specs)
     except ConfigError as exc:
         raise ArtifactError(f"{LAYERS_FILE} describes no valid network: {exc}") from None
     # math.prod, not TensorInfo.nbytes: numpy's int64 product could wrap on hostile shapes
@@ -143,9 +134,9 @@ def load_specs(layers_json: bytes, weights: bytes) -> tuple[list, list[str]]:
     if max(sizes) > _MAX_ELEMENTS or sum(sizes) * 4 > _MAX_ACTIVATION_BYTES:
         raise ArtifactError(f"{LAYERS_FILE} describes tensors beyond this edgepack's bounds ({_MAX_ELEMENTS} "
                             f"elements each, {_MAX_ACTIVATION_BYTES} bytes in all)")
-    if cg.weight_layout(specs)[0] != offsets:
+    if weight_layout(specs).offsets != offsets:
         raise ArtifactError(f"{LAYERS_FILE} places arrays in weights.bin where this edgepack does not")
-    if cg.write_weights_bin(specs) != weights:
+    if write_weights_bin(specs) != weights:
         raise ArtifactError(f"weights.bin is not the blob {LAYERS_FILE} describes (its header, fingerprint, "
                             "padding or size differs)")
     return specs, names
@@ -170,7 +161,7 @@ def _check_keys(obj: Any, keys: set[str], where: str) -> None:
 def _fields(fields: Any, kind: str, where: str) -> dict:
     """The spec's keyword arguments from a layer's ``fields``: every one an int but
     InputSpec's shape, a list of 2 or 4 positive ints."""
-    allowed = {f.name for f in dataclasses.fields(SPEC_TYPES[kind])} - set(_ARRAYS.get(kind, {}))
+    allowed = {f.name for f in dataclasses.fields(LAYER_KINDS[kind])} - set(LAYER_KINDS[kind].STORED)
     if not isinstance(fields, dict) or not set(fields) <= allowed:
         raise ArtifactError(f"{LAYERS_FILE}: {where}: 'fields' must be an object with keys among "
                             f"{sorted(allowed)}, got {_show(fields)}")
@@ -190,9 +181,9 @@ def _fields(fields: Any, kind: str, where: str) -> dict:
     return kwargs
 
 
-def _array(ref: Any, dtype: str, ndim: int, perm: tuple[int, ...] | None, weights: bytes,
-           where: str) -> np.ndarray:
+def _array(ref: Any, stored: Stored, weights: bytes, where: str) -> np.ndarray:
     """The array ``ref`` points at in ``weights``, in the spec's layout."""
+    dtype, ndim = stored.dtype, stored.ndim
     _check_keys(ref, {"offset", "dtype", "shape"}, where)
     if ref["dtype"] != dtype:
         raise ArtifactError(f"{LAYERS_FILE}: {where} has dtype {_show(ref['dtype'])}; it is stored as {dtype!r}")
@@ -206,7 +197,7 @@ def _array(ref: Any, dtype: str, ndim: int, perm: tuple[int, ...] | None, weight
         raise ArtifactError(f"{LAYERS_FILE}: {where} at offset {_show(offset)} does not lie inside weights.bin "
                             f"({len(weights)} bytes)")
     arr = np.frombuffer(weights, np.dtype(dtype), count, offset).reshape(shape)
-    return arr.transpose(perm) if perm else arr
+    return arr.transpose(np.argsort(stored.layout)) if stored.layout else arr
 
 
 def artifact_specs(artifact) -> tuple[list, list[str]]:
@@ -217,20 +208,18 @@ def artifact_specs(artifact) -> tuple[list, list[str]]:
 
     Raises ArtifactError, with what differs and what to do, otherwise.
     """
-    from .build import kernel_sources
-
     redeploy = (f"the artifact was damaged, edited, or made by another edgepack version; nothing of it was "
                 f"compiled or run: deploy the model again with this edgepack ({__version__})")
     try:
         specs, names = load_specs(artifact.read_bytes(LAYERS_FILE), artifact.read_bytes("weights.bin"))
     except ArtifactError as exc:
         raise ArtifactError(f"artifact {artifact.path}: {exc}; {redeploy}") from None
-    infos = cg.infer_shapes(specs)
+    infos = infer_shapes(specs)
     shapes = ([tuple(t.shape) for t in artifact.inputs], [tuple(t.shape) for t in artifact.outputs])
     if shapes != ([infos[0].shape], [infos[-1].shape]):
         raise ArtifactError(f"artifact {artifact.path}: its manifest gives inputs and outputs of shapes {shapes}, "
                             f"its {LAYERS_FILE} {[infos[0].shape]} and {[infos[-1].shape]}; {redeploy}")
-    model_c, model_h = cg.generate_sources(specs)
+    model_c, model_h = generate_sources(specs)
     expected = {"model.c": model_c.encode(), "model.h": model_h.encode(),
                 **{p.name: p.read_bytes() for p in kernel_sources()}}
     shipped = {n for n in artifact.manifest["files"] if n.lower().endswith((".c", ".h"))}
@@ -249,12 +238,12 @@ def artifact_specs(artifact) -> tuple[list, list[str]]:
     return specs, names
 
 
-def compile_artifact(artifact) -> cg.CompiledModel:
-    """The checked artifact (:func:`artifact_specs`) as a :class:`.codegen.CompiledModel`:
+def compile_artifact(artifact) -> CompiledModel:
+    """The checked artifact (:func:`artifact_specs`) as a :class:`.build.CompiledModel`:
     C generated afresh from its specs and the kernels installed with edgepack, compiled
     for this machine (cached in ``build.default_cache_dir()``) and loaded."""
     specs, _ = artifact_specs(artifact)
-    return cg.compile_model(specs)
+    return compile_model(specs)
 
 
 def binary_layer_agreement(artifact, inputs) -> list[dict]:
@@ -266,11 +255,9 @@ def binary_layer_agreement(artifact, inputs) -> list[dict]:
     >>> [r["mismatches"] for r in binary_layer_agreement(art, [x])]   # doctest: +SKIP
     [0, 0]
     """
-    from .reference import run_reference
-
     specs, names = artifact_specs(artifact)
-    model = cg.compile_model(specs)
-    rows = [{"name": n, "elements": 0, "mismatches": 0} for s, n in zip(specs, names) if isinstance(s, cg.BINARY_LAYERS)]
+    model = compile_model(specs)
+    rows = [{"name": n, "elements": 0, "mismatches": 0} for s, n in zip(specs, names) if isinstance(s, BinaryLayer)]
     for x in inputs:
         _, got = model.run_debug(x)
         _, want = run_reference(specs, x)
@@ -296,8 +283,6 @@ class HostRunner(Runner):
     targets = TARGETS
 
     def unavailable(self):
-        from .build import find_compiler
-
         try:
             find_compiler()
         except ToolchainError as exc:
@@ -317,7 +302,5 @@ class ReferenceRunner(Runner):
     targets = TARGETS
 
     def open(self, artifact):
-        from .reference import run_reference
-
         specs, _ = artifact_specs(artifact)
         return lambda inputs: [run_reference(specs, _only_input(inputs))[0]]

@@ -11,8 +11,11 @@ Runners: ``host`` (LiteRT on the CPU: fp16 weights, fp32 compute), ``fp16``
 (the same flatbuffer executed in float16 arithmetic, see :mod:`.half`),
 ``reference`` (float64 numpy), ``cuda`` (torch half precision on a GPU, when
 one is present).  Each checks ``model.tflite`` with
-:func:`targets.arm_int8.fbcheck.check_model` before reading it, and each
-session serialises its calls, so it may be shared between threads.
+:func:`sdk.litert.fbcheck.check_model` before reading it, and each
+session serialises its calls, so it may be shared between threads.  The
+lowering, the flatbuffer writer and the reference are the LiteRT toolkit the
+arm targets use too (:mod:`sdk.litert`); what is float16's own lives here:
+:mod:`.half` and :mod:`.cuda`.
 
 >>> art = sdk.deploy(model, target="fp16-gpu", example_inputs=(x,), calibration=batches)   # doctest: +SKIP
 >>> art.verify(model, runners=["host", "fp16"]).passed    # doctest: +SKIP
@@ -34,10 +37,14 @@ from __future__ import annotations
 
 import dataclasses
 
-from sdk import Package, Runner, Target, TensorSig, hookimpl
-from sdk.config import Config
+from sdk import Package, Runner, TensorSig, hookimpl
+from sdk.config import Config, check_fp32_fields
+from sdk.cost import MOBILE_GPU
+from sdk.encoding import Carries
+from sdk.litert import runners
+from sdk.litert.runners import adapt, checked_model
+from sdk.litert.target import LiteRTTarget
 from sdk.quant import FP16_MAX
-from targets.arm_int8.runners import LiteRTHostRunner, ReferenceRunner, adapt, checked_model
 
 NAME = "fp16-gpu"
 
@@ -91,13 +98,15 @@ def derived_rules(baseline: float | None) -> dict:
     return {"max_rel_err": storage, "runners": {"fp16": {"max_rel_err": arith}, "cuda": {"max_rel_err": arith}}}
 
 
-class FP16GPU(Target):
+class FP16GPU(LiteRTTarget):
     """Float16-weight LiteRT model for mobile GPU delegates."""
 
     name = NAME
     version = "1.0"
     default_quantizer = "fp16"
     default_runner = "host"
+    carries = (Carries("float16"), Carries("float32"))      # float32: the layers kept in float32
+    device = MOBILE_GPU
 
     @dataclasses.dataclass(frozen=True)
     class Config(Config):
@@ -105,27 +114,16 @@ class FP16GPU(Target):
         auto_fp32: bool = False              # keep exactly the out-of-range nodes in float32
 
         def __post_init__(self):
-            from plugins.quantize.fp16 import check_fp32_fields
-
             check_fp32_fields(NAME, self)
 
     def default_quantizer_config(self):
         return {"keep_fp32": list(self.config.keep_fp32), "auto_fp32": self.config.auto_fp32}
 
-    def prepare(self, graph):
-        # the arm targets' passes: stand-alone batch norms as convs, so the fp16 range analysis and
-        # the weight-rounding baseline see the graph that is packed
-        from targets.arm_int8.lowering import prepare
-
-        return prepare(graph)
-
-    def check(self, graph):
-        from targets.arm_int8.lowering import check
-
-        check(graph, self.name)
+    # prepare and check are LiteRTTarget's: stand-alone batch norms become convs before the fp16
+    # range analysis, so it and the weight-rounding baseline see the graph that is packed
 
     def pack(self, graph, plan, calibration=None):
-        from targets.arm_int8.lowering import lower
+        from sdk.litert.lowering import lower
 
         keep = frozenset(plan.extra.get("keep_fp32", ())) if plan else frozenset()
         low = lower(graph, None, target=self.name, half_weights=True, keep_fp32=keep)
@@ -159,13 +157,13 @@ class FP16GPU(Target):
         return {**cap, "runners": {"fp16": dict(cap), "cuda": dict(cap)}}
 
 
-class FP16HostRunner(LiteRTHostRunner):
+class FP16HostRunner(runners.LiteRTHostRunner):
     """LiteRT on this machine's CPU: float16 weights widened, float32 compute."""
 
     targets = (NAME,)
 
 
-class FP16ReferenceRunner(ReferenceRunner):
+class FP16ReferenceRunner(runners.ReferenceRunner):
     """float64 numpy execution of the fp16-weight flatbuffer."""
 
     targets = (NAME,)

@@ -1,6 +1,6 @@
 """The fp16 flatbuffer rebuilt as torch operations, for the ``cuda`` runner.
 
-:class:`TorchLiteRT` executes a float LiteRT model (as :mod:`targets.arm_int8.lowering`
+:class:`TorchLiteRT` executes a float LiteRT model (as :mod:`sdk.litert.lowering`
 writes it) with torch on any device and dtype: ``cuda`` + ``float16`` is the
 ``cuda`` runner; ``cpu`` + ``float32`` lets tests check the translation
 against the numpy reference on machines without a GPU.  Tensors stay NHWC as
@@ -14,7 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from targets.arm_int8.reference import ReferenceInterpreter, same_padding
+from sdk.litert.padding import same_padding
+from sdk.litert.reference import ReferenceInterpreter
 
 from .half import runs_in_fp32
 

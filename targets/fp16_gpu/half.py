@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from targets.arm_int8 import reference as R
+from sdk.litert import reference as R
 
 _CHUNK = 1 << 24        # elements of the product tensor materialised at once
 
@@ -87,14 +87,14 @@ def _h(x) -> np.ndarray:
 
 
 def _act16(x: np.ndarray, act: str) -> np.ndarray:
-    return R._float_activation(x, act).astype(np.float16)
+    return R.float_activation(x, act).astype(np.float16)
 
 
 def _conv16(interp, k, op, node, ins, vals, out, depthwise: bool):
     o = op.builtinOptions
     x, w, b = _h(vals[0]), _h(vals[1]), _h(vals[2])
     _, kh, kw, _ = ins[1].shape
-    win = R._windows(x, kh, kw, (o.strideH, o.strideW), (o.dilationHFactor, o.dilationWFactor), o.padding == 0,
+    win = R.windows(x, kh, kw, (o.strideH, o.strideW), (o.dilationHFactor, o.dilationWFactor), o.padding == 0,
                      np.float16(0))
     n, oh, ow = win.shape[:3]
     if depthwise:
@@ -109,9 +109,9 @@ def _conv16(interp, k, op, node, ins, vals, out, depthwise: bool):
         else:
             y = sum16((taps * wt).transpose(0, 1, 2, 4, 3))
     else:
-        y = R._grouped(win, w, lambda a, ww: dot16(a.reshape(-1, a.shape[-1]), ww.T, interp.order)
+        y = R.grouped(win, w, lambda a, ww: dot16(a.reshape(-1, a.shape[-1]), ww.T, interp.order)
                        .reshape(a.shape[:-1] + (-1,)))
-    return _act16(y + b, R._activation(op, node))
+    return _act16(y + b, R.fused_activation(op, node))
 
 
 def _fc16(interp, k, op, node, ins, vals, out):
@@ -120,12 +120,12 @@ def _fc16(interp, k, op, node, ins, vals, out):
     y = dot16(x2, w, interp.order)
     if len(vals) > 2 and vals[2] is not None:
         y = y + _h(vals[2])
-    return _act16(y, R._activation(op, node)).reshape(out.shape)
+    return _act16(y, R.fused_activation(op, node)).reshape(out.shape)
 
 
 def _binary16(fn):
     def k(interp, i, op, node, ins, vals, out):
-        return _act16(fn(_h(vals[0]), _h(vals[1])), R._activation(op, node))
+        return _act16(fn(_h(vals[0]), _h(vals[1])), R.fused_activation(op, node))
     return k
 
 
@@ -140,10 +140,10 @@ def _mean16(interp, k, op, node, ins, vals, out):
 
 def _avg_pool16(interp, k, op, node, ins, vals, out):
     x = _h(vals[0])
-    win = R._pool_windows(x, op, np.float16(0))
+    win = R.pool_windows(x, op, np.float16(0))
     n, oh, ow, fh, fw, c = win.shape
     total = sum16(win.reshape(n, oh, ow, fh * fw, c).transpose(0, 1, 2, 4, 3))
-    return _act16(total * np.float16(1.0 / (fh * fw)), R._activation(op, node))
+    return _act16(total * np.float16(1.0 / (fh * fw)), R.fused_activation(op, node))
 
 
 def _softmax16(interp, k, op, node, ins, vals, out):

@@ -24,8 +24,8 @@ import torch
 import sdk
 from sdk.artifact import Artifact
 from sdk.errors import ArtifactError
-from targets.arm_int8.fbcheck import check_model
-from targets.arm_int8.flatbuffer import FILE_IDENTIFIER, read_model
+from sdk.litert.fbcheck import check_model
+from sdk.litert.flatbuffer import FILE_IDENTIFIER, read_model
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -96,8 +96,8 @@ def test_edgepack_models_pass(name, target, tmp_path, one_thread):
 def test_every_op_edgepack_writes_has_a_rule():
     """A row added to flatbuffer.OPS must get a structural rule in fbcheck (arity, options
     fields, output shape), or every artifact using it is refused as damaged."""
-    from targets.arm_int8 import fbcheck
-    from targets.arm_int8.flatbuffer import OPS
+    from sdk.litert import fbcheck
+    from sdk.litert.flatbuffer import OPS
 
     assert set(OPS) <= fbcheck.RULED_OPS, sorted(set(OPS) - fbcheck.RULED_OPS)
     missing = [n for n, spec in OPS.items() if spec.options_type and n not in fbcheck._OPTION_FIELDS]
@@ -299,17 +299,17 @@ def test_edits_that_crash_litert_are_refused_first(lenets, tmp_path, case):
 _CHILD = r"""
 import sys
 import numpy as np
-from targets.arm_int8 import litert
+from sdk.litert import runtime
 rng = np.random.default_rng(0)
 for line in open(sys.argv[1]):
     i, path = line.split(" ", 1)
     print("start", i, flush=True)
     try:
-        interp = litert.load_interpreter(open(path.strip(), "rb").read())
+        interp = runtime.load_interpreter(open(path.strip(), "rb").read())
         for _ in range(2):
             xs = [rng.standard_normal(d["shape"]).astype(d["dtype"]) if d["dtype"] == np.float32 else
                   rng.integers(-128, 128, d["shape"]).astype(d["dtype"]) for d in interp.get_input_details()]
-            litert.run(interp, xs)
+            runtime.run(interp, xs)
         status = "ran"
     except Exception as exc:
         status = "error:" + type(exc).__name__

@@ -16,9 +16,9 @@ import pytest
 
 from ai_edge_litert import schema_py_generated as fb
 from sdk.errors import ConfigError, InputError, RunnerError, ToolchainError, UnsupportedOpError
-from targets.arm_int8 import litert, qmath
-from targets.arm_int8.flatbuffer import OPS, ModelBuilder, read_model, tensor_data
-from targets.arm_int8.reference import ReferenceInterpreter
+from sdk.litert import qmath, runtime
+from sdk.litert.flatbuffer import OPS, ModelBuilder, read_model, tensor_data
+from sdk.litert.reference import ReferenceInterpreter
 
 SEEDS = range(3)
 
@@ -38,8 +38,8 @@ def _codes(rng, shape):
 
 
 def _run_both(model: bytes, inputs):
-    interp = litert.load_interpreter(model, num_threads=1)
-    return litert.run(interp, inputs), ReferenceInterpreter(model).run(inputs), litert.op_summary(interp)
+    interp = runtime.load_interpreter(model, num_threads=1)
+    return runtime.run(interp, inputs), ReferenceInterpreter(model).run(inputs), runtime.op_summary(interp)
 
 
 def _assert_int_match(got, want, max_lsb=0, min_exact=1.0):
@@ -136,7 +136,7 @@ def test_writer_rejects_bad_input():
 
 
 def test_every_op_has_a_reference_kernel():
-    from targets.arm_int8.reference import SUPPORTED_OPS
+    from sdk.litert.reference import SUPPORTED_OPS
 
     assert set(OPS) <= SUPPORTED_OPS
 
@@ -377,7 +377,7 @@ def test_concat_with_mismatched_scales_is_refused_like_litert():
     b.set_io([a, c], [y])
     model = b.finish()
     with pytest.raises(RunnerError):  # XNNPACK claims the node, then fails to prepare it
-        litert.load_interpreter(model)
+        runtime.load_interpreter(model)
     with pytest.raises(UnsupportedOpError, match="QUANTIZE"):
         ReferenceInterpreter(model).run([_codes(rng, (1, 8)), _codes(rng, (1, 8))])
 
@@ -474,9 +474,9 @@ def test_int8_chain_end_to_end():
     layers = ReferenceInterpreter(model).trace([x])
     assert list(layers) == ["x", "conv", "dw", "res", "pooled", "logits", "probs"]
     np.testing.assert_array_equal(layers["probs"], got[0])
-    interp = litert.load_interpreter(model)
-    assert litert.delegated_fraction(interp) == pytest.approx(5 / 6)
-    assert litert.time_inference(interp, [x], warmup=1, runs=3) > 0
+    interp = runtime.load_interpreter(model)
+    assert runtime.delegated_fraction(interp) == pytest.approx(5 / 6)
+    assert runtime.time_inference(interp, [x], warmup=1, runs=3) > 0
 
 
 def test_float32_chain_matches_litert():
@@ -521,7 +521,7 @@ def test_conv_requantization_scale_limit():
     b.set_io([x], [y])
     model = b.finish()
     with pytest.raises(RunnerError):
-        litert.load_interpreter(model)
+        runtime.load_interpreter(model)
     with pytest.raises(UnsupportedOpError, match="256"):
         ReferenceInterpreter(model).run([np.zeros((1, 2, 2, 3), np.int8)])
 
@@ -531,7 +531,7 @@ def test_missing_runtime_names_the_pip_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "ai_edge_litert.interpreter", None)
     monkeypatch.setitem(sys.modules, "tflite_runtime", None)
     with pytest.raises(ToolchainError, match="pip install ai-edge-litert"):
-        litert.load_interpreter(b"")
+        runtime.load_interpreter(b"")
 
 
 # --- fixed-point helpers --------------------------------------------------------------

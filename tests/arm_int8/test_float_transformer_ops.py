@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from sdk.errors import ArtifactError, UnsupportedOpError
-from targets.arm_int8 import fbcheck, litert
-from targets.arm_int8.flatbuffer import ModelBuilder
-from targets.arm_int8.reference import ReferenceInterpreter
+from sdk.litert import fbcheck, runtime
+from sdk.litert.flatbuffer import ModelBuilder
+from sdk.litert.reference import ReferenceInterpreter
 
 RTOL = 1e-5     # of max |reference|
 
@@ -64,16 +64,16 @@ def _check(model: bytes, inputs, want=None):
     fbcheck accepts the model.  Returns the errors measured."""
     fbcheck.check_model(model)
     ref = ReferenceInterpreter(model).run(inputs)[0]
-    interp = litert.load_interpreter(model, num_threads=1)
-    got = litert.run(interp, inputs)[0]
-    plain = litert.run(litert.load_interpreter(model, num_threads=1, delegate=False), inputs)[0]
+    interp = runtime.load_interpreter(model, num_threads=1)
+    got = runtime.run(interp, inputs)[0]
+    plain = runtime.run(runtime.load_interpreter(model, num_threads=1, delegate=False), inputs)[0]
     assert got.dtype == ref.dtype == np.float32 and got.shape == ref.shape
     errs = {"xnnpack": _max_err(got, ref), "builtin": _max_err(plain, ref)}
     if want is not None:
         assert want.shape == ref.shape
         errs["torch"] = _max_err(ref, want)
     assert all(e <= RTOL for e in errs.values()), errs
-    summary = litert.op_summary(interp)
+    summary = runtime.op_summary(interp)
     assert summary["delegate_nodes"] == 1 and not summary["builtin"], summary
     return errs
 

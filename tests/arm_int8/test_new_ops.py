@@ -18,8 +18,8 @@ from torch import nn
 import sdk
 import sdk.graph as G
 from sdk.errors import UnsupportedOpError
-from targets.arm_int8 import litert
-from targets.arm_int8.runners import to_stored
+from sdk.litert import runtime
+from sdk.litert.layout import to_stored
 
 
 def batches(x, n, seed):
@@ -54,12 +54,12 @@ def check(model, x, tmp_path, *, partitions=1, min_sqnr=20.0):
         db = float(sqnr(np.stack(want), np.stack(host)))
         assert db >= min_sqnr, f"int8 SQNR vs torch {db:.1f} dB"
     model_file = q.file("model.tflite")
-    summary = litert.op_summary(litert.load_interpreter(model_file))
+    summary = runtime.op_summary(runtime.load_interpreter(model_file))
     assert summary["delegate_nodes"] == partitions, summary
     if partitions == 1:
         assert not summary["builtin"], summary
-    plain = litert.load_interpreter(model_file, delegate=False)     # TFLite's builtin kernels only
-    (y,) = litert.run(plain, [to_stored(q.manifest["inputs"][0], inputs[0].numpy())])
+    plain = runtime.load_interpreter(model_file, delegate=False)     # TFLite's builtin kernels only
+    (y,) = runtime.run(plain, [to_stored(q.manifest["inputs"][0], inputs[0].numpy())])
     assert y.dtype == np.float32 and np.all(np.isfinite(y))
     return q
 
@@ -237,8 +237,8 @@ def test_max_pool_padding_keeps_negative_edges():
     m = nn.MaxPool2d(3, 2, padding=1).eval()
     x = -torch.rand(1, 2, 6, 6) - 1
     g = G.capture(m, (x,))
-    from targets.arm_int8.lowering import lower
-    from targets.arm_int8.reference import ReferenceInterpreter
+    from sdk.litert.lowering import lower
+    from sdk.litert.reference import ReferenceInterpreter
 
     low = lower(g, None, target="arm-fp32")
     (y,) = ReferenceInterpreter(low.model).run([x.numpy().transpose(0, 2, 3, 1).copy()])
@@ -393,7 +393,7 @@ def test_degenerate_ranges_load_without_xnnpack(tmp_path):
 def test_fp16_gpu_lowers_the_new_ops_and_its_torch_translation_agrees(tmp_path):
     """fp16-gpu shares the lowering: float SLICE, MAXIMUM/MINIMUM, RELU_N1_TO_1, replicated-edge max pool and
     stand-alone BN; the cuda runner's torch translation (here on the CPU, float32) equals the reference."""
-    from targets.arm_int8.reference import ReferenceInterpreter
+    from sdk.litert.reference import ReferenceInterpreter
     from targets.fp16_gpu.cuda import TorchLiteRT
 
     class M(nn.Module):

@@ -17,9 +17,9 @@ from torch import nn
 import sdk
 from sdk.errors import CalibrationError, UnsupportedOpError
 from sdk.graph import capture
-from targets.arm_int8 import litert
-from targets.arm_int8.lowering import FLOAT_IN_INT8
-from targets.arm_int8.runners import to_stored
+from sdk.litert import runtime
+from sdk.litert.layout import to_stored
+from sdk.litert.lowering import FLOAT_IN_INT8
 
 
 class Block(nn.Module):
@@ -139,9 +139,9 @@ def test_deploys_to_the_three_litert_targets(case, tmp_path):
     assert report.max_lsb["host"] <= 1 and report.bit_exact_ratio["host"] >= 0.99
     assert report.sqnr_db["host"] >= 20.0
     tflite = int8.file("model.tflite")
-    summary = litert.op_summary(litert.load_interpreter(tflite))
+    summary = runtime.op_summary(runtime.load_interpreter(tflite))
     assert summary["delegate_nodes"] == 1 and not summary["builtin"], summary
-    (y,) = litert.run(litert.load_interpreter(tflite, delegate=False),
+    (y,) = runtime.run(runtime.load_interpreter(tflite, delegate=False),
                       [to_stored(int8.manifest["inputs"][0], batches[0].numpy())])
     assert np.all(np.isfinite(y))
     rows = int8.profile["layers"]
@@ -157,8 +157,8 @@ def test_tiny_residual_branch_stays_in_the_int8_delegate(tmp_path):
     lowering requantizes such a branch first (here 1e-6 of the other input)."""
     model, x, batches = _build("layer-scale")
     art = sdk.deploy(model, "arm-int8", (x,), calibration=batches, output=tmp_path / "a", progress=False)
-    interp = litert.load_interpreter(art.file("model.tflite"))
-    assert litert.op_summary(interp)["delegate_nodes"] == 1
+    interp = runtime.load_interpreter(art.file("model.tflite"))
+    assert runtime.op_summary(interp)["delegate_nodes"] == 1
     assert np.array_equal(art.run(x, runner="host")[0], art.run(x, runner="reference")[0])
 
 

@@ -28,10 +28,10 @@ import torch
 
 import sdk
 from sdk.errors import ArtifactError, InputError, ToolchainError
-from targets.binary_popcount import binary_layer_agreement, build
-from targets.binary_popcount import codegen as cg
+from targets.binary_popcount import binary_layer_agreement, blob, build, emit
 from targets.binary_popcount import reference as ref
-from targets.binary_popcount.runners import SPEC_TYPES, artifact_specs, dump_specs, load_specs
+from targets.binary_popcount import specs as sp
+from targets.binary_popcount.runners import artifact_specs, dump_specs, load_specs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -132,8 +132,8 @@ def test_a_model_c_generated_for_other_weights_is_refused(art, tmp_path, inputs)
     """Consistent but foreign: model.c of another model (a valid edgepack file) beside these layers."""
     src = copy_of(art, tmp_path)
     rng = np.random.default_rng(0)
-    other = [cg.InputSpec((1, 70)), cg.Sign(), cg.BinaryLinear.from_float(rng.standard_normal((4, 70)))]
-    rewrite(src, "model.c", cg.generate_sources(other)[0].encode())
+    other = [sp.InputSpec((1, 70)), sp.Sign(), sp.BinaryLinear.from_float(rng.standard_normal((4, 70)))]
+    rewrite(src, "model.c", emit.generate_sources(other)[0].encode())
     with pytest.raises(ArtifactError, match="model.c differs from what this edgepack generates"):
         sdk.load(src).run(inputs[0])
 
@@ -184,7 +184,7 @@ def test_a_shared_object_planted_in_the_cache_is_rebuilt_not_loaded(tmp_path, pa
 def test_a_planted_object_named_for_the_artifact_is_never_loaded(art, tmp_path, monkeypatch, payload_so, inputs):
     payload, marker = payload_so
     monkeypatch.setenv("EDGEPACK_CACHE", str(tmp_path / "fresh"))   # an object name this process never loaded
-    model_c, model_h = cg.generate_sources(artifact_specs(art)[0])
+    model_c, model_h = emit.generate_sources(artifact_specs(art)[0])
     (tmp_path / "model.c").write_text(model_c)
     (tmp_path / "model.h").write_text(model_h)
     so = build.build_shared_object([tmp_path / "model.c", tmp_path / "model.h", *build.kernel_sources()])
@@ -417,26 +417,26 @@ def test_random_damage_is_an_artifact_error_or_the_same_model(stored):
             continue
         # accepted: a well-formed model of exactly these bytes (maybe another one, e.g. a layer reading an
         # earlier tensor, which artifact_specs then refuses since the shipped model.c is not its code)
-        assert cg.write_weights_bin(specs) == w
-        cg.generate_sources(specs)
+        assert blob.write_weights_bin(specs) == w
+        emit.generate_sources(specs)
         ref.run_reference(specs, np.zeros(specs[0].shape, np.float32))
     assert refused > 300
 
 
 def test_every_layer_type_round_trips_through_layers_json():
     rng = np.random.default_rng(5)
-    specs = [cg.InputSpec((2, 3, 8, 8)), cg.FloatConv(rng.standard_normal((70, 3, 3, 3)), rng.standard_normal(70),
+    specs = [sp.InputSpec((2, 3, 8, 8)), sp.FloatConv(rng.standard_normal((70, 3, 3, 3)), rng.standard_normal(70),
                                                       padding=1),
-             cg.ScaleBias(rng.standard_normal(70), rng.standard_normal(70)), cg.PReLU(rng.standard_normal(70)),
-             cg.Sign(rng.standard_normal(70)), cg.BinaryConv.from_float(rng.standard_normal((16, 70, 3, 3)), padding=1),
-             cg.MeanAbsScale(other=3, kernel=3, padding=1), cg.ReLU(), cg.MaxPool(2),
-             cg.AvgPool(2, stride=1, padding=1), cg.Add(other=9, src=9), cg.GlobalAvgPool(src=8), cg.Flatten(),
-             cg.FloatLinear(rng.standard_normal((70, 16))), cg.Sign(),
-             cg.BinaryLinear.from_float(rng.standard_normal((5, 70))), cg.FloatLinear(rng.standard_normal((3, 5)))]
-    assert {type(s).__name__ for s in specs} == set(SPEC_TYPES)
+             sp.ScaleBias(rng.standard_normal(70), rng.standard_normal(70)), sp.PReLU(rng.standard_normal(70)),
+             sp.Sign(rng.standard_normal(70)), sp.BinaryConv.from_float(rng.standard_normal((16, 70, 3, 3)), padding=1),
+             sp.MeanAbsScale(other=3, kernel=3, padding=1), sp.ReLU(), sp.MaxPool(2),
+             sp.AvgPool(2, stride=1, padding=1), sp.Add(other=9, src=9), sp.GlobalAvgPool(src=8), sp.Flatten(),
+             sp.FloatLinear(rng.standard_normal((70, 16))), sp.Sign(),
+             sp.BinaryLinear.from_float(rng.standard_normal((5, 70))), sp.FloatLinear(rng.standard_normal((3, 5)))]
+    assert {type(s).__name__ for s in specs} == set(sp.LAYER_KINDS)
     names = [f"layer{i}" for i in range(len(specs))]
-    back, back_names = load_specs(dump_specs(specs, names), cg.write_weights_bin(specs))
-    assert back_names == names and cg.generate_sources(back) == cg.generate_sources(specs)
+    back, back_names = load_specs(dump_specs(specs, names), blob.write_weights_bin(specs))
+    assert back_names == names and emit.generate_sources(back) == emit.generate_sources(specs)
     x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
     np.testing.assert_array_equal(ref.run_reference(back, x)[0], ref.run_reference(specs, x)[0])
 

@@ -11,6 +11,7 @@ summation order.
 
 from __future__ import annotations
 
+import inspect
 import platform
 import shutil
 from pathlib import Path
@@ -21,8 +22,8 @@ import torch
 
 from sdk.errors import ConfigError, RunnerError, ToolchainError
 from targets.binary_popcount import build, packing
-from targets.binary_popcount import codegen as cg
 from targets.binary_popcount import reference as ref
+from targets.binary_popcount import specs as sp
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 SIMDE_NEON = Path("/usr/include/simde/arm/neon.h")
@@ -171,41 +172,41 @@ def dyadic(rng, shape, step=0.125, top=8):
 
 def network(rng):
     def sb(c):
-        return cg.ScaleBias(rng.integers(1, 9, c) * 0.25, dyadic(rng, c))
+        return sp.ScaleBias(rng.integers(1, 9, c) * 0.25, dyadic(rng, c))
 
     def bconv(cin, cout, k, stride, pad):
         w = rng.standard_normal((cout, cin, k, k))
-        return cg.BinaryConv.from_float(w, alpha=rng.integers(1, 5, cout) * 0.125,
+        return sp.BinaryConv.from_float(w, alpha=rng.integers(1, 5, cout) * 0.125,
                                         stride=stride, padding=pad)
 
     return [
-        cg.InputSpec((2, 3, 16, 16)),                                            # 0
-        cg.FloatConv(dyadic(rng, (32, 3, 3, 3)), dyadic(rng, 32), 1, 1),         # 1
+        sp.InputSpec((2, 3, 16, 16)),                                            # 0
+        sp.FloatConv(dyadic(rng, (32, 3, 3, 3)), dyadic(rng, 32), 1, 1),         # 1
         sb(32),                                                                  # 2
-        cg.Sign(),                                                               # 3
+        sp.Sign(),                                                               # 3
         bconv(32, 32, 3, 1, 1),                                                  # 4  binary 0
         sb(32),                                                                  # 5
-        cg.Add(other=2),                                                         # 6  residual
-        cg.MaxPool(2),                                                           # 7  8x8
-        cg.Sign(threshold=dyadic(rng, 32)),                                      # 8  RSign
+        sp.Add(other=2),                                                         # 6  residual
+        sp.MaxPool(2),                                                           # 7  8x8
+        sp.Sign(threshold=dyadic(rng, 32)),                                      # 8  RSign
         bconv(32, 70, 3, 2, 1),                                                  # 9  binary 1, 4x4
-        cg.PReLU(np.full(70, 0.25)),                                             # 10
-        cg.Sign(),                                                               # 11
+        sp.PReLU(np.full(70, 0.25)),                                             # 10
+        sp.Sign(),                                                               # 11
         bconv(70, 70, 1, 1, 0),                                                  # 12 binary 2
-        cg.AvgPool(2),                                                           # 13 2x2
-        cg.AvgPool(2, src=10),                                                   # 14 shortcut
-        cg.Add(other=13),                                                        # 15
-        cg.ReLU(),                                                               # 16
-        cg.Flatten(),                                                            # 17 (2, 280)
-        cg.Sign(threshold=dyadic(rng, 280)),                                     # 18
-        cg.BinaryLinear.from_float(rng.standard_normal((40, 280)),
+        sp.AvgPool(2),                                                           # 13 2x2
+        sp.AvgPool(2, src=10),                                                   # 14 shortcut
+        sp.Add(other=13),                                                        # 15
+        sp.ReLU(),                                                               # 16
+        sp.Flatten(),                                                            # 17 (2, 280)
+        sp.Sign(threshold=dyadic(rng, 280)),                                     # 18
+        sp.BinaryLinear.from_float(rng.standard_normal((40, 280)),
                                    alpha=rng.integers(1, 5, 40) * 0.125),        # 19 binary 3
         sb(40),                                                                  # 20
-        cg.FloatLinear(rng.standard_normal((10, 40)), rng.standard_normal(10)),  # 21
-        cg.GlobalAvgPool(src=16),                                                # 22
-        cg.Flatten(),                                                            # 23
-        cg.FloatLinear(rng.standard_normal((10, 70)) * 0.1),                     # 24
-        cg.Add(other=21),                                                        # 25
+        sp.FloatLinear(rng.standard_normal((10, 40)), rng.standard_normal(10)),  # 21
+        sp.GlobalAvgPool(src=16),                                                # 22
+        sp.Flatten(),                                                            # 23
+        sp.FloatLinear(rng.standard_normal((10, 70)) * 0.1),                     # 24
+        sp.Add(other=21),                                                        # 25
     ]
 
 
@@ -213,7 +214,7 @@ def test_generated_network_matches_reference(cache_dir):
     rng = np.random.default_rng(7)
     specs = network(rng)
     x = dyadic(rng, (2, 3, 16, 16), step=0.25)
-    model = cg.compile_model(specs, cache_dir=cache_dir)
+    model = build.compile_model(specs, cache_dir=cache_dir)
     out, layers = model.run_debug(x)
     ref_out, ref_layers = ref.run_reference(specs, x)
     assert [a.shape for a in layers] == [(2, 16, 16, 32), (2, 4, 4, 70), (2, 4, 4, 70), (2, 40)]
@@ -226,13 +227,13 @@ def test_generated_network_matches_reference(cache_dir):
 
 def test_generated_network_with_4d_output_and_standalone_sources(cache_dir, tmp_path):
     rng = np.random.default_rng(11)
-    specs = [cg.InputSpec((1, 5, 7, 6)), cg.Sign(),
-             cg.BinaryConv.from_float(rng.standard_normal((9, 5, 3, 3)), stride=2, padding=1)]
-    files = cg.write_model(specs, tmp_path / "model")
+    specs = [sp.InputSpec((1, 5, 7, 6)), sp.Sign(),
+             sp.BinaryConv.from_float(rng.standard_normal((9, 5, 3, 3)), stride=2, padding=1)]
+    files = build.write_model(specs, tmp_path / "model")
     names = {p.name for p in files}
     assert {"model.c", "model.h", "weights.bin", "ep_kernels.h"} <= names
     lib = build.compile_library([p for p in files if p.suffix in (".c", ".h")], cache_dir=cache_dir)
-    model = cg.CompiledModel(lib, specs, (tmp_path / "model" / "weights.bin").read_bytes())
+    model = build.CompiledModel(lib, specs, (tmp_path / "model" / "weights.bin").read_bytes())
     x = rng.standard_normal((1, 5, 7, 6)).astype(np.float32)
     out, (acc,) = model.run_debug(x)
     ref_out, (ref_acc,) = ref.run_reference(specs, x)
@@ -243,9 +244,9 @@ def test_generated_network_with_4d_output_and_standalone_sources(cache_dir, tmp_
 
 def test_model_refuses_foreign_weights(cache_dir):
     rng = np.random.default_rng(1)
-    specs = [cg.InputSpec((1, 70)), cg.Sign(),
-             cg.BinaryLinear.from_float(rng.standard_normal((4, 70)))]
-    model = cg.compile_model(specs, cache_dir=cache_dir)
+    specs = [sp.InputSpec((1, 70)), sp.Sign(),
+             sp.BinaryLinear.from_float(rng.standard_normal((4, 70)))]
+    model = build.compile_model(specs, cache_dir=cache_dir)
     x = rng.standard_normal((1, 70)).astype(np.float32)
     model.run(x)
     model.weights[20] ^= 1  # corrupt the fingerprint
@@ -256,19 +257,29 @@ def test_model_refuses_foreign_weights(cache_dir):
 def test_malformed_specs_are_config_errors():
     rng = np.random.default_rng(0)
     with pytest.raises(ConfigError, match="packed"):
-        cg.infer_shapes([cg.InputSpec((1, 64, 4, 4)),
-                         cg.BinaryConv.from_float(rng.standard_normal((8, 64, 3, 3)))])
+        sp.infer_shapes([sp.InputSpec((1, 64, 4, 4)),
+                         sp.BinaryConv.from_float(rng.standard_normal((8, 64, 3, 3)))])
     with pytest.raises(ConfigError, match="channels"):
-        cg.infer_shapes([cg.InputSpec((1, 3, 4, 4)), cg.FloatConv(np.zeros((8, 4, 3, 3)))])
+        sp.infer_shapes([sp.InputSpec((1, 3, 4, 4)), sp.FloatConv(np.zeros((8, 4, 3, 3)))])
     with pytest.raises(ConfigError, match="earlier"):
-        cg.infer_shapes([cg.InputSpec((1, 3, 4, 4)), cg.Add(other=5)])
+        sp.infer_shapes([sp.InputSpec((1, 3, 4, 4)), sp.Add(other=5)])
+
+
+def test_every_layer_kind_is_in_the_table():
+    def concrete(cls):
+        for sub in cls.__subclasses__():
+            yield from concrete(sub)
+            if not inspect.isabstract(sub):
+                yield sub
+
+    assert set(concrete(sp.LayerSpec)) == set(sp.LAYER_KINDS.values())
 
 
 def test_layer_profile_counts_bops_and_bytes():
     rng = np.random.default_rng(0)
-    specs = [cg.InputSpec((1, 64, 8, 8)), cg.Sign(),
-             cg.BinaryConv.from_float(rng.standard_normal((32, 64, 3, 3)), padding=1)]
-    row = cg.layer_profile(specs)[2]
+    specs = [sp.InputSpec((1, 64, 8, 8)), sp.Sign(),
+             sp.BinaryConv.from_float(rng.standard_normal((32, 64, 3, 3)), padding=1)]
+    row = sp.layer_profile(specs)[2]
     assert row["bops"] == 8 * 8 * 32 * 64 * 9 and row["macs"] == 0
     assert row["param_bytes"] == 32 * 9 * 8 + 32 * 4
 

@@ -1,17 +1,20 @@
-"""magnitude: exact sparsity, smallest weights removed, masks survive fine-tuning."""
+"""magnitude: exact sparsity, smallest weights removed, masks survive fine-tuning, and the pruned
+layers hint unstructured sparsity to the plan."""
+
+import copy
 
 import pytest
 import torch
 
 import sdk
 from plugins.prune.magnitude import MagnitudePruner
+from sdk.encoding import Hint, Sparsity, hints_of
+from sdk.graph import capture
 from sdk.masks import sparsity
 
 
 @pytest.mark.parametrize("s", [0.1, 0.5, 0.8, 0.97])
 def test_exact_sparsity_per_layer(small_cnn, s):
-    import copy
-
     m = MagnitudePruner(sparsity=s).apply(copy.deepcopy(small_cnn))
     for mod in (m.c1, m.c2, m.fc):
         w = mod.weight
@@ -29,8 +32,6 @@ def test_exact_even_with_ties():
 
 
 def test_global_scope_ranks_all_layers_together(small_cnn):
-    import copy
-
     ref = copy.deepcopy(small_cnn)
     m = MagnitudePruner(sparsity=0.6, scope="global").apply(copy.deepcopy(small_cnn))
     all_w = torch.cat([x.weight.detach().abs().flatten() for x in (ref.c1, ref.c2, ref.fc)])
@@ -54,3 +55,16 @@ def test_compress_keeps_sparsity_through_finetuning(small_cnn, digits):
     assert not hasattr(small.c1, "parametrizations")           # masks baked in
     assert not torch.equal(small.c2.weight, small_cnn.c2.weight)  # and it did train
     assert sparsity(small_cnn) == 0.0                            # original untouched
+
+
+def test_compress_hints_unstructured_sparsity(small_cnn):
+    """The pruned layers (not the excluded fc) hint unstructured zeros; capture folds each BN into
+    its conv and the hint follows the folded weight."""
+    recipe = {"stages": [{"method": "magnitude", "config": {"sparsity": 0.5, "exclude": ["fc"]}}]}
+    small = sdk.compress(small_cnn, recipe)
+    hint = Hint(sparsity=Sparsity("unstructured"), source="mask")
+    for name in ("c1", "c2"):
+        assert hints_of(getattr(small, name)) == hint
+    assert hints_of(small.fc) is None
+    graph = capture(small, (torch.rand(1, 1, 8, 8),))
+    assert sorted(graph.hints.values(), key=str) == [hint, hint]

@@ -1,4 +1,4 @@
-"""One long-lived emulated process serving one artifact.
+"""One long-lived emulated process serving one artifact (the sessions of the ``qemu-aarch64`` runners).
 
 :class:`EmulatedSession` copies the artifact's files and
 ``emulated_server.py`` into a fresh work directory, starts the server in the
@@ -10,6 +10,17 @@ emulation); a call then costs the emulated invoke plus a few milliseconds.
 
 The process ends with :meth:`EmulatedSession.close`, when the session is
 garbage collected, or at interpreter exit.
+
+What the emulated process loads is the runner's business (:mod:`sdk.qemu`
+and its per-target subclasses): it passes a ``spec`` that
+:mod:`sdk.emulated_server` reads (a LiteRT model, :mod:`sdk.litert.qemu`, or
+a cross-compiled C library, :mod:`targets.binary_popcount.qemu`) and an
+``adapt`` that wraps the stored-layout call (:func:`sdk.litert.runners.adapt`
+for both).  The emulator itself (sysroot, site folder, command lines) is
+:mod:`sdk.emulator`.
+
+>>> with EmulatedSession(emulator.find(), art, {"kind": "litert", "model": "artifact/model.tflite"}) as s:  # doctest: +SKIP
+...     ys = s.run_stored([x_nhwc])
 """
 
 from __future__ import annotations

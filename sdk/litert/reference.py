@@ -81,9 +81,12 @@ from sdk.errors import ArtifactError, InputError, UnsupportedOpError
 
 from . import qmath
 from .flatbuffer import dtype_name, numpy_dtype, op_name, read_model, tensor_data
+from .padding import out_size_and_pad
 from .qmath import INT8_MAX, INT8_MIN, f32
 
-__all__ = ["ReferenceInterpreter", "SUPPORTED_OPS"]
+# the kernel helpers other interpreters of the same flatbuffer reuse (targets/fp16_gpu/half.py)
+__all__ = ["ReferenceInterpreter", "SUPPORTED_OPS", "float_activation", "fused_activation", "grouped", "pool_windows",
+           "windows"]
 
 TARGET = "arm-int8"
 
@@ -119,7 +122,8 @@ class _Tensor:
         return self.dtype in ("int8", "uint8", "int16") and self.scale is not None
 
 
-def _activation(op, node: str) -> str:
+def fused_activation(op, node: str) -> str:
+    """The name (``"NONE"``, ``"RELU"``, ...) of ``op``'s fused activation; refuses codes LiteRT's int8 kernels lack."""
     code = getattr(op.builtinOptions, "fusedActivationFunction", 0)
     if code not in _ACTIVATION_NAMES:
         raise UnsupportedOpError(f"fused activation {code}", node, TARGET,
@@ -127,35 +131,21 @@ def _activation(op, node: str) -> str:
     return _ACTIVATION_NAMES[code]
 
 
-def _float_activation(x: np.ndarray, activation: str) -> np.ndarray:
+def float_activation(x: np.ndarray, activation: str) -> np.ndarray:
+    """``x`` clipped as the fused ``activation`` (a :func:`fused_activation` name) clips float outputs."""
     lo, hi = {"NONE": (-np.inf, np.inf), "RELU": (0.0, np.inf), "RELU6": (0.0, 6.0),
               "RELU_N1_TO_1": (-1.0, 1.0)}[activation]
     return np.clip(x, lo, hi)
 
 
-def same_padding(size: int, k: int, stride: int, dilation: int = 1) -> tuple[int, int, int]:
-    """TFLite's SAME padding of one spatial dim (ComputePadding): ``(out, before, after)``."""
-    eff = (k - 1) * dilation + 1
-    out = (size + stride - 1) // stride
-    total = max((out - 1) * stride + eff - size, 0)
-    return out, total // 2, total - total // 2
-
-
-def _out_size_and_pad(size: int, k: int, stride: int, dilation: int, same: bool) -> tuple[int, int]:
-    """Output size and leading padding exactly as TFLite's ComputePadding does."""
-    if same:
-        return same_padding(size, k, stride, dilation)[:2]
-    return (size - (k - 1) * dilation - 1 + stride) // stride, 0
-
-
-def _windows(x: np.ndarray, kh: int, kw: int, stride, dilation, same: bool, pad_value) -> np.ndarray:
+def windows(x: np.ndarray, kh: int, kw: int, stride, dilation, same: bool, pad_value) -> np.ndarray:
     """The sliding windows over NHWC ``x`` as an ``(N, OH, OW, KH, KW, C)`` array,
     padded with ``pad_value`` the way TFLite pads SAME/VALID."""
     n, h, w, c = x.shape
     sh, sw = stride
     dh, dw = dilation
-    oh, pt = _out_size_and_pad(h, kh, sh, dh, same)
-    ow, pl = _out_size_and_pad(w, kw, sw, dw, same)
+    oh, pt = out_size_and_pad(h, kh, sh, dh, same)
+    ow, pl = out_size_and_pad(w, kw, sw, dw, same)
     need_h = (oh - 1) * sh + (kh - 1) * dh + 1
     need_w = (ow - 1) * sw + (kw - 1) * dw + 1
     xp = np.pad(x, ((0, 0), (pt, max(need_h - h - pt, 0)), (pl, max(need_w - w - pl, 0)), (0, 0)),
@@ -316,36 +306,36 @@ def _conv_like(op, node, ins, vals, out, depthwise: bool):
     same = o.padding == 0
     stride, dilation = (o.strideH, o.strideW), (o.dilationHFactor, o.dilationWFactor)
     _, kh, kw, _ = wt.shape
-    act = _activation(op, node)
+    act = fused_activation(op, node)
     name = "DEPTHWISE_CONV_2D" if depthwise else "CONV_2D"
     if b is None:
         raise UnsupportedOpError(name, node, TARGET, "LiteRT needs the bias input; pass a zero bias")
     if xt.dtype == "float32":
-        win = _windows(x.astype(np.float64), kh, kw, stride, dilation, same, 0.0)
+        win = windows(x.astype(np.float64), kh, kw, stride, dilation, same, 0.0)
         wf = w.astype(np.float64)
         if depthwise:
             mult = wf.shape[3] // x.shape[3]
             y = np.einsum("nhwijc,ijc->nhwc", np.repeat(win, mult, axis=5), wf[0])
         else:
-            y = _grouped(win, wf, lambda a, b: a @ b)
-        return _float_activation(y + b.astype(np.float64), act).astype(np.float32)
+            y = grouped(win, wf, lambda a, b: a @ b)
+        return float_activation(y + b.astype(np.float64), act).astype(np.float32)
     _require_int8(xt, node, name)
     if np.any(wt.zero_point != 0):
         raise UnsupportedOpError(name, node, TARGET, "int8 weights must be symmetric (zero point 0)")
     xi = x.astype(np.int64) - xt.zp
-    win = _windows(xi, kh, kw, stride, dilation, same, 0)
+    win = windows(xi, kh, kw, stride, dilation, same, 0)
     if depthwise:
         mult = wt.shape[3] // xt.shape[3]
         acc = np.einsum("nhwijc,ijc->nhwc", np.repeat(win, mult, axis=5), w[0].astype(np.int64))
         cout = wt.shape[3]
     else:
-        acc = _grouped(win, w, _exact_matmul)
+        acc = grouped(win, w, _exact_matmul)
         cout = wt.shape[0]
     acc = acc + b.astype(np.int64)
     return _requant_xnn(acc, xt, _weight_scales(wt, cout, 3 if depthwise else 0, name, node), out, act, node, name)
 
 
-def _grouped(win: np.ndarray, w: np.ndarray, matmul) -> np.ndarray:
+def grouped(win: np.ndarray, w: np.ndarray, matmul) -> np.ndarray:
     """Convolution as matmul over windows ``[n, h, w, kh, kw, cin]`` with OHWI weights whose
     input depth is ``cin / groups`` (TFLite CONV_2D infers the group count from it)."""
     groups = win.shape[-1] // w.shape[3]
@@ -381,12 +371,12 @@ def _k_fully_connected(interp, k, op, node, ins, vals, out):
     xt, wt = ins[0], ins[1]
     n_in = wt.shape[1]
     x2 = x.reshape(-1, n_in)
-    act = _activation(op, node)
+    act = fused_activation(op, node)
     if xt.dtype == "float32":
         y = x2.astype(np.float64) @ w.astype(np.float64).T
         if b is not None:
             y = y + b.astype(np.float64)
-        return _float_activation(y, act).astype(np.float32)
+        return float_activation(y, act).astype(np.float32)
     _require_int8(xt, node, "FULLY_CONNECTED")
     if np.any(wt.zero_point != 0):
         raise UnsupportedOpError("FULLY_CONNECTED", node, TARGET, "int8 weights must be symmetric (zero point 0)")
@@ -412,10 +402,10 @@ def _add_path(at: _Tensor, bt: _Tensor, out: _Tensor, name: str, node: str) -> s
 def _k_add_sub(sign: int, name: str):
     def kernel(interp, k, op, node, ins, vals, out):
         a, b = vals
-        act = _activation(op, node)
+        act = fused_activation(op, node)
         if out.dtype == "float32":
             y = a.astype(np.float64) + sign * b.astype(np.float64)
-            return _float_activation(y, act).astype(np.float32)
+            return float_activation(y, act).astype(np.float32)
         at, bt = ins
         for t in (at, bt, out):
             _require_int8(t, node, name)
@@ -481,9 +471,9 @@ def _shift_left(x: np.ndarray, n: int) -> np.ndarray:
 
 def _k_mul(interp, k, op, node, ins, vals, out):
     a, b = vals
-    act = _activation(op, node)
+    act = fused_activation(op, node)
     if out.dtype == "float32":
-        return _float_activation(a.astype(np.float64) * b.astype(np.float64), act).astype(np.float32)
+        return float_activation(a.astype(np.float64) * b.astype(np.float64), act).astype(np.float32)
     at, bt = ins
     for t in (at, bt, out):
         _require_int8(t, node, "MUL")
@@ -500,40 +490,41 @@ def _k_mul(interp, k, op, node, ins, vals, out):
     return np.clip(qmath.multiply_by_quantized_multiplier(acc, mult, shift) + out.zp, lo, hi)
 
 
-def _pool_windows(x, op, pad_value):
+def pool_windows(x, op, pad_value):
+    """:func:`windows` of a pooling ``op`` (its filter, strides and padding) over NHWC ``x``."""
     o = op.builtinOptions
-    return _windows(x, o.filterHeight, o.filterWidth, (o.strideH, o.strideW), (1, 1), o.padding == 0, pad_value)
+    return windows(x, o.filterHeight, o.filterWidth, (o.strideH, o.strideW), (1, 1), o.padding == 0, pad_value)
 
 
 def _k_max_pool(interp, k, op, node, ins, vals, out):
     x = vals[0]
-    act = _activation(op, node)
+    act = fused_activation(op, node)
     if out.dtype == "float32":
-        win = _pool_windows(x.astype(np.float64), op, -np.inf)
-        return _float_activation(win.max(axis=(3, 4)), act).astype(np.float32)
+        win = pool_windows(x.astype(np.float64), op, -np.inf)
+        return float_activation(win.max(axis=(3, 4)), act).astype(np.float32)
     _require_int8(ins[0], node, "MAX_POOL_2D")
     if ins[0].s != out.s or ins[0].zp != out.zp:
         raise UnsupportedOpError("MAX_POOL_2D", node, TARGET, "int8 max pooling needs equal input and output "
                                  "quantization (XNNPACK fails to prepare otherwise)")
-    win = _pool_windows(x.astype(np.int16), op, INT8_MIN - 1)  # below every code: padding never wins
+    win = pool_windows(x.astype(np.int16), op, INT8_MIN - 1)  # below every code: padding never wins
     lo, hi = qmath.xnn_activation_range(act, out.s, out.zp)
     return np.clip(win.max(axis=(3, 4)), lo, hi)
 
 
 def _k_avg_pool(interp, k, op, node, ins, vals, out):
     x = vals[0]
-    act = _activation(op, node)
+    act = fused_activation(op, node)
     ones = np.ones(x.shape[:3] + (1,), dtype=np.int64)
-    count = _pool_windows(ones, op, 0).sum(axis=(3, 4))
+    count = pool_windows(ones, op, 0).sum(axis=(3, 4))
     if out.dtype == "float32":
-        total = _pool_windows(x.astype(np.float64), op, 0.0).sum(axis=(3, 4))
-        return _float_activation(total / count, act).astype(np.float32)
+        total = pool_windows(x.astype(np.float64), op, 0.0).sum(axis=(3, 4))
+        return float_activation(total / count, act).astype(np.float32)
     xt = ins[0]
     _require_int8(xt, node, "AVERAGE_POOL_2D")
     if xt.s != out.s or xt.zp != out.zp:
         raise UnsupportedOpError("AVERAGE_POOL_2D", node, TARGET, "int8 average pooling needs equal input and "
                                  "output quantization")
-    acc = _pool_windows(x.astype(np.int64), op, 0).sum(axis=(3, 4))
+    acc = pool_windows(x.astype(np.int64), op, 0).sum(axis=(3, 4))
     # C division truncates toward zero; the +-count/2 makes it round half away.
     num = np.where(acc > 0, acc + count // 2, acc - count // 2)
     y = np.sign(num) * (np.abs(num) // count)
@@ -603,7 +594,7 @@ def _k_min_max(fn: Callable, name: str):
 def _k_concat(interp, k, op, node, ins, vals, out):
     o = op.builtinOptions
     axis = int(o.axis) % len(out.shape)
-    act = _activation(op, node)
+    act = fused_activation(op, node)
     if out.quantized:
         for t in ins:
             if t.s != out.s or t.zp != out.zp:
@@ -613,7 +604,7 @@ def _k_concat(interp, k, op, node, ins, vals, out):
                     f"{float(out.s):.6g}/{out.zp}; requantize it with a QUANTIZE op first")
         lo, hi = qmath.xnn_activation_range(act, out.s, out.zp)
         return np.clip(np.concatenate(vals, axis=axis), lo, hi)
-    return _float_activation(np.concatenate(vals, axis=axis).astype(np.float64), act).astype(np.float32)
+    return float_activation(np.concatenate(vals, axis=axis).astype(np.float64), act).astype(np.float32)
 
 
 def _k_softmax(interp, k, op, node, ins, vals, out):
@@ -753,7 +744,7 @@ def _k_relu_x(name: str):
     def kernel(interp, k, op, node, ins, vals, out):
         x = vals[0]
         if out.dtype == "float32":
-            return _float_activation(x, name).astype(np.float32)
+            return float_activation(x, name).astype(np.float32)
         xt = ins[0]
         _require_int8(xt, node, name)
         # activations.cc ReluPrepare: float32 ratio widened to double.

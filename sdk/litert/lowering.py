@@ -25,7 +25,7 @@ consumer that needs another order transposes (ConvNeXt's permute → layer norm
 XNNPACK (LiteRT's default delegate) takes only some int8 ops; one it declines
 splits the graph into delegate partitions with builtin kernels in between,
 which made int8 slower than fp32 on real networks.  So every int8 graph is
-written with ops it takes (measured with :func:`.litert.op_summary`):
+written with ops it takes (measured with :func:`.runtime.op_summary`):
 
 * clamps (ReLU, ReLU6, hardtanh, clamp) after conv, linear, add, sub or mul
   fuse into them: as the fused activation where LiteRT has one, else as the
@@ -62,8 +62,8 @@ from sdk.graph import Graph, Node, batch_norm_as_conv, macs
 from sdk.quant import QuantPlan, QuantSpec, qparams, qrange
 
 from .flatbuffer import ModelBuilder, TensorRef
-from .reference import same_padding
-from .runners import inverse_perm
+from .layout import inverse_perm
+from .padding import same_padding
 
 #: canonical ops this lowering handles (attribute limits are checked per node)
 SUPPORTED = frozenset({
@@ -135,7 +135,7 @@ def lower(graph: Graph, plan: QuantPlan | None, *, target: str, io: str = "float
     delegates consume), except for the nodes in ``keep_fp32``.
 
     Stand-alone batch norms become depthwise convs here (:func:`sdk.graph.batch_norm_as_conv`;
-    the arm targets already did it in ``prepare``, so that int8 calibration sees the conv)."""
+    the LiteRT targets already did it in ``prepare``, so that int8 calibration sees the conv)."""
     graph = batch_norm_as_conv(graph)
     check(graph, target)
     return _Lowerer(graph, plan, target, io, half_weights, keep_fp32).run()

@@ -1,13 +1,20 @@
-"""Runners for LiteRT artifacts: ``host`` (the LiteRT interpreter here) and
-``reference`` (the SDK's numpy integer reference of the same flatbuffer).
+"""The pieces every runner of a LiteRT artifact shares, and the two runtimes
+behind the LiteRT targets' ``host`` and ``reference`` runners.
 
-Both take and return torch-layout float arrays: inputs are transposed to the
-stored layout (NHWC) and, for ``io="int8"`` artifacts, quantized with the
-manifest's parameters; outputs are dequantized and transposed back.
+:class:`LiteRTHostRunner` (the LiteRT interpreter here) and
+:class:`ReferenceRunner` (the SDK's numpy reference of the same flatbuffer)
+list no targets: each target package registers a subclass naming its own
+(``targets/arm_int8``, ``targets/arm_fp32``, ``targets/fp16_gpu``).
+
+Sessions take and return torch-layout float arrays (:func:`adapt`, around
+:mod:`.layout`): inputs are transposed to the stored layout (NHWC) and, for
+``io="int8"`` artifacts, quantized with the manifest's parameters; outputs are
+dequantized and transposed back.
 
 ``model.tflite`` goes through :func:`.fbcheck.check_model` (against the
-manifest) before either runtime reads it: LiteRT trusts the flatbuffer it is
-given, so a damaged or hostile file would crash the process instead of raising.
+manifest, :func:`checked_model`) before any runtime reads it: LiteRT trusts
+the flatbuffer it is given, so a damaged or hostile file would crash the
+process instead of raising.
 
 Sessions may be called from several threads: a LiteRT interpreter is not
 thread-safe (set_tensor / invoke / get_tensor from two threads interleave and
@@ -15,6 +22,9 @@ give errors or, worse, another call's outputs), so every session serialises its
 calls with a lock (:func:`serialised`).  One interpreter per thread was the
 alternative; it multiplies the packed weights per thread and needs clean-up for
 threads that end, for no gain on the one-thread interpreters these runners use.
+
+>>> class HostRunner(LiteRTHostRunner):            # doctest: +SKIP
+...     targets = ("arm-int8",)
 """
 
 from __future__ import annotations
@@ -26,34 +36,10 @@ from typing import Callable
 import numpy as np
 
 from sdk import Runner
-from sdk.quant import dequantize, quantize
 
-LITERT_TARGETS = ("arm-int8", "arm-fp32")
+from .layout import from_stored, to_stored
 
-
-def inverse_perm(perm) -> tuple[int, ...]:
-    """The permutation that undoes ``perm``."""
-    inv = [0] * len(perm)
-    for i, p in enumerate(perm):
-        inv[p] = i
-    return tuple(inv)
-
-
-def to_stored(sig: dict, x: np.ndarray) -> np.ndarray:
-    """A torch-layout float input as the model's stored tensor."""
-    x = np.ascontiguousarray(x.transpose(sig.get("layout") or range(x.ndim)))
-    if sig.get("stored_dtype") == "int8":
-        q = sig["quantization"]
-        return quantize(x, q["scale"][0], q["zero_point"][0])
-    return x.astype(np.float32)
-
-
-def from_stored(sig: dict, y: np.ndarray) -> np.ndarray:
-    """A model output back in torch layout, as float."""
-    if y.dtype == np.int8:
-        q = sig["quantization"]
-        y = dequantize(y, q["scale"][0], q["zero_point"][0])
-    return np.ascontiguousarray(y.astype(np.float32).transpose(inverse_perm(sig.get("layout") or range(y.ndim))))
+__all__ = ["LiteRTHostRunner", "ReferenceRunner", "adapt", "checked_model", "serialised"]
 
 
 def serialised(fn: Callable) -> Callable:
@@ -96,13 +82,12 @@ class LiteRTHostRunner(Runner):
 
     name = "host"
     version = "1.0"
-    targets = LITERT_TARGETS
     exact = True
     num_threads = 1
 
     def unavailable(self):
         try:
-            from .litert import _interpreter_module
+            from .runtime import _interpreter_module
 
             _interpreter_module()
         except Exception as exc:
@@ -110,20 +95,20 @@ class LiteRTHostRunner(Runner):
         return None
 
     def open(self, artifact):
-        from . import litert
+        from . import runtime
 
-        interp = litert.load_interpreter(checked_model(artifact), num_threads=self.num_threads)
-        run = adapt(artifact, lambda xs: litert.run(interp, xs))
-        run.profile = {"delegation": litert.delegation(interp)}    # deploy's first run puts it in profile.json
+        interp = runtime.load_interpreter(checked_model(artifact), num_threads=self.num_threads)
+        run = adapt(artifact, lambda xs: runtime.run(interp, xs))
+        run.profile = {"delegation": runtime.delegation(interp)}    # deploy's first run puts it in profile.json
         return run
 
 
 class ReferenceRunner(Runner):
-    """The SDK's numpy integer reference: int32 accumulation and the runtime's rounding."""
+    """The SDK's numpy reference of the flatbuffer: int32 accumulation and the runtime's rounding
+    for int8 ops, float64 for float ones."""
 
     name = "reference"
     version = "1.0"
-    targets = LITERT_TARGETS
     exact = True
 
     def open(self, artifact):

@@ -1,0 +1,1 @@
+"""Built-in optimizer plugins: ``sgd``, ``adam``, ``adamw`` (hook ``register_optimizers``)."""

@@ -1,0 +1,44 @@
+"""``adam``: Adam (Kingma & Ba, 2015) with L2 weight decay in the gradient (``torch.optim.Adam``).
+
+>>> import torch
+>>> opt = Adam().build([{"params": [torch.nn.Parameter(torch.ones(1))], "lr": 0.01}])
+>>> type(opt).__name__, opt.param_groups[0]["betas"]
+('Adam', (0.9, 0.999))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from sdk import hookimpl
+from sdk.base import Optimizer
+from sdk.config import Config, check_betas, check_range
+
+
+class Adam(Optimizer):
+    """Adam; ``lr`` comes from the training stage."""
+
+    name = "adam"
+    version = "1.0"
+
+    @dataclasses.dataclass(frozen=True)
+    class Config(Config):
+        betas: tuple[float, float] = (0.9, 0.999)
+        eps: float = 1e-8
+        weight_decay: float = 0.0
+
+        def __post_init__(self):
+            check_betas("adam", self.betas)
+            check_range("adam", "eps", self.eps, 0.0, lo_open=True)
+            check_range("adam", "weight_decay", self.weight_decay, 0.0)
+
+    def build(self, params):
+        cfg = self.config
+        return torch.optim.Adam(params, lr=1e-3, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+@hookimpl
+def register_optimizers(register):
+    register(Adam)

@@ -1,0 +1,781 @@
+"""The layer kinds of a binary network: one class per kind, and :data:`LAYER_KINDS`, the table of them.
+
+A network is a list of layer specs.  ``specs[0]`` is an :class:`InputSpec`;
+every later spec produces tensor ``i`` (its own index) from tensor ``src``
+(default: the previous one).  :class:`Add` and :class:`MeanAbsScale` also read
+tensor ``other``, which is how residual shortcuts and branches are written.
+Logical shapes follow torch: ``(N, C, H, W)`` or ``(N, F)``; inside the
+runtime, 4-D tensors are NHWC and binary tensors are packed along channels /
+features (see ``packing.py`` for the bit convention).
+
+Everything that differs between layer kinds is on the kind's class, so a new
+kind is one class here and one entry in :data:`LAYER_KINDS`:
+
+=================  ==============================================================
+``STORED``         the arrays it keeps in ``weights.bin``: dtype, rank and the
+                   transpose into the runtime's layout (:mod:`.blob` packs them
+                   through :meth:`~LayerSpec.arrays`, :mod:`.runners` reads them
+                   back from an artifact)
+``__post_init__``  its fields, converted and checked when the spec is made
+``infer``          the tensor it makes of its input, or a ConfigError
+``cost``           its multiply-accumulates, float or binary, for the profile
+``emit``           its C statements (:mod:`.emit` places them in model.c)
+``reference``      its numpy semantics, from :mod:`.reference`'s functions
+=================  ==============================================================
+
+What the kinds share stays with its concern: :func:`infer_shapes` here, the
+blob's header and alignment in :mod:`.blob`, the memory plan and the frame of
+model.c in :mod:`.emit`, compiling and loading in :mod:`.build`.
+
+>>> specs = [InputSpec((1, 64)), Sign(), BinaryLinear.from_float(np.ones((4, 64)))]
+>>> infer_shapes(specs)[-1]
+TensorInfo(kind='float', shape=(1, 4))
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
+
+import numpy as np
+
+from sdk.errors import ConfigError, InputError
+
+from . import reference as ref
+from .packing import channel_scales, pack_conv_weight, pack_linear_weight, words
+
+if TYPE_CHECKING:
+    from .emit import LayerCode
+
+# ---------------------------------------------------------------------------
+# What the kinds are described with
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A tensor between layers: ``kind`` is "float" or "packed"; ``shape`` is
+    logical (torch order)."""
+
+    kind: str
+    shape: tuple[int, ...]
+
+    @property
+    def channels(self) -> int:
+        return self.shape[1]
+
+    @property
+    def size(self) -> int:
+        """Logical elements."""
+        return math.prod(self.shape)
+
+    @property
+    def rows(self) -> int:
+        """Pixels (4-D) or samples (2-D): the rows of the channel-last layout."""
+        return self.shape[0] * (self.shape[2] * self.shape[3] if len(self.shape) == 4 else 1)
+
+    @property
+    def nhwc(self) -> tuple[int, int, int, int]:
+        """(N, H, W, C) of the channel-last layout; a 2-D ``(N, F)`` tensor is ``(N, 1, 1, F)``."""
+        if len(self.shape) == 2:
+            return self.shape[0], 1, 1, self.shape[1]
+        n, c, h, w = self.shape
+        return n, h, w, c
+
+    @property
+    def nbytes(self) -> int:
+        if self.kind == "packed":
+            return self.rows * words(self.channels) * 8
+        return self.size * 4
+
+
+class Stored(NamedTuple):
+    """How one array of a spec lies in ``weights.bin``."""
+
+    dtype: str                              # numpy's name for it as stored: little endian
+    ndim: int
+    layout: tuple[int, ...] | None = None   # the transpose from the spec's array to the runtime's
+
+
+@dataclass(frozen=True)
+class InferContext:
+    """What :meth:`LayerSpec.infer` checks layer ``index`` against: ``input``, the
+    tensor it reads, and ``infos``, every earlier one.  The helpers raise
+    ConfigError naming the layer."""
+
+    index: int
+    name: str
+    input: TensorInfo
+    infos: Sequence[TensorInfo]
+
+    def error(self, message: str) -> ConfigError:
+        return ConfigError(f"layer {self.index} ({self.name}): {message}")
+
+    def need(self, kind: str, ndim: int) -> None:
+        t = self.input
+        if t.kind != kind or len(t.shape) != ndim:
+            raise ConfigError(f"layer {self.index} ({self.name}) needs a {ndim}-D {kind} input, "
+                              f"got {t.kind} {t.shape}")
+
+    def need_float(self) -> None:
+        if self.input.kind != "float":
+            raise ConfigError(f"layer {self.index} ({self.name}) needs a float input")
+
+    def channels(self, n: int, what: str) -> None:
+        if n != self.input.channels:
+            raise self.error(f"{what} has {n} channels, input has {self.input.channels}")
+
+    def other(self, j: int) -> TensorInfo:
+        """Tensor ``j``, which must be an earlier layer's."""
+        if not 0 <= j < self.index:
+            raise self.error(f"other {j} must name an earlier layer")
+        return self.infos[j]
+
+    def window(self, t: TensorInfo, kernel: int, stride: int, pad: int, pool: bool = False) -> tuple[int, int]:
+        """The output height and width of a square window over 4-D ``t``."""
+        h, w = t.shape[2], t.shape[3]
+        # torch's pools also refuse padding beyond half the window
+        if kernel < 1 or stride < 1 or pad < 0 or (pool and 2 * pad > kernel):
+            raise self.error(f"invalid kernel {kernel}, stride {stride}, padding {pad}"
+                             + (" (pools need padding <= kernel/2)" if pool else ""))
+        if h + 2 * pad < kernel or w + 2 * pad < kernel:
+            raise self.error(f"kernel {kernel} larger than padded input {h}x{w}")
+        return (h + 2 * pad - kernel) // stride + 1, (w + 2 * pad - kernel) // stride + 1
+
+
+class LayerSpec(abc.ABC):
+    """A layer kind: a dataclass of its fields, plus what each concern needs of it.
+
+    ``STORED`` names the ndarray fields that go to ``weights.bin``, in the order
+    they are laid out there; a field that is None is left out.
+    """
+
+    STORED: ClassVar[dict[str, Stored]] = {}
+    #: C this kind's statements call, emitted once into every model.c that has the kind
+    C_HELPER: ClassVar[str] = ""
+
+    def __post_init__(self):
+        for name, stored in self.STORED.items():
+            value = getattr(self, name)
+            if value is not None:
+                arr = np.ascontiguousarray(np.asarray(value, dtype=stored.dtype))
+                if arr.ndim != stored.ndim:
+                    raise ConfigError(f"{type(self).__name__}.{name} must be {stored.ndim}-D, got shape {arr.shape}")
+                setattr(self, name, arr)
+
+    def arrays(self) -> list[tuple[str, np.ndarray]]:
+        """The arrays this layer keeps in weights.bin, in the runtime's layouts."""
+        out = []
+        for name, stored in self.STORED.items():
+            value = getattr(self, name)
+            if value is not None:
+                out.append((name, np.ascontiguousarray(value.transpose(stored.layout)) if stored.layout else value))
+        return out
+
+    @abc.abstractmethod
+    def infer(self, ctx: InferContext) -> TensorInfo:
+        """The tensor this layer makes of ``ctx.input``; ConfigError (``ctx``'s helpers) when it cannot."""
+
+    def cost(self, out: TensorInfo) -> tuple[int, int]:
+        """``(macs, bops)``: full-precision and binary multiply-accumulates that make ``out``."""
+        return 0, 0
+
+    @abc.abstractmethod
+    def emit(self, c: LayerCode) -> tuple[list[str], str | None]:
+        """The C statements of this layer, and an expression of the workspace bytes they need (or None)."""
+
+    @abc.abstractmethod
+    def reference(self, x: np.ndarray, tensors: list[np.ndarray], popcounts: list[np.ndarray]) -> np.ndarray:
+        """This layer's output, in numpy, for input ``x`` (channel last) and the earlier ``tensors``;
+        a binary layer also appends its int32 product to ``popcounts``."""
+
+
+def _check_bias(ctx: InferContext, bias: np.ndarray | None, outputs: int) -> None:
+    if bias is not None and bias.shape != (outputs,):
+        raise ctx.error(f"bias must have {outputs} entries")
+
+
+# ---------------------------------------------------------------------------
+# The kinds
+
+
+@dataclass(eq=False)
+class InputSpec(LayerSpec):
+    """The network input, logical shape ``(N, C, H, W)`` or ``(N, F)``."""
+
+    shape: tuple[int, ...]
+
+    def __post_init__(self):
+        self.shape = tuple(int(s) for s in self.shape)
+
+    def infer(self, ctx):
+        raise ConfigError(f"layer {ctx.index}: only layer 0 may be an InputSpec")
+
+    def emit(self, c):
+        if len(self.shape) == 4:
+            n, ch, h, w = self.shape
+            return [f"ep_nchw_to_nhwc_f32({c.src}, {n}, {ch}, {h}, {w}, {c.dst});"], None
+        return [f"memcpy({c.dst}, {c.src}, {c.output.nbytes});"], None
+
+    def reference(self, x, tensors, popcounts):
+        """``x`` is the network input, torch order."""
+        return x.transpose(0, 2, 3, 1) if x.ndim == 4 else x
+
+
+@dataclass(eq=False)
+class FloatConv(LayerSpec):
+    """Full-precision conv (first layer, shortcuts); weight ``[O, C, kh, kw]``."""
+
+    STORED = {"weight": Stored("<f4", 4, (2, 3, 1, 0)), "bias": Stored("<f4", 1)}
+
+    weight: np.ndarray
+    bias: np.ndarray | None = None
+    stride: int = 1
+    padding: int = 0
+    src: int | None = None
+
+    def infer(self, ctx):
+        ctx.need("float", 4)
+        o, c, kh, kw = self.weight.shape
+        ctx.channels(c, "weight")
+        if kh != kw:
+            raise ctx.error("only square kernels are supported")
+        oh, ow = ctx.window(ctx.input, kh, self.stride, self.padding)
+        _check_bias(ctx, self.bias, o)
+        return TensorInfo("float", (ctx.input.shape[0], o, oh, ow))
+
+    def cost(self, out):
+        return out.size * math.prod(self.weight.shape[1:]), 0
+
+    def emit(self, c):
+        n, h, w, ch = c.input.nhwc
+        o, _, k, _ = self.weight.shape
+        return [f"ep_conv2d_f32({c.src}, {n}, {h}, {w}, {ch}, {c.array('weight')}, {c.array('bias')}, {o}, {k}, "
+                f"{k}, {self.stride}, {self.padding}, {c.dst});"], None
+
+    def reference(self, x, tensors, popcounts):
+        return ref.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+
+
+class BinaryLayer(LayerSpec):
+    """A conv or linear on a packed tensor: the int32 ±1 product, times ``alpha[o]``.
+
+    Its fields include ``weight`` (packed uint64) and ``alpha`` (float32, one per
+    output).  Its int32 result also goes to ``edgepack_model_run_debug``'s
+    ``binary_outputs`` and to :func:`.reference.run_reference`'s popcounts, which
+    must agree bit for bit.
+    """
+
+    def _check_alpha(self) -> None:
+        if self.alpha.shape != (self.weight.shape[0],):
+            raise ConfigError(f"{type(self).__name__}.alpha must have {self.weight.shape[0]} entries")
+
+    @abc.abstractmethod
+    def c_product(self, c: LayerCode) -> tuple[str, str]:
+        """The C call writing the int32 product to ``c.acc``, and its workspace expression."""
+
+    @abc.abstractmethod
+    def popcount(self, x: np.ndarray) -> np.ndarray:
+        """The int32 product, in numpy."""
+
+    def emit(self, c):
+        call, workspace = self.c_product(c)
+        return [call,
+                f"if (binary_outputs) memcpy(binary_outputs + {c.debug_offset}, {c.acc}, {c.output.size * 4});",
+                f"ep_scale_i32_f32({c.acc}, {c.output.rows}, {self.weight.shape[0]}, {c.array('alpha')}, "
+                f"{c.dst});"], workspace
+
+    def reference(self, x, tensors, popcounts):
+        acc = self.popcount(x)
+        popcounts.append(acc)
+        return acc.astype(np.float32) * self.alpha
+
+
+@dataclass(eq=False)
+class BinaryConv(BinaryLayer):
+    """Binary conv on a packed tensor.  ``weight`` is packed
+    ``[O, kh, kw, ceil(C/64)]`` uint64, ``alpha`` the per-output scale; the
+    float output is ``alpha[o] * (+-1 conv)``, zero padded."""
+
+    STORED = {"weight": Stored("<u8", 4), "alpha": Stored("<f4", 1)}
+
+    weight: np.ndarray
+    alpha: np.ndarray
+    in_channels: int
+    stride: int = 1
+    padding: int = 0
+    src: int | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.weight.shape[3] != words(self.in_channels):
+            raise ConfigError(f"BinaryConv.weight must be [O, kh, kw, {words(self.in_channels)}] "
+                              f"for {self.in_channels} channels, got {self.weight.shape}")
+        self._check_alpha()
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def kernel_size(self) -> tuple[int, int]:
+        return self.weight.shape[1], self.weight.shape[2]
+
+    @classmethod
+    def from_float(cls, weight, alpha=None, stride: int = 1, padding: int = 0,
+                   src: int | None = None) -> BinaryConv:
+        """From a real ``[O, C, kh, kw]`` weight: sign-packed, with ``alpha``
+        given, or mean |W| per output channel when None."""
+        weight = np.asarray(weight)
+        alpha = channel_scales(weight) if alpha is None else alpha
+        return cls(pack_conv_weight(weight), alpha, weight.shape[1], stride, padding, src)
+
+    def infer(self, ctx):
+        ctx.need("packed", 4)
+        ctx.channels(self.in_channels, "weight")
+        kh, kw = self.kernel_size
+        if kh != kw:
+            raise ctx.error("only square kernels are supported")
+        oh, ow = ctx.window(ctx.input, kh, self.stride, self.padding)
+        return TensorInfo("float", (ctx.input.shape[0], self.out_channels, oh, ow))
+
+    def cost(self, out):
+        kh, kw = self.kernel_size
+        return 0, out.size * self.in_channels * kh * kw
+
+    def c_product(self, c):
+        n, h, w, ch = c.input.nhwc
+        k, _ = self.kernel_size
+        o, s, p = self.out_channels, self.stride, self.padding
+        return (f"ep_bconv2d({c.src}, {n}, {h}, {w}, {ch}, {c.array('weight', 'uint64_t')}, {o}, {k}, {k}, {s}, "
+                f"{p}, {c.acc}, work);",
+                f"ep_bconv2d_workspace_bytes({n}, {h}, {w}, {ch}, {o}, {k}, {k}, {s}, {p})")
+
+    def popcount(self, x):
+        return ref.binary_conv2d(x, self.weight, self.in_channels, self.stride, self.padding)
+
+
+@dataclass(eq=False)
+class BinaryLinear(BinaryLayer):
+    """Binary fully connected layer on a packed ``(N, F)`` tensor; ``weight``
+    packed ``[O, ceil(F/64)]``, output ``alpha[o] * (+-1 dot)``."""
+
+    STORED = {"weight": Stored("<u8", 2), "alpha": Stored("<f4", 1)}
+
+    weight: np.ndarray
+    alpha: np.ndarray
+    in_features: int
+    src: int | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.weight.shape[1] != words(self.in_features):
+            raise ConfigError(f"BinaryLinear.weight must be [O, {words(self.in_features)}] "
+                              f"for {self.in_features} features, got {self.weight.shape}")
+        self._check_alpha()
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @classmethod
+    def from_float(cls, weight, alpha=None, src: int | None = None) -> BinaryLinear:
+        """From a real ``[O, I]`` weight (alpha defaults to mean |W| per row)."""
+        weight = np.asarray(weight)
+        alpha = channel_scales(weight) if alpha is None else alpha
+        return cls(pack_linear_weight(weight), alpha, weight.shape[1], src)
+
+    def infer(self, ctx):
+        ctx.need("packed", 2)
+        ctx.channels(self.in_features, "weight")
+        return TensorInfo("float", (ctx.input.shape[0], self.out_features))
+
+    def cost(self, out):
+        return 0, out.shape[0] * self.out_features * self.in_features
+
+    def c_product(self, c):
+        n, f = c.input.shape
+        o, fw = self.out_features, words(f)
+        return (f"ep_bgemm({n}, {o}, {fw}, {f}, {c.src}, {c.array('weight', 'uint64_t')}, {c.acc}, work);",
+                f"ep_bgemm_workspace_bytes({o}, {fw})")
+
+    def popcount(self, x):
+        return ref.binary_gemm(x, self.weight, self.in_features)
+
+
+@dataclass(eq=False)
+class ScaleBias(LayerSpec):
+    """Per-channel ``x * scale + bias`` (a folded BatchNorm)."""
+
+    STORED = {"scale": Stored("<f4", 1), "bias": Stored("<f4", 1)}
+
+    scale: np.ndarray
+    bias: np.ndarray
+    src: int | None = None
+
+    def infer(self, ctx):
+        ctx.need_float()
+        ctx.channels(self.scale.shape[0], "scale")
+        ctx.channels(self.bias.shape[0], "bias")
+        return ctx.input
+
+    def emit(self, c):
+        t = c.input
+        return [f"ep_scale_bias_f32({c.src}, {t.rows}, {t.channels}, {c.array('scale')}, {c.array('bias')}, "
+                f"{c.dst});"], None
+
+    def reference(self, x, tensors, popcounts):
+        return ref.scale_bias(x, self.scale, self.bias)
+
+
+# Inlined into model.c rather than kept in the kernel library: it is XNOR-Net
+# specific and cheap next to the binary product.  The sums run channel by
+# channel, then tap by tap, the order reference.mean_abs_scale follows, so K is
+# bit-identical in both and the next Sign sees identical values.
+_MEAN_ABS_SCALE_C = """
+/* out = y * K, K = mean |x| over the channels and the k x k window of each
+ * output position, padding counted as 0 (XNOR-Net's K).  a: h*w*batch floats. */
+static void mean_abs_scale_f32(const float *y, const float *x, int batch, int h, int w, int c,
+                               int k, int stride, int pad, int oh, int ow, int o, float *out,
+                               float *a) {
+    for (size_t p = 0; p < (size_t)batch * h * w; ++p) {
+        const float *src = x + p * (size_t)c;
+        float s = 0.0f;
+        for (int ch = 0; ch < c; ++ch) s += src[ch] < 0.0f ? -src[ch] : src[ch];
+        a[p] = s / (float)c;
+    }
+    for (int n = 0; n < batch; ++n)
+        for (int oy = 0; oy < oh; ++oy)
+            for (int ox = 0; ox < ow; ++ox) {
+                const size_t row = (((size_t)n * oh + oy) * ow + ox) * o;
+                float s = 0.0f, scale;
+                for (int ky = 0; ky < k; ++ky) {
+                    const int iy = oy * stride - pad + ky;
+                    if (iy < 0 || iy >= h) continue;
+                    for (int kx = 0; kx < k; ++kx) {
+                        const int ix = ox * stride - pad + kx;
+                        if (ix >= 0 && ix < w) s += a[((size_t)n * h + iy) * w + ix];
+                    }
+                }
+                scale = s / (float)(k * k);
+                for (int oc = 0; oc < o; ++oc) out[row + oc] = y[row + oc] * scale;
+            }
+}
+"""
+
+
+@dataclass(eq=False)
+class MeanAbsScale(LayerSpec):
+    """``x * K`` with XNOR-Net's K (Rastegari et al. 2016, §3.2) computed from
+    tensor ``other``, the real-valued input of the binary layer that made ``x``:
+    the mean of ``|other|`` over its channels and the ``kernel`` window of each
+    output position (zero padding counted as 0); over all features when
+    ``other`` is 2-D."""
+
+    C_HELPER = _MEAN_ABS_SCALE_C
+
+    other: int
+    kernel: int = 1
+    stride: int = 1
+    padding: int = 0
+    src: int | None = None
+
+    def infer(self, ctx):
+        t, u = ctx.input, ctx.other(self.other)
+        if t.kind != "float" or u.kind != "float" or len(u.shape) != len(t.shape) or u.shape[0] != t.shape[0]:
+            raise ctx.error(f"needs float tensors of one rank and batch, got {t} and {u}")
+        if len(u.shape) == 4:
+            window = ctx.window(u, self.kernel, self.stride, self.padding)
+            if window != t.shape[2:]:
+                raise ctx.error(f"the window of {u.shape} gives {window}, the input is {t.shape[2:]}")
+        elif (self.kernel, self.stride, self.padding) != (1, 1, 0):
+            raise ctx.error("2-D tensors take no window")
+        return t
+
+    def emit(self, c):
+        n, h, w, ch = c.info(self.other).nhwc
+        _, oh, ow, o = c.input.nhwc
+        return [f"mean_abs_scale_f32({c.src}, {c.tensor(self.other)}, {n}, {h}, {w}, {ch}, {self.kernel}, "
+                f"{self.stride}, {self.padding}, {oh}, {ow}, {o}, {c.dst}, (float *)work);"], \
+            f"(size_t){n * h * w} * sizeof(float)"
+
+    def reference(self, x, tensors, popcounts):
+        return ref.mean_abs_scale(x, tensors[self.other], self.kernel, self.stride, self.padding)
+
+
+@dataclass(eq=False)
+class Sign(LayerSpec):
+    """Binarize and pack: -1 where ``x < threshold`` (per channel; 0 when
+    None), +1 elsewhere."""
+
+    STORED = {"threshold": Stored("<f4", 1)}
+
+    threshold: np.ndarray | None = None
+    src: int | None = None
+
+    def infer(self, ctx):
+        ctx.need_float()
+        if self.threshold is not None:
+            ctx.channels(self.threshold.shape[0], "threshold")
+        return TensorInfo("packed", ctx.input.shape)
+
+    def emit(self, c):
+        t = c.input
+        return [f"ep_bitpack_f32({c.src}, {t.rows}, {t.channels}, {c.array('threshold')}, {c.dst});"], None
+
+    def reference(self, x, tensors, popcounts):
+        return ref.sign_pack(x, self.threshold)
+
+
+@dataclass(eq=False)
+class _Pool(LayerSpec):
+    """A square-window pool; stride defaults to the kernel."""
+
+    C_FUNCTION: ClassVar[str]
+
+    kernel: int
+    stride: int | None = None
+    padding: int = 0
+    src: int | None = None
+
+    @property
+    def step(self) -> int:
+        return self.kernel if self.stride is None else self.stride
+
+    def infer(self, ctx):
+        ctx.need("float", 4)
+        oh, ow = ctx.window(ctx.input, self.kernel, self.step, self.padding, pool=True)
+        return TensorInfo("float", ctx.input.shape[:2] + (oh, ow))
+
+    def emit(self, c):
+        n, h, w, ch = c.input.nhwc
+        return [f"{self.C_FUNCTION}({c.src}, {n}, {h}, {w}, {ch}, {self.kernel}, {self.step}, {self.padding}, "
+                f"{c.dst});"], None
+
+
+@dataclass(eq=False)
+class MaxPool(_Pool):
+    """Max pool (square window; stride defaults to the kernel)."""
+
+    C_FUNCTION = "ep_maxpool2d_f32"
+
+    def reference(self, x, tensors, popcounts):
+        return ref.max_pool2d(x, self.kernel, self.stride, self.padding)
+
+
+@dataclass(eq=False)
+class AvgPool(_Pool):
+    """Average pool dividing by kernel*kernel (torch's count_include_pad=True)."""
+
+    C_FUNCTION = "ep_avgpool2d_f32"
+
+    def reference(self, x, tensors, popcounts):
+        return ref.avg_pool2d(x, self.kernel, self.stride, self.padding)
+
+
+@dataclass(eq=False)
+class ReLU(LayerSpec):
+    """max(x, 0)."""
+
+    src: int | None = None
+
+    def infer(self, ctx):
+        ctx.need_float()
+        return ctx.input
+
+    def emit(self, c):
+        return [f"ep_relu_f32({c.src}, {c.input.size}, {c.dst});"], None
+
+    def reference(self, x, tensors, popcounts):
+        return ref.relu(x)
+
+
+@dataclass(eq=False)
+class PReLU(LayerSpec):
+    """x if x >= 0 else slope * x, with one slope or one per channel."""
+
+    STORED = {"slopes": Stored("<f4", 1)}
+
+    slopes: np.ndarray
+    src: int | None = None
+
+    def infer(self, ctx):
+        ctx.need_float()
+        if self.slopes.shape[0] != 1:
+            ctx.channels(self.slopes.shape[0], "slopes")
+        return ctx.input
+
+    def emit(self, c):
+        t = c.input
+        return [f"ep_prelu_f32({c.src}, {t.rows}, {t.channels}, {c.array('slopes')}, {self.slopes.shape[0]}, "
+                f"{c.dst});"], None
+
+    def reference(self, x, tensors, popcounts):
+        return ref.prelu(x, self.slopes)
+
+
+@dataclass(eq=False)
+class Add(LayerSpec):
+    """Elementwise sum of tensor ``src`` and tensor ``other`` (a residual)."""
+
+    other: int
+    src: int | None = None
+
+    def infer(self, ctx):
+        t, u = ctx.input, ctx.other(self.other)
+        if t.kind != "float" or u != TensorInfo("float", t.shape):
+            raise ctx.error(f"needs two float tensors of one shape, got {t} and {u}")
+        return t
+
+    def emit(self, c):
+        return [f"ep_add_f32({c.src}, {c.tensor(self.other)}, {c.input.size}, {c.dst});"], None
+
+    def reference(self, x, tensors, popcounts):
+        return (x + tensors[self.other]).astype(np.float32)
+
+
+@dataclass(eq=False)
+class GlobalAvgPool(LayerSpec):
+    """Mean over H and W: ``(N, C, H, W) -> (N, C, 1, 1)``."""
+
+    src: int | None = None
+
+    def infer(self, ctx):
+        ctx.need("float", 4)
+        return TensorInfo("float", ctx.input.shape[:2] + (1, 1))
+
+    def emit(self, c):
+        n, h, w, ch = c.input.nhwc
+        return [f"ep_global_avgpool_f32({c.src}, {n}, {h * w}, {ch}, {c.dst});"], None
+
+    def reference(self, x, tensors, popcounts):
+        return ref.global_avg_pool(x)
+
+
+@dataclass(eq=False)
+class Flatten(LayerSpec):
+    """``(N, C, H, W) -> (N, C*H*W)`` in torch's (C, H, W) order."""
+
+    src: int | None = None
+
+    def infer(self, ctx):
+        ctx.need_float()
+        return TensorInfo("float", (ctx.input.shape[0], math.prod(ctx.input.shape[1:])))
+
+    def emit(self, c):
+        if len(c.input.shape) == 4:
+            n, h, w, ch = c.input.nhwc
+            return [f"ep_nhwc_to_nchw_f32({c.src}, {n}, {h}, {w}, {ch}, {c.dst});"], None
+        return [f"memcpy({c.dst}, {c.src}, {c.input.nbytes});"], None
+
+    def reference(self, x, tensors, popcounts):
+        return x.transpose(0, 3, 1, 2).reshape(x.shape[0], -1) if x.ndim == 4 else x
+
+
+@dataclass(eq=False)
+class FloatLinear(LayerSpec):
+    """Full-precision fully connected layer; weight ``[O, I]``."""
+
+    STORED = {"weight": Stored("<f4", 2, (1, 0)), "bias": Stored("<f4", 1)}
+
+    weight: np.ndarray
+    bias: np.ndarray | None = None
+    src: int | None = None
+
+    def infer(self, ctx):
+        ctx.need("float", 2)
+        ctx.channels(self.weight.shape[1], "weight")
+        _check_bias(ctx, self.bias, self.weight.shape[0])
+        return TensorInfo("float", (ctx.input.shape[0], self.weight.shape[0]))
+
+    def cost(self, out):
+        return out.shape[0] * self.weight.size, 0
+
+    def emit(self, c):
+        o, f = self.weight.shape
+        return [f"ep_linear_f32({c.src}, {c.input.shape[0]}, {f}, {c.array('weight')}, {c.array('bias')}, {o}, "
+                f"{c.dst});"], None
+
+    def reference(self, x, tensors, popcounts):
+        return ref.linear(x, self.weight, self.bias)
+
+
+#: every layer kind by its name, the ``type`` of a layer in an artifact's layers.json
+LAYER_KINDS: dict[str, type[LayerSpec]] = {cls.__name__: cls for cls in (
+    InputSpec, FloatConv, BinaryConv, BinaryLinear, ScaleBias, MeanAbsScale, Sign, MaxPool, AvgPool, ReLU, PReLU,
+    Add, GlobalAvgPool, Flatten, FloatLinear)}
+
+# ---------------------------------------------------------------------------
+# Networks
+
+
+def source_index(specs: Sequence[LayerSpec], i: int) -> int:
+    """Index of the tensor that layer ``i`` reads."""
+    src = getattr(specs[i], "src", None)
+    return i - 1 if src is None else src
+
+
+def infer_shapes(specs: Sequence[LayerSpec]) -> list[TensorInfo]:
+    """Check a spec list and return the tensor each layer produces.
+
+    Raises ConfigError naming the layer for a malformed list: wrong source
+    index, float/packed mismatch, channel count mismatch, bad window.
+    """
+    if not specs or not isinstance(specs[0], InputSpec):
+        raise ConfigError("a layer spec list must start with an InputSpec")
+    if len(specs[0].shape) not in (2, 4) or min(specs[0].shape) < 1:
+        raise ConfigError(f"InputSpec.shape must be (N, C, H, W) or (N, F), got {specs[0].shape}")
+    infos = [TensorInfo("float", specs[0].shape)]
+    for i, spec in enumerate(specs[1:], start=1):
+        if not isinstance(spec, LayerSpec):
+            raise ConfigError(f"layer {i}: unknown layer spec {spec!r}")
+        name, s = type(spec).__name__, source_index(specs, i)
+        if not 0 <= s < i:
+            raise ConfigError(f"layer {i} ({name}): src {s} must name an earlier layer")
+        infos.append(spec.infer(InferContext(i, name, infos[s], infos)))
+    if infos[-1].kind != "float":
+        raise ConfigError("the last layer must produce a float tensor, not a packed one")
+    return infos
+
+
+def model_input(x, shape: tuple[int, ...]) -> np.ndarray:
+    """``x`` as the contiguous float32 array of ``shape`` that a model takes.
+
+    Raises InputError for anything else."""
+    try:
+        arr = np.ascontiguousarray(x, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"model input must be a float32 array of shape {tuple(shape)}: {exc}") from None
+    if arr.shape != tuple(shape):
+        raise InputError(f"model input must have shape {tuple(shape)}, got {arr.shape}")
+    return arr
+
+
+def binary_output_shapes(specs: Sequence[LayerSpec]) -> list[tuple[int, ...]]:
+    """Shapes of the int32 results of the binary layers, in layer order:
+    NHWC ``(N, OH, OW, O)`` for convs, ``(N, O)`` for linears."""
+    infos = infer_shapes(specs)
+    shapes = []
+    for spec, info in zip(specs, infos, strict=True):
+        if isinstance(spec, BinaryLayer):
+            shape = info.shape
+            shapes.append((shape[0], shape[2], shape[3], shape[1]) if len(shape) == 4 else shape)
+    return shapes
+
+
+def layer_profile(specs: Sequence[LayerSpec]) -> list[dict]:
+    """Per layer: op, input and output shapes, parameter bytes as packed, and
+    MACs (full precision) or BOPs (binary multiply-accumulates)."""
+    infos = infer_shapes(specs)
+    rows = []
+    for i, spec in enumerate(specs):
+        out = infos[i]
+        macs, bops = spec.cost(out)
+        row = {"index": i, "op": type(spec).__name__, "output_shape": list(out.shape), "output_kind": out.kind,
+               "param_bytes": sum(a.nbytes for _, a in spec.arrays()), "macs": macs, "bops": bops}
+        if i:
+            row["input_shape"] = list(infos[source_index(specs, i)].shape)
+        rows.append(row)
+    return rows

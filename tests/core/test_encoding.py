@@ -1,0 +1,219 @@
+"""The plan → target contract (sdk/encoding.py): every post-training quantizer × target either
+ships what the plan says (the manifest's encodings and the packed file agree) or is refused
+with a named EncodingError; torch-side hints (sparsity, codebooks, bit widths) reach the plan."""
+
+import numpy as np
+import pytest
+import torch
+
+import sdk
+import sdk.plugins as p
+from sdk.encoding import Carries, Hint, Sparsity, check_plan, weight_spec
+from sdk.errors import EdgepackError, EncodingError
+from sdk.graph import capture, fold_batch_norm
+from sdk.quant import QuantSpec
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _lenet():
+    from examples.models import make
+
+    return make("lenet")
+
+
+def _tflite_weights(art):
+    """(dtype, quantization, values) of every constant conv/FC weight in the packed file, read by LiteRT."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_content=art.read_bytes("model.tflite"))
+    out = []
+    for d in interp.get_tensor_details():
+        if d["name"].endswith("/weight"):
+            out.append((np.dtype(d["dtype"]).name, d["quantization_parameters"], interp.get_tensor(d["index"])))
+    return out
+
+
+POST_TRAINING = sorted(n for n in p.names("quantizer") if p.get("quantizer", n).post_training)
+TARGETS = ["arm-int8", "arm-fp32", "fp16-gpu", "binary-popcount"]
+#: measured contract: which pairs ship (the rest must be refused by name)
+SHIPS = {("ptq", "arm-int8"), ("fp16", "fp16-gpu")}
+LENET_LAYERS = ["features.0", "features.4", "classifier.1", "classifier.3"]
+
+
+def test_post_training_quantizers_are_the_ones_this_matrix_knows():
+    assert POST_TRAINING == ["fp16", "ptq"]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("method", POST_TRAINING)
+def test_every_post_training_quantizer_times_target(method, target, tmp_path):
+    model, x = _lenet()
+    cal = [torch.randn(4, 1, 8, 8) for _ in range(2)]
+    recipe = {"stages": [{"method": method}]}
+    data = None
+    if target == "binary-popcount":      # the target packs binarized layers: binarize first (one step)
+        recipe["stages"].insert(0, {"method": "xnor", "config": {"epochs": 1, "max_steps": 1}})
+        data = [(torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,)))]
+    if (method, target) not in SHIPS:
+        with pytest.raises(EdgepackError) as exc:
+            sdk.deploy(model, target, (x,), calibration=cal, recipe=recipe, output=tmp_path / "a", progress=False,
+                       data=data)
+        err = exc.value
+        assert isinstance(err, EncodingError), repr(err)
+        assert err.target == target and err.layer and err.encoding in str(err)
+        assert target not in err.carriers
+        assert not (tmp_path / "a").exists()
+        return
+    art = sdk.deploy(model, target, (x,), calibration=cal, recipe=recipe, output=tmp_path / "a", progress=False)
+    rows = art.manifest["encodings"]
+    assert [r["layer"] for r in rows] == LENET_LAYERS
+    if target == "arm-int8":
+        packed = _tflite_weights(art)
+        assert len(packed) == len(rows) == 4
+        for (dtype, q, _), row in zip(packed, rows):
+            assert dtype == "int8" and row["stored_bits"] == 8 and row["planned"].startswith("int8 per-channel")
+            assert len(q["scales"]) > 1 and not q["zero_points"].any()
+    else:
+        assert {r["planned"] for r in rows} == {"float16"} and {r["stored_bits"] for r in rows} == {16}
+
+
+def test_fp16_plan_on_arm_int8_names_layer_and_carriers(tmp_path):
+    model, x = _lenet()
+    with pytest.raises(EncodingError) as exc:
+        sdk.deploy(model, "arm-int8", (x,), recipe={"stages": [{"method": "fp16"}]}, progress=False)
+    e = exc.value
+    assert e.layer == "features.0" and e.encoding == "float16" and e.carriers == ["fp16-gpu"]
+    assert "cannot ship layer 'features.0'" in str(e) and "carried by: fp16-gpu" in str(e)
+
+
+def test_ptq_plan_on_float_target_is_refused_not_ignored():
+    model, x = _lenet()
+    with pytest.raises(EncodingError) as exc:
+        sdk.deploy(model, "arm-fp32", (x,), calibration=[x], recipe={"stages": [{"method": "ptq"}]}, progress=False)
+    assert exc.value.carriers == ["arm-int8"] and "int8 per-channel" in exc.value.encoding
+
+
+def test_int4_codes_travel_exactly_in_int8_storage(tmp_path):
+    model, x = _lenet()
+    cal = [torch.randn(4, 1, 8, 8) for _ in range(2)]
+    art = sdk.deploy(model, "arm-int8", (x,), calibration=cal, progress=False,
+                     recipe={"stages": [{"method": "ptq", "config": {"weight_bits": 4}}]})
+    rows = art.manifest["encodings"]
+    assert [(r["bits"], r["stored_bits"]) for r in rows] == [(4, 8)] * 4
+    for _, _, w in _tflite_weights(art):
+        assert np.abs(w).max() <= 7 and np.abs(w).max() == 7      # narrow 4-bit grid, used to its end
+    # stored as int8: the cost model counts the bytes the target ships, not the planned bits
+    assert art.profile["estimate"]["weight_bytes"] == sdk.deploy(
+        model, "arm-int8", (x,), calibration=cal, progress=False).profile["estimate"]["weight_bytes"]
+
+
+def test_blockwise_plan_is_refused_by_arm_int8():
+    from examples.models import make
+
+    model, x = make("mlp")          # 64, 64 and 32 weights per output channel
+    with pytest.raises(EncodingError, match="blockwise 32") as exc:
+        sdk.deploy(model, "arm-int8", (x,), calibration=[x], progress=False,
+                   recipe={"stages": [{"method": "ptq", "config": {"weight_granularity": "blockwise",
+                                                                   "block_size": 32}}]})
+    assert exc.value.layer == "net.1" and exc.value.carriers == []
+
+
+def test_asymmetric_weights_refused_by_the_carrier_check():
+    model, x = _lenet()
+    with pytest.raises(EncodingError, match="asymmetric"):
+        sdk.deploy(model, "arm-int8", (x,), calibration=[x], progress=False,
+                   recipe={"stages": [{"method": "ptq", "config": {"weight_scheme": "asymmetric"}}]})
+
+
+def test_pruning_sparsity_reaches_the_manifest(tmp_path):
+    model, x = _lenet()
+    art = sdk.deploy(model, "arm-int8", (x,), calibration=[x], progress=False,
+                     recipe={"stages": [{"method": "magnitude", "config": {"sparsity": 0.75}}]})
+    rows = {r["layer"]: r for r in art.manifest["encodings"]}
+    for row in rows.values():
+        assert row["sparsity"]["pattern"] == "unstructured" and row["sparsity"]["shipped"] == "dense"
+    # measured on the packed weights: the zeros are there, as the plan's density says
+    for (_, _, w), row in zip(_tflite_weights(art), art.manifest["encodings"]):
+        assert row["sparsity"]["density"] == pytest.approx(np.count_nonzero(w) / w.size, abs=1e-6)
+
+
+def test_hints_survive_compress_and_capture():
+    model, x = _lenet()
+    small = sdk.compress(model, {"stages": [{"method": "magnitude", "config": {"sparsity": 0.5}}]}, progress=False)
+    assert not hasattr(model.features[0], "edgepack_hints")           # the caller's model is untouched
+    g = fold_batch_norm(capture(small, (x,)))
+    assert len(g.hints) == 4 and all(h.sparsity.pattern == "unstructured" for h in g.hints.values())
+    assert all(name in g.constants for name in g.hints)      # renamed with BN folding
+
+
+def test_codebook_hint_gives_one_code_per_shared_value():
+    rng = np.random.default_rng(0)
+    palette = np.array([-0.31, -0.07, 0.05, 0.42], np.float32)
+    w = palette[rng.integers(0, 4, (16, 8, 3, 3))]
+    w[1::2] = palette[rng.integers(0, 3, (8, 8, 3, 3))]      # half the channels never use 0.42
+    spec = weight_spec(w, Hint(codebook=4))
+    assert spec.codebook == tuple(float(v) for v in np.unique(palette)) and spec.code_bits == 2
+    assert len(np.unique(spec.quantize(w))) == 4                # per-channel requantization would give up to 7+
+    plain = weight_spec(w)
+    assert len(np.unique(plain.quantize(w))) > 4
+
+
+def test_grid_values_are_exact_in_int8():
+    w = np.array([[-1.0, -1 / 3, 1 / 3, 1.0]] * 2, np.float32)      # DoReFa 2-bit weights
+    spec = weight_spec(w, Hint(bits=2))
+    q = spec.quantize(w)
+    assert sorted(set(q.ravel().tolist())) == [-126, -42, 42, 126]
+    assert np.allclose(q * spec.scale[0], w, atol=1e-7)
+
+
+def test_carries_takes_rules():
+    int8 = Carries("int8", bits=(8,), symmetric=True)
+    assert int8.takes(QuantSpec("int8", (0.1,), (0,), bits=4), "conv") == 8
+    assert int8.takes(QuantSpec("int8", (0.1,), (3,)), "conv") is None
+    assert int8.takes(QuantSpec("float16"), "conv") is None
+    assert Carries("float16").takes(QuantSpec("float16"), "linear") == 16
+    assert Carries("int8", bits=(4, 8), ops=("linear",)).takes(QuantSpec("int8", (1.0,), (0,), bits=3), "conv") is None
+
+
+def test_sparsity_measure_and_rows():
+    sp = Sparsity.measure(np.array([0.0, 0.0, 1.0, 2.0]), "block", (1, 2))
+    assert sp.to_dict() == {"pattern": "block", "density": 0.5, "block": [1, 2]}
+
+
+def test_check_plan_rows_for_a_hinted_float_target():
+    model, x = _lenet()
+    small = sdk.compress(model, {"stages": [{"method": "magnitude", "config": {"sparsity": 0.5}}]}, progress=False)
+    g = fold_batch_norm(capture(small, (x,)))
+    rows = check_plan(p.get("target", "arm-fp32")(), g, None, g.hints)
+    assert [r["stored_bits"] for r in rows] == [32] * 4
+    assert all(r["sparsity"]["density"] == pytest.approx(0.5, abs=0.01) for r in rows)
+
+
+@pytest.mark.parametrize("method, config, values", [
+    ("kmeans", {"bits": 2, "keep_first_last": False}, 4),     # Han et al.: 4 shared weights per layer
+    ("ternary", {"keep_first_last": False}, 3),               # {-a, 0, a}
+    ("dorefa", {"weight_bits": 2, "activation_bits": 32, "keep_first_last": False}, 4),
+])
+def test_shared_weights_reach_arm_int8_as_that_many_codes(method, config, values):
+    """What the torch-side stage produced is what the packed file holds: one int8 code per shared value
+    in each weight of the .tflite (per-channel requantization gave up to 7 codes for 4 centroids)."""
+    from examples.models import make
+
+    model, x = make("mlp")
+    data = [(torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))) for _ in range(2)]
+    art = sdk.deploy(model, "arm-int8", (x,), calibration=[x], progress=False, data=data,
+                     recipe={"stages": [{"method": method, "config": {**config, "epochs": 1}}]})
+    rows = art.manifest["encodings"]
+    packed = _tflite_weights(art)
+    assert len(packed) == len(rows) == 3
+    for (dtype, q, w), row in zip(packed, rows):
+        n = len(np.unique(w))
+        assert dtype == "int8" and len(set(q["scales"].tolist())) == 1      # one scale: the codebook's
+        assert 2 <= n <= values and row["planned"] == f"2-bit codebook of {n} values" and row["stored_bits"] == 8
+    small = sdk.compress(model, {"stages": [{"method": method, "config": {**config, "epochs": 1}}]}, data=data,
+                         progress=False)
+    for (_, q, w), layer in zip(packed, [m for m in small.modules() if isinstance(m, torch.nn.Linear)]):
+        # the int8 codes times the scale give back the shared float values (to float32 rounding of the scale)
+        shared = np.unique(layer.weight.detach().numpy())
+        assert np.allclose(np.unique(w.astype(np.float64) * q["scales"][0]), shared, atol=q["scales"][0] / 2 + 1e-7)
