@@ -1,4 +1,4 @@
-"""Real torchvision / timm CNNs and transformers (tests/gallery.py) on arm-fp32, arm-int8 and fp16-gpu.
+"""Real torchvision / timm CNNs and transformers (tests/helpers/gallery.py) on arm-fp32, arm-int8 and fp16-gpu.
 
     .venv/bin/python benchmarks/bench_gallery.py [--out benchmarks/results/gallery.json]
         [--resolution 224] [--runs 20] [--models resnet18 ...]
@@ -10,7 +10,7 @@ median of ``--runs`` calls after warm-up, the two models timed interleaved in
 leftover builtin ops, the int8 layers kept in float (layer norm, GELU,
 attention, softmax of the transformers: see sdk/litert/lowering.py),
 and the int8 SQNR against the float model on 4 random inputs.  The models are random init with batch-norm statistics estimated on
-random inputs (see tests/gallery.py): SQNR measures how much these untrained
+random inputs (see tests/helpers/gallery.py): SQNR measures how much these untrained
 nets amplify rounding, not the accuracy a trained model keeps.
 """
 
@@ -31,7 +31,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "helpers"))
 import gallery  # noqa: E402
 import sdk  # noqa: E402
 from sdk.litert import runtime  # noqa: E402

@@ -16,13 +16,13 @@ Models (random init, fixed seed, eval mode):
 
 =====================  ==============  ===============================================
 ``resnet18``           1×3×32×32       examples/models.py ResNet-18, CIFAR-style stem
-``mobilenetv2``        1×3×64×64       torchvision ``mobilenet_v2`` (tests/gallery.py)
+``mobilenetv2``        1×3×64×64       torchvision ``mobilenet_v2`` (tests/helpers/gallery.py)
 ``mobilenetv3_small``  1×3×64×64       torchvision ``mobilenet_v3_small``: SE + hardswish
 ``dscnn``              1×1×49×10       examples/models.py DS-CNN (keyword spotting)
 ``mlp_softmax``        1×1×8×8         examples/models.py MLP followed by a softmax
 =====================  ==============  ===============================================
 
-The torchvision models come from ``tests/gallery.py`` (its ``import_torchvision``
+The torchvision models come from ``tests/helpers/gallery.py`` (its ``import_torchvision``
 shim lets the CUDA-built PyPI torchvision load with the CPU torch; its ``build``
 estimates batch-norm statistics on random inputs).
 
@@ -95,7 +95,7 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "helpers"))
 import sdk  # noqa: E402
 from examples.models import make  # noqa: E402
 from peers import _common  # noqa: E402  (benchmarks/peers, on sys.path as this script's folder)
@@ -114,7 +114,7 @@ VENV_TOOLS = {"litert-torch": "../shared/tools/peer-venv", "executorch": "../sha
 
 
 def _gallery(name: str):
-    import gallery  # tests/gallery.py: torchvision import shim + batch-norm statistics
+    import gallery  # tests/helpers/gallery.py: torchvision import shim + batch-norm statistics
 
     return gallery.build(name, seed=SEED)
 

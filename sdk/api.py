@@ -26,7 +26,7 @@ from typing import Any, Iterable
 from . import __version__, plugins
 from .artifact import Artifact, Staging, check_output, load, save_npz
 from .contract import FORMAT, FORMAT_VERSION, GOLDEN, PROFILE
-from .errors import EdgepackError, InputError, RunnerError
+from .errors import CalibrationError, EdgepackError, InputError, RunnerError
 from .recipe import Stage, as_recipe
 
 __all__ = ["deploy", "compress", "load", "list_plugins"]
@@ -125,12 +125,26 @@ def deploy(model, target: str, example_inputs, calibration: Iterable | None = No
     data = DataStreams.of(data)
     check_streams(recipe.torch_stages, data, teacher)
 
+    qstages = list(recipe.graph_stages)
+    if not qstages and tgt.default_quantizer:
+        qstages = [Stage.make(tgt.default_quantizer, tgt.default_quantizer_config())]
+    quantizers = [q.build() for q in qstages]
+    for quantizer in quantizers:
+        if hasattr(quantizer.config, "progress") and not progress:
+            quantizer.config = quantizer.config.replace(progress=False)
+
     t = phase("setup", started)
     if recipe.torch_stages and not any(s.kind == "quantizer" for s in recipe.torch_stages):
         # Distillers and pruners keep the model's operators, so the target can refuse an
-        # unsupported model before hours of training; training-time quantizers add their own
-        # ops (binarize, fake-quant), checked after they ran.
-        tgt.check(tgt.prepare(fold_batch_norm(capture(copy.deepcopy(model).eval(), example_inputs))))
+        # unsupported model — or a plan it cannot ship (a dry calibration on the example
+        # inputs) — before hours of training; training-time quantizers add their own ops
+        # (binarize, fake-quant), checked after they ran.
+        early = tgt.prepare(fold_batch_norm(capture(copy.deepcopy(model).eval(), example_inputs)))
+        tgt.check(early)
+        try:
+            tgt.check_plan(early, _plan(quantizers, early, [tuple(example_inputs)]))
+        except CalibrationError:          # ranges of the untrained model: the real plan decides
+            pass
         t = phase("early_check", t)
     packed_model = compress(model, recipe, data=data, teacher=teacher, progress=progress, target=tgt) \
         if recipe.torch_stages else copy.deepcopy(model).eval()
@@ -139,24 +153,14 @@ def deploy(model, target: str, example_inputs, calibration: Iterable | None = No
     tgt.check(graph)
     t = phase("capture", t)
 
-    qstages = list(recipe.graph_stages)
-    if not qstages and tgt.default_quantizer:
-        qstages = [Stage.make(tgt.default_quantizer, tgt.default_quantizer_config())]
-    quantizers = [q.build() for q in qstages]
-    for quantizer in quantizers:
-        if hasattr(quantizer.config, "progress") and not progress:
-            quantizer.config = quantizer.config.replace(progress=False)
     if calibration is None and quantizers and not any(q.requires_calibration for q in quantizers):
         calibration = [example_inputs]
     batches = None
     if quantizers or calibration is not None:
         batches = as_batches(calibration, graph.inputs)
-    plan = None
-    for quantizer in quantizers:          # each later graph-side stage refines the plan so far
-        step = quantizer.calibrate(graph, batches)
-        plan = step if plan is None else plan.then(step)
+    plan = _plan(quantizers, graph, batches)
     encodings = tgt.check_plan(graph, plan)
-    cost = tgt.cost(graph, plan)
+    cost = tgt.cost(graph, plan, encodings)
     t = phase("calibrate", t)
     package = tgt.pack(graph, plan, batches)
     t = phase("pack", t)
@@ -209,6 +213,14 @@ def deploy(model, target: str, example_inputs, calibration: Iterable | None = No
         stage.add(PROFILE, (json.dumps(profile, indent=2) + "\n").encode())
         path = stage.commit(manifest)
     return load(path)
+
+
+def _plan(quantizers: list, graph, batches):
+    """The graph-side stages' plan: the first calibrates, each later one refines it (``None``: no stage)."""
+    plan = None
+    for quantizer in quantizers:
+        plan = quantizer.calibrate(graph, batches) if plan is None else quantizer.refine(graph, batches, plan)
+    return plan
 
 
 def _plugin_row(cls) -> dict[str, str]:

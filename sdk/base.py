@@ -134,6 +134,11 @@ class Quantizer(Method):
         """Observe ``batches`` flowing through ``graph``; return the quantization plan."""
         raise NotImplementedError(f"quantizer {self.name!r} does not calibrate graphs")
 
+    def refine(self, graph: "Graph", batches: Sequence[tuple], plan: "QuantPlan") -> "QuantPlan":
+        """As a later graph-side stage of a recipe: refine the ``plan`` of the stages before
+        (default: calibrate, and this stage's specs win where both have one)."""
+        return plan.then(self.calibrate(graph, batches))
+
     def apply(self, model: "torch.nn.Module", data: Iterable | None = None) -> "torch.nn.Module":
         """Rewrite (and train, where the method trains) ``model``; return it."""
         raise NotImplementedError(f"quantizer {self.name!r} does not rewrite torch modules")
@@ -173,15 +178,17 @@ class Target(Plugin):
 
         return check_plan(self, graph, plan, graph.hints)
 
-    def cost(self, graph: "Graph", plan: "QuantPlan | None") -> list[dict]:
+    def cost(self, graph: "Graph", plan: "QuantPlan | None", encodings: list[dict] | None = None) -> list[dict]:
         """Per-layer cost on :attr:`device` before packing (:func:`sdk.cost.layer_costs`):
-        stored weight bytes, MACs/BOPs, estimated latency and energy."""
+        stored weight bytes, MACs/BOPs, estimated latency and energy.  ``encodings``: the
+        rows of :meth:`check_plan` when the caller has them already."""
         from .cost import layer_costs
         from .encoding import float_dtype
 
         if self.device is None:
             return []
-        stored = {r["tensor"]: r["stored_bits"] for r in self.check_plan(graph, plan)}
+        rows = self.check_plan(graph, plan) if encodings is None else encodings
+        stored = {r["tensor"]: r["stored_bits"] for r in rows}
         return layer_costs(graph, plan, self.device, float_format=float_dtype(self), stored_bits=stored)
 
     def prepare(self, graph: "Graph") -> "Graph":

@@ -9,7 +9,7 @@ touch the context.  Methods that need more read it:
 ``ctx.stream(name)``   a named data stream: ``train``, ``unlabeled``, ``val``
 ``ctx.teacher``        the teacher the caller gave (``None``: none given)
 ``ctx.original``       the uncompressed model ``compress`` was called with
-``ctx.target``         the target name when run by ``deploy`` (``None`` otherwise)
+``ctx.target``         the Target instance (``deploy``'s, or ``compress(target=)``; else ``None``)
 ``ctx.add_penalty``    a loss term added to the training of every later stage
 ``ctx.add_callback``   a per-step callback run in every later stage's training
 =====================  ========================================================
@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable
 
 from .errors import InputError
 
-#: the streams a stage may declare in ``streams`` / ``optional_streams``
+#: the streams a stage may declare in ``streams``
 STREAMS = ("train", "unlabeled", "val")
 
 
@@ -84,7 +84,7 @@ class StageContext:
     data: DataStreams
     original: Any
     teacher: Any = None
-    target: str | None = None
+    target: Any = None                 # sdk.Target: its cost model (Target.cost) plans under a budget
     penalties: list[Callable] = dataclasses.field(default_factory=list)
     callbacks: list[Callable] = dataclasses.field(default_factory=list)
 

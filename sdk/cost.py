@@ -70,35 +70,44 @@ def layer_costs(graph: Any, plan: Any, device: DeviceProfile, *, float_format: s
     act_bytes = 1 if plan is not None and plan.activations else (2 if float_format == "float16" else 4)
     rows = []
     for node in graph.nodes:
-        fmt, wbytes, params = float_format, 0, 0
+        weight = plan.weights.get(node.inputs[1]) if plan is not None and node.op in WEIGHTED_OPS \
+            and len(node.inputs) > 1 else None
+        # the layer's arithmetic: int8 for integer weights, else its weights' float type
+        fmt = float_format if weight is None else ("int8" if not weight.dtype.startswith("float") else weight.dtype)
+        wbytes, params = 0, 0
         for i, name in enumerate(node.inputs):
             if not graph.is_const(name):
                 continue
             n = int(graph.constants[name].size)
             params += n
-            spec = plan.weights.get(name) if plan is not None else None
-            if spec is not None and not spec.dtype.startswith("float"):
-                fmt = "int8"
-                bits = (stored_bits or {}).get(name, min(spec.code_bits, 8))
-                wbytes += math.ceil(n * bits / 8)
-            elif node.op in WEIGHTED_OPS and i == 2 and plan is not None and plan.weights.get(node.inputs[1]) \
-                    and not plan.weights[node.inputs[1]].dtype.startswith("float"):
+            if i == 1 and weight is not None and fmt == "int8":
+                wbytes += math.ceil(n * (stored_bits or {}).get(name, min(weight.code_bits, 8)) / 8)
+            elif i == 2 and fmt == "int8":
                 wbytes += 4 * n                                  # int32 bias
             else:
-                wbytes += n * (2 if (spec is not None and spec.dtype == "float16") or float_format == "float16"
-                               else 4)
+                wbytes += n * (2 if fmt == "float16" else 4)
         m = macs(graph, node)
         out_bytes = math.prod(node.shape) * act_bytes if node.shape else 0
-        rate = device.macs_per_s.get(fmt, device.macs_per_s.get("float32", 1e9))
-        compute_s = m / rate
-        memory_s = (wbytes + out_bytes) / device.bytes_per_s
-        energy_pj = m * PJ_PER_MAC[fmt] + wbytes * PJ_PER_DRAM_BYTE \
-            + out_bytes * PJ_PER_SRAM_BYTE
+        latency_us, energy_uj = roofline(device, fmt, m, wbytes, out_bytes)
         rows.append({"name": node.name, "module": node.module, "op": node.op, "format": fmt,
                      "params": params, "weight_bytes": int(wbytes), "macs": int(m), "bops": 0,
-                     "est_latency_us": round(max(compute_s, memory_s) * 1e6 + device.overhead_us, 3),
-                     "est_energy_uj": round(energy_pj * 1e-6, 6)})
+                     "est_latency_us": latency_us, "est_energy_uj": energy_uj})
     return rows
+
+
+def roofline(device: DeviceProfile, fmt: str, ops: int, weight_bytes: int, out_bytes: int) -> tuple[float, float]:
+    """``(est_latency_us, est_energy_uj)`` of one layer on ``device`` by the module docstring's
+    formulas: ``ops`` MACs in ``fmt`` (bit-ops when ``fmt`` is ``binary``), ``weight_bytes``
+    read from DRAM, ``out_bytes`` written to SRAM.  For targets that count their layers
+    themselves (a binary lowering).
+
+    >>> roofline(ARM_A76, "binary", 300_000, 0, 0)
+    (2.0, 0.003)
+    """
+    rate = device.macs_per_s.get(fmt, device.macs_per_s.get("float32", 1e9))
+    seconds = max(ops / rate, (weight_bytes + out_bytes) / device.bytes_per_s)
+    energy_pj = ops * PJ_PER_MAC[fmt] + weight_bytes * PJ_PER_DRAM_BYTE + out_bytes * PJ_PER_SRAM_BYTE
+    return round(seconds * 1e6 + device.overhead_us, 3), round(energy_pj * 1e-6, 6)
 
 
 def totals(rows: list[dict]) -> dict:

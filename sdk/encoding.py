@@ -26,7 +26,7 @@ cannot exploit is shipped as the dense zeros it is, and recorded the same way.
 ('unstructured', 0.25)
 >>> spec = weight_spec(np.array([[-0.5, 0.5, 0.0], [0.5, 0.0, -0.5]], np.float32), Hint(codebook=3))
 >>> spec.granularity, spec.codebook, spec.quantize(np.array([-0.5, 0.0, 0.5])).tolist()
-('per-tensor', (-0.5, 0.0, 0.5), [-127, 0, 127])
+('per-tensor', (-0.5, 0.0, 0.5), [-1, 0, 1])
 """
 
 from __future__ import annotations
@@ -74,26 +74,46 @@ class Hint:
     ternary, binary, DoReFa levels); ``bits``: integer codes of this width on a
     uniform grid; ``sparsity``: zeros to exploit (pattern and block shape);
     ``per_channel``: the shared values differ per output channel (binary
-    weights with a scale per filter).  ``source`` names the method.
+    weights with a scale per filter); ``range``: a learned ``(lo, hi)`` clipping
+    range of a layer's output (``annotate(module, Hint(range=...), "output")``:
+    QAT and LSQ hand what they learned to the plan, which uses it instead of
+    the observed range).  ``source`` names the method.
     """
 
     codebook: int | None = None
     bits: int | None = None
     sparsity: Sparsity | None = None
     per_channel: bool = False
+    range: tuple[float, float] | None = None
     source: str = ""
+
+    def __post_init__(self):
+        from .errors import ConfigError
+
+        if self.range is not None:
+            lo, hi = (float(v) for v in self.range)
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
+                raise ConfigError(f"a learned range must be two finite numbers lo <= hi, got {self.range!r}")
+            object.__setattr__(self, "range", (lo, hi))
+        for name in ("codebook", "bits"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ConfigError(f"hint {name} must be a positive integer, got {v!r}")
 
     def merged(self, other: "Hint") -> "Hint":
         """Both hints at once (a pruned then k-means-quantized layer); ``other`` wins per field."""
         pick = lambda a, b: b if b is not None else a  # noqa: E731
         return Hint(pick(self.codebook, other.codebook), pick(self.bits, other.bits),
                     pick(self.sparsity, other.sparsity), self.per_channel or other.per_channel,
+                    pick(self.range, other.range),
                     "+".join(dict.fromkeys(s for h in (self, other) for s in h.source.split("+") if s)))
 
     def to_dict(self) -> dict:
         d = {k: v for k, v in dataclasses.asdict(self).items() if v not in (None, False, "")}
         if self.sparsity is not None:
             d["sparsity"] = self.sparsity.to_dict()
+        if self.range is not None:
+            d["range"] = list(self.range)
         return d
 
 
@@ -110,21 +130,44 @@ def hints_of(module: Any, tensor: str = "weight") -> Hint | None:
 
 
 def graph_hints(model: Any, graph: Any) -> dict[str, Hint]:
-    """Hints of ``model``'s layers by the graph's weight constant names (capture calls this)."""
+    """Hints of ``model``'s layers by graph value (capture calls this): a weight hint under the
+    weight constant's name, an ``output`` hint under the name of the last node the module computes."""
     from .graph import WEIGHTED_OPS
 
     found: dict[str, Hint] = {}
+    last: dict[str, str] = {}
     for node in graph.nodes:
-        if node.op not in WEIGHTED_OPS or not node.module or not graph.is_const(node.inputs[1]):
+        if not node.module:
             continue
-        try:
-            module = model.get_submodule(node.module)
-        except AttributeError:
+        last[node.module] = node.name
+        if node.op not in WEIGHTED_OPS or not graph.is_const(node.inputs[1]):
             continue
-        hint = hints_of(module)
+        hint = hints_of(_submodule(model, node.module))
         if hint is not None:
             found[node.inputs[1]] = hint
+    for path, name in last.items():
+        hint = hints_of(_submodule(model, path), "output")
+        if hint is not None and hint.range is not None:
+            found[name] = hint
+    placed = {node.module for node in graph.nodes if node.inputs[1:2] and node.inputs[1] in found} | \
+        {graph.node(n).module for n in found if graph.node(n) is not None}
+    lost = sorted(path for path, mod in model.named_modules()
+                  if getattr(mod, HINTS_ATTR, None) and path not in placed)
+    if lost:
+        import warnings
+
+        warnings.warn(f"encoding hints of {len(lost)} module(s) reach no graph value and are not shipped: "
+                      f"{', '.join(lost[:8])}{' ...' if len(lost) > 8 else ''} (a weight used outside its "
+                      "module's forward, e.g. F.linear(x, self.fc.weight), or a module torch.export inlined)",
+                      stacklevel=3)
     return found
+
+
+def _submodule(model: Any, path: str) -> Any:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 # ---------------------------------------------------------------------------
@@ -137,23 +180,22 @@ def weight_spec(w: np.ndarray, hint: Hint | None = None, *, granularity: str = "
     """Spec of one weight tensor ``[out, ...]``.
 
     Without a hint: per output channel (axis 0), per tensor or blockwise (one
-    scale per ``block_size`` consecutive weights of a channel), symmetric weights
-    on the narrow range ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` so that ``-w`` is
-    representable.  With a codebook or bit-width hint the weight's few shared
-    values each get one code: a scale that puts them on the integer grid exactly
-    when they are multiples of one step (ternary, DoReFa, binary), else the
-    symmetric max scale; per tensor unless the values differ per channel.  A
-    sparsity hint is measured on ``w`` and recorded.
+    scale per ``block_size`` consecutive weights of a channel) on a ``bits``-wide
+    grid (default 8); symmetric weights use the narrow range
+    ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` so that ``-w`` is representable.  With a
+    codebook or bit-width hint the weight's few shared values each get one code
+    (:func:`shared_value_spec`); a bit-width hint whose values are not shared
+    sets the grid's width.  A sparsity hint is measured on ``w`` and recorded.
     """
-    qbits = bits if bits is not None else 8
     sparsity = Sparsity.measure(w, hint.sparsity.pattern, hint.sparsity.block) \
         if hint is not None and hint.sparsity is not None and np.count_nonzero(w) < w.size else None
     if hint is not None and (hint.codebook or hint.bits):
-        spec = _shared_value_spec(w, hint, dtype)
+        spec = shared_value_spec(w, hint, dtype)
         if spec is not None:
             return dataclasses.replace(spec, sparsity=sparsity)
+        if hint.bits:
+            bits = hint.bits
     sym = scheme == "symmetric"
-    qmax = 2 ** (qbits - 1) - 1
     if granularity == "per-tensor":
         lo, hi, axis = w.min(), w.max(), None
     elif granularity == "blockwise":
@@ -168,62 +210,58 @@ def weight_spec(w: np.ndarray, hint: Hint | None = None, *, granularity: str = "
     else:
         flat = w.reshape(w.shape[0], -1)
         lo, hi, axis = flat.min(1), flat.max(1), 0
-    scale, zero = _grid(lo, hi, qmax, sym)
+    scale, zero = qparams(lo, hi, dtype=f"int{bits or 8}", symmetric=sym, narrow=sym)
     return QuantSpec(dtype, tuple(float(v) for v in np.atleast_1d(scale)), tuple(int(v) for v in np.atleast_1d(zero)),
-                     axis, sym, sym, bits, block_size if granularity == "blockwise" else None, None, sparsity)
+                     axis, sym, sym, bits if bits != 8 else None, block_size if granularity == "blockwise" else None,
+                     None, sparsity)
 
 
-def _grid(lo, hi, qmax: int, symmetric: bool):
-    """Scale and zero point of a ``bits``-wide grid (``qmax = 2^(b-1) - 1``) over ``[lo, hi]``."""
-    if qmax == 127:
-        return qparams(lo, hi, dtype="int8", symmetric=symmetric, narrow=symmetric)
-    lo = np.minimum(np.asarray(lo, np.float64), 0.0)
-    hi = np.maximum(np.asarray(hi, np.float64), 0.0)
-    if symmetric:
-        scale, zero = np.maximum(-lo, hi) / qmax, np.zeros(np.shape(lo), np.int64)
-    else:
-        scale = (hi - lo) / (2 * qmax + 1)
-        safe = np.where(scale > 0, scale, 1.0)
-        zero = np.clip(np.round(-qmax - 1 - lo / safe), -qmax - 1, qmax).astype(np.int64)
-    return np.where(scale > 0, scale, 1.0).astype(np.float32), zero
+def shared_value_spec(w: np.ndarray, hint: Hint, dtype: str = "int8") -> QuantSpec | None:
+    """One integer code per shared value of ``w``, or ``None`` when ``w`` holds more distinct
+    values (per tensor, or per channel with ``hint.per_channel``) than the hint allows.
 
-
-def _shared_value_spec(w: np.ndarray, hint: Hint, dtype: str) -> QuantSpec | None:
-    """One code per shared value (see :func:`weight_spec`); ``None`` when ``w`` holds more
-    distinct values than the hint allows (the hint no longer describes the weight)."""
+    Values that are integer multiples of one step (ternary ``{-a, 0, a}``, DoReFa's
+    ``{±1, ±1/3}``, binary ``±α``) get that step as scale: the codes are the smallest
+    integers that hold them exactly (``±1``, ``{±1, ±3}``).  Others (k-means centroids)
+    get the symmetric int8 max scale, each value its nearest code; ``codebook`` then
+    lists the values shipped (two centroids closer than a step share a code).  ``bits``
+    is the width of the codes, ``index_bits`` that of an index into the codebook.
+    """
     limit = hint.codebook or 2 ** hint.bits
-    index_bits = max(1, math.ceil(math.log2(limit))) if limit > 1 else 1
     palette = np.unique(w)
-    if palette.size <= limit and not hint.per_channel:
-        scale = _exact_step(palette)
-        return QuantSpec(dtype, (scale,), (0,), None, True, True, index_bits,
-                         codebook=tuple(float(v) for v in palette))
-    flat = w.reshape(w.shape[0], -1)
-    rows = [np.unique(r) for r in flat]
+    per_tensor = palette.size <= limit and not hint.per_channel
+    rows = [palette] if per_tensor else [np.unique(r) for r in w.reshape(w.shape[0], -1)]
     if max(r.size for r in rows) > limit:
         return None
-    scales = tuple(_exact_step(r) for r in rows)
-    return QuantSpec(dtype, scales, (0,) * len(scales), 0, True, True, index_bits)
+    scales = [_step(r) for r in rows]
+    codes = [np.round(r.astype(np.float64) / s) for r, s in zip(rows, scales)]
+    top = max(float(np.abs(c).max()) for c in codes)
+    bits = max(2, math.ceil(math.log2(top + 1)) + 1)            # narrow symmetric: ±(2^(b-1) - 1)
+    if per_tensor:
+        shipped = np.unique(codes[0] * np.float64(np.float32(scales[0])))
+        return QuantSpec(dtype, (scales[0],), (0,), None, True, True, bits,
+                         codebook=tuple(float(v) for v in shipped), index_bits=_index_bits(shipped.size))
+    return QuantSpec(dtype, tuple(scales), (0,) * len(scales), 0, True, True, bits,
+                     index_bits=_index_bits(max(len(np.unique(c)) for c in codes)))
 
 
-def _exact_step(values: np.ndarray, qmax: int = 127) -> float:
-    """A scale that maps every value to an integer in ``[-qmax, qmax]``: exactly when all
-    values are integer multiples of the smallest nonzero magnitude (or of half of it),
-    otherwise ``max |v| / qmax``."""
+def _index_bits(n: int) -> int:
+    return max(1, math.ceil(math.log2(n))) if n > 1 else 1
+
+
+def _step(values: np.ndarray, qmax: int = 127) -> float:
+    """The scale of :func:`shared_value_spec`: the common step of ``values`` (the smallest
+    nonzero magnitude or half of it) when all are integer multiples of it within
+    ``qmax``, else ``max |v| / qmax``."""
     mags = np.abs(values[values != 0]).astype(np.float64)
     if mags.size == 0:
         return 1.0
-    top = float(mags.max())
     for step in (float(mags.min()), float(mags.min()) / 2):
-        ratio = values.astype(np.float64) / step
-        n = float(np.abs(ratio).max())
-        if np.allclose(ratio, np.round(ratio), atol=1e-4) and n <= qmax:
-            m = qmax // int(round(n))
-            scale = np.float32(step / m)
-            codes = values.astype(np.float64) / float(scale)
-            if np.allclose(codes, np.round(codes), atol=1e-3):
-                return float(scale)
-    return float(np.float32(top / qmax))
+        scale = float(np.float32(step))
+        ratio = values.astype(np.float64) / scale
+        if np.allclose(ratio, np.round(ratio), rtol=0, atol=1e-4) and float(np.abs(ratio).max()) <= qmax:
+            return scale
+    return float(np.float32(float(mags.max()) / qmax))
 
 
 # ---------------------------------------------------------------------------
@@ -276,14 +314,16 @@ class Carries:
 
 
 def describe(spec: QuantSpec) -> str:
-    """``int8 per-channel``, ``int4 codes (blockwise 32)``, ``2-bit codebook of 3 values``, ``float16``."""
+    """``int8 per-channel``, ``int4 blockwise 32``, ``2-bit codebook of 3 values (int2 codes)``,
+    ``int8 per-channel, 1-bit codebook per channel``, ``float16``; plus sparsity."""
     if spec.dtype.startswith("float"):
-        return spec.dtype
-    if spec.codebook is not None:
-        text = f"{spec.code_bits}-bit codebook of {len(spec.codebook)} values"
+        text = spec.dtype + (f", codebook of {len(spec.codebook)} values" if spec.codebook is not None else "")
+    elif spec.codebook is not None:
+        text = f"{spec.index_bits}-bit codebook of {len(spec.codebook)} values (int{spec.code_bits} codes)"
     else:
         text = f"int{spec.code_bits} {spec.granularity}" + (f" {spec.block_size}" if spec.block_size else "") \
-            + ("" if not any(spec.zero_point) else " asymmetric")
+            + ("" if not any(spec.zero_point) else " asymmetric") \
+            + (f", {spec.index_bits}-bit codebook per channel" if spec.index_bits else "")
     if spec.sparsity is not None:
         text += f", {spec.sparsity.pattern} sparse (density {spec.sparsity.density})"
     return text
@@ -294,32 +334,39 @@ def check_plan(target: Any, graph: Any, plan: Any, hints: dict[str, Hint] | None
     when there is no plan) that ``target`` cannot ship; return one row per weight
     saying what is planned and how it is stored (the manifest's ``encodings``).
 
-    A target declares ``carries`` (weights) and ``activation_dtypes``; a plan
-    with activation specs of another dtype, or none where the target needs
-    them (``needs_activation_specs``), is refused too.
+    Hints of weights the plan has no spec for are checked as float weights.  A
+    target declares ``carries`` (weights) and ``activation_dtypes``; a plan with
+    activation specs of another dtype, or one missing a spec for a value where the
+    target needs every one (``needs_activation_specs``), is refused too.  A target
+    that declares no ``carries`` (a third-party one written before them) is not
+    checked: its rows report the planned bits as stored.
     """
-    from .errors import ConfigError
     from .graph import WEIGHTED_OPS
 
+    declared = bool(getattr(target, "carries", ()))
     carries = carried_by(target)
     owner = {n.inputs[1]: n for n in graph.nodes if n.op in WEIGHTED_OPS and len(n.inputs) > 1}
     rows = []
     specs = dict(plan.weights) if plan is not None else {}
     for name, hint in (hints or {}).items():
-        if name not in specs and name in graph.constants:
-            specs[name] = _float_hint_spec(graph.constants[name], hint, float_dtype(target))
+        if name not in specs and name in owner and name in graph.constants:
+            specs[name] = float_spec(graph.constants[name], hint, float_dtype(target))
     for name, spec in specs.items():
         node = owner.get(name)
         op = node.op if node is not None else ""
         layer = (node.module or node.name) if node is not None else name
         stored = next((w for c in carries if (w := c.takes(spec, op)) is not None), None)
-        if stored is None:
+        if stored is None and not declared:
+            stored = spec.code_bits
+        elif stored is None:
             carriers = [t for t in _registered_targets() if t.name != target.name
                         and any(c.takes(spec, op) is not None for c in carried_by(t))]
             carried = "; ".join(c.describe() for c in carries) or "no weight encodings"
             raise EncodingError(target.name, layer, name, describe(spec), carried, [t.name for t in carriers])
         row = {"layer": layer, "tensor": name, "planned": describe(spec), "bits": spec.code_bits,
                "stored_bits": stored}
+        if spec.index_bits is not None:
+            row["index_bits"] = spec.index_bits
         if spec.sparsity is not None:
             exploited = any(spec.sparsity.pattern in c.sparsity for c in carries if c.takes(spec, op) is not None)
             row["sparsity"] = {**spec.sparsity.to_dict(), "shipped": "sparse" if exploited else "dense"}
@@ -332,10 +379,17 @@ def check_plan(target: Any, graph: Any, plan: Any, hints: dict[str, Hint] | None
             raise EncodingError(target.name, (node.module or node.name) if node is not None else name, name,
                                 f"{spec.dtype} activations", "/".join(act_dtypes) + " activations" if act_dtypes
                                 else "float activations only", carriers, kind="activation")
-    if getattr(target, "needs_activation_specs", False) and (plan is None or not plan.activations):
-        raise ConfigError(f"target {target.name!r} needs {'/'.join(act_dtypes)} activation specs; the plan "
-                          f"{'of ' + repr(plan.method) + ' ' if plan else ''}has none (weight-only plans need a "
-                          "target with float activations)")
+    if getattr(target, "needs_activation_specs", False):
+        have = plan.activations if plan is not None else {}
+        for name in [i[0] for i in graph.inputs] + [n.name for n in graph.nodes]:
+            if name not in have:
+                node = graph.node(name)
+                raise EncodingError(target.name, (node.module or node.name) if node is not None else name, name,
+                                    "float activations (the plan " + (f"of {plan.method!r} " if plan else "")
+                                    + "has no spec for it)", "/".join(act_dtypes) + " activations",
+                                    [t.name for t in _registered_targets() if not getattr(t, "needs_activation_specs",
+                                                                                          False)],
+                                    kind="activation")
     return rows
 
 
@@ -350,15 +404,18 @@ def carried_by(target: Any) -> tuple[Carries, ...]:
     return tuple(getattr(target, "carries", ())) or (Carries("float32"),)
 
 
-def _float_hint_spec(w: np.ndarray, hint: Hint, dtype: str) -> QuantSpec:
-    """A float target without a plan: the hint's codebook and sparsity travel as exact float values."""
-    values = np.unique(w)
-    codebook = tuple(float(v) for v in values) if (hint.codebook or hint.bits) and not hint.per_channel \
-        and values.size <= (hint.codebook or 2 ** (hint.bits or 0)) else None
-    sparsity = Sparsity.measure(w, hint.sparsity.pattern, hint.sparsity.block) \
-        if hint.sparsity and np.count_nonzero(w) < w.size else None
+def float_spec(w: np.ndarray, hint: Hint | None, dtype: str = "float32") -> QuantSpec:
+    """A weight shipped as ``dtype`` floats: a hint's shared values (exact in float) and
+    sparsity are recorded with it."""
+    codebook = sparsity = None
+    if hint is not None:
+        values = np.unique(w)
+        if (hint.codebook or hint.bits) and not hint.per_channel and values.size <= (hint.codebook or 2 ** hint.bits):
+            codebook = tuple(float(v) for v in values)
+        if hint.sparsity and np.count_nonzero(w) < w.size:
+            sparsity = Sparsity.measure(w, hint.sparsity.pattern, hint.sparsity.block)
     return QuantSpec(dtype, codebook=codebook, sparsity=sparsity,
-                     bits=max(1, math.ceil(math.log2(len(codebook)))) if codebook and len(codebook) > 1 else None)
+                     index_bits=_index_bits(len(codebook)) if codebook else None)
 
 
 def _registered_targets() -> list[type]:

@@ -465,10 +465,13 @@ def fold_batch_norm(graph: Graph) -> Graph:
         b_name = g.unique_name(f"{prod.name}_b_bnfold")
         g.constants[w_name] = (w * inv.reshape((-1,) + (1,) * (w.ndim - 1))).astype(np.float32)
         g.constants[b_name] = ((b - mean) * inv + beta).astype(np.float32)
-        hint = g.hints.pop(prod.inputs[1], None)
+        old_w = prod.inputs[1]
+        hint = g.hints.get(old_w)
         if hint is not None:       # each output channel is scaled: shared values now differ per channel
             g.hints[w_name] = dataclasses.replace(hint, per_channel=True) if hint.codebook or hint.bits else hint
         prod.inputs = [prod.inputs[0], w_name, b_name]
+        if hint is not None and not any(old_w in n.inputs for n in g.nodes):     # a weight shared by two convs
+            del g.hints[old_w]
         prod.module = prod.module or bn.module
         # the BN's output name now comes from the conv: rename consumers
         _rename_value(g, bn.name, prod.name)

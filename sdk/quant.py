@@ -23,7 +23,7 @@ from .errors import CalibrationError
 FP16_MAX = 65504.0            # largest finite float16
 FP16_TINY = 2.0 ** -24        # smallest float16 subnormal: |x| below half of it rounds to 0
 
-_RANGES = {"int8": (-128, 127), "uint8": (0, 255), "int4": (-8, 7), "int16": (-32768, 32767),
+_RANGES = {"int8": (-128, 127), "uint8": (0, 255), "int4": (-8, 7), "int2": (-2, 1), "int16": (-32768, 32767),
            "int32": (-(2 ** 31), 2 ** 31 - 1)}
 
 
@@ -91,8 +91,8 @@ class QuantSpec:
     (a 4-bit plan in int8 storage) must be shipped exactly.  Granularity is
     per-tensor (``axis`` None), per-channel (``axis``) or blockwise (``axis`` and
     ``block_size``: one scale per ``block_size`` consecutive weights of a channel).
-    ``codebook``: weights are shared, ``len(codebook)`` real values indexed by
-    ``bits``-wide indices.  ``sparsity``: zeros to be exploited (see
+    ``codebook``: weights are shared, ``len(codebook)`` real values, each
+    an index of ``index_bits`` (per channel when ``codebook`` is ``None``).  ``sparsity``: zeros to be exploited (see
     :class:`sdk.encoding.Sparsity`).
     """
 
@@ -106,6 +106,7 @@ class QuantSpec:
     block_size: int | None = None       # blockwise granularity along the flattened input dims
     codebook: tuple[float, ...] | None = None
     sparsity: Any = None                # sdk.encoding.Sparsity
+    index_bits: int | None = None       # width of an index into shared values (codebook, or per channel)
 
     @classmethod
     def from_range(cls, lo: Any, hi: Any, *, dtype: str = "int8", symmetric: bool, narrow: bool = False,
@@ -137,6 +138,11 @@ class QuantSpec:
 
     def quantize(self, x: np.ndarray) -> np.ndarray:
         s, z = self.arrays()
+        if self.block_size:          # one (scale, zero) per block of a channel's flattened weights
+            blocks = x.reshape(x.shape[0], -1, self.block_size)
+            q = quantize(blocks, s.reshape(blocks.shape[:2] + (1,)), z.reshape(blocks.shape[:2] + (1,)),
+                         dtype=self.dtype, narrow=self.narrow)
+            return q.reshape(x.shape)
         return quantize(x, s if self.per_channel else s[0], z if self.per_channel else z[0], dtype=self.dtype,
                         axis=self.axis, narrow=self.narrow)
 
@@ -148,6 +154,8 @@ class QuantSpec:
             d["block_size"] = self.block_size
         if self.codebook is not None:
             d["codebook"] = list(self.codebook)
+        if self.index_bits is not None:
+            d["index_bits"] = self.index_bits
         if self.sparsity is not None:
             d["sparsity"] = self.sparsity.to_dict()
         return d
@@ -172,11 +180,12 @@ class QuantPlan:
     extra: dict = dataclasses.field(default_factory=dict)    # method-specific results (fp16 range analysis)
 
     def then(self, later: "QuantPlan") -> "QuantPlan":
-        """This plan refined by a later graph-side stage's: its specs win where both have one."""
+        """This plan refined by a later graph-side stage's: its specs win where both have one, and
+        ``extra`` (method-specific results, e.g. fp16's ``keep_fp32``) is the later stage's."""
         stages = [*self.config.get("stages", [self.config]), *later.config.get("stages", [later.config])]
         return QuantPlan({**self.activations, **later.activations}, {**self.weights, **later.weights},
                          method=f"{self.method}+{later.method}", config={"stages": stages},
-                         extra={**self.extra, **later.extra})
+                         extra=dict(later.extra))
 
 
 # ---------------------------------------------------------------------------

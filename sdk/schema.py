@@ -146,6 +146,10 @@ def _check_rules(where: str, rules: Any, nested: bool = True) -> None:
             raise _fail(f"{where}.{k}", f"expected a finite number, got {v!r}")
 
 
+#: most rows a manifest's ``encodings`` or a profile's ``estimate.layers`` may hold
+MAX_ROWS = 100_000
+
+
 def check_manifest(m: Any, format_name: str, format_version: int) -> dict:
     """Raise :class:`ArtifactError` unless ``m`` is a manifest this edgepack can read."""
     where = "manifest.json"
@@ -181,15 +185,33 @@ def check_manifest(m: Any, format_name: str, format_version: int) -> dict:
         if m.get(key) is not None:
             _dict(f"{where}: {key}", m[key])
     _check_rules(f"{where}: verify", m.get("verify", {}))
-    for i, row in enumerate(_list(f"{where}: encodings", m.get("encodings", []))):
-        row = _dict(f"{where}: encodings[{i}]", row)
+    encodings = _list(f"{where}: encodings", m.get("encodings", []))
+    if len(encodings) > MAX_ROWS:
+        raise _fail(f"{where}: encodings", f"more than {MAX_ROWS} rows")
+    for i, row in enumerate(encodings):
+        at = f"{where}: encodings[{i}]"
+        row = _dict(at, row)
+        unknown = set(row) - {"layer", "tensor", "planned", "bits", "stored_bits", "index_bits", "sparsity"}
+        if unknown:
+            raise _fail(at, f"unknown field(s) {sorted(unknown)}")
         for key in ("layer", "tensor", "planned"):
-            _str(f"{where}: encodings[{i}].{key}", row.get(key))
-        for key in ("bits", "stored_bits"):
-            if not _int(row.get(key)) or not 1 <= row[key] <= 32:
-                raise _fail(f"{where}: encodings[{i}].{key}", f"expected an integer in [1, 32], got {row.get(key)!r}")
+            _str(f"{at}.{key}", row.get(key))
+        for key in ("bits", "stored_bits", "index_bits"):
+            if (key != "index_bits" or key in row) and (not _int(row.get(key)) or not 1 <= row[key] <= 32):
+                raise _fail(f"{at}.{key}", f"expected an integer in [1, 32], got {row.get(key)!r}")
         if "sparsity" in row:
-            _dict(f"{where}: encodings[{i}].sparsity", row["sparsity"])
+            sp = _dict(f"{at}.sparsity", row["sparsity"])
+            extra = set(sp) - {"pattern", "density", "block", "shipped"}
+            if extra:
+                raise _fail(f"{at}.sparsity", f"unknown field(s) {sorted(extra)}")
+            _str(f"{at}.sparsity.pattern", sp.get("pattern"))
+            if sp.get("shipped") not in ("dense", "sparse"):
+                raise _fail(f"{at}.sparsity.shipped", f"expected 'dense' or 'sparse', got {sp.get('shipped')!r}")
+            if not (_num(sp.get("density")) and 0 <= sp["density"] <= 1):
+                raise _fail(f"{at}.sparsity.density", f"expected a number in [0, 1], got {sp.get('density')!r}")
+            if "block" in sp and not (isinstance(sp["block"], list) and len(sp["block"]) == 2
+                                      and all(_int(b) and b >= 1 for b in sp["block"])):
+                raise _fail(f"{at}.sparsity.block", f"expected two positive integers, got {sp['block']!r}")
     files = _dict(f"{where}: files", m.get("files"))
     if not files:
         raise _fail(f"{where}: files", "empty file list")
@@ -240,8 +262,14 @@ def check_profile(p: Any) -> dict:
         for k in ("weight_bytes", "macs", "bops", "est_latency_ms", "est_energy_mj"):
             if not (_num(est.get(k)) and est[k] >= 0):
                 raise _fail(f"{where}: estimate.{k}", f"expected a non-negative number, got {est.get(k)!r}")
-        for i, row in enumerate(_list(f"{where}: estimate.layers", est.get("layers", []))):
+        rows = _list(f"{where}: estimate.layers", est.get("layers", []))
+        if len(rows) > MAX_ROWS:
+            raise _fail(f"{where}: estimate.layers", f"more than {MAX_ROWS} rows")
+        for i, row in enumerate(rows):
             row = _dict(f"{where}: estimate.layers[{i}]", row)
+            for k in ("name", "module", "op", "format"):
+                if not isinstance(row.get(k), str):
+                    raise _fail(f"{where}: estimate.layers[{i}].{k}", f"expected a string, got {row.get(k)!r}")
             for k in ("params", "weight_bytes", "macs", "bops", "est_latency_us", "est_energy_uj"):
                 if not (_num(row.get(k)) and row[k] >= 0):
                     raise _fail(f"{where}: estimate.layers[{i}].{k}",

@@ -3,7 +3,7 @@
 >>> import torch
 >>> opt = AdamW().build([{"params": [torch.nn.Parameter(torch.ones(1))], "lr": 0.01}])
 >>> type(opt).__name__, opt.param_groups[0]["weight_decay"]
-('AdamW', 0.01)
+('AdamW', 0.0)
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class AdamW(Optimizer):
     class Config(Config):
         betas: tuple[float, float] = (0.9, 0.999)
         eps: float = 1e-8
-        weight_decay: float = 0.01
+        weight_decay: float = 0.0      # edgepack's training stages used 0 before optimizers were plugins
 
         def __post_init__(self):
             check_betas("adamw", self.betas)

@@ -48,7 +48,7 @@ from sdk import hookimpl
 from sdk.base import Quantizer
 from sdk.config import Config, check_choice, check_range
 from sdk.errors import InputError
-from sdk.encoding import weight_spec
+from sdk.encoding import hints_of, weight_spec
 from sdk.quant import dequantize
 from sdk.torch_fold import WEIGHTED, fold_batch_norms
 from sdk.trainer import split_batch
@@ -76,10 +76,11 @@ class BiasCorrection(Quantizer):
             if self.num_batches is not None:
                 check_range("bias-correction", "num_batches", self.num_batches, 1)
 
-    def weight_error(self, w: torch.Tensor) -> torch.Tensor:
-        """``W̃ − W``: the error ptq's int8 weight quantization (same options) puts on ``w``."""
+    def weight_error(self, w: torch.Tensor, hint=None) -> torch.Tensor:
+        """``W̃ − W``: the error ptq's int8 weight quantization (same options, and the layer's
+        encoding hint: a codebook keeps one code per shared value) puts on ``w``."""
         arr = w.detach().cpu().float().numpy()
-        spec = weight_spec(arr, granularity=self.config.weight_granularity, scheme=self.config.weight_scheme)
+        spec = weight_spec(arr, hint, granularity=self.config.weight_granularity, scheme=self.config.weight_scheme)
         scale, zero = spec.arrays()
         deq = dequantize(spec.quantize(arr), scale if spec.per_channel else scale[0],
                          zero if spec.per_channel else zero[0], axis=spec.axis)
@@ -93,7 +94,7 @@ class BiasCorrection(Quantizer):
         model.eval()
         fold_batch_norms(model)
         layers = [(name, m) for name, m in model.named_modules() if isinstance(m, WEIGHTED)]
-        shifts = measure_shifts(model, layers, {name: self.weight_error(m.weight) for name, m in layers},
+        shifts = measure_shifts(model, layers, {name: self.weight_error(m.weight, hints_of(m)) for name, m in layers},
                                 data, self.config.num_batches, self.config.progress)
         with torch.no_grad():
             for name, m in layers:

@@ -34,7 +34,8 @@ from sdk.base import Quantizer
 from sdk.config import Config, check_bool, check_fp32_fields, check_range
 from sdk.errors import CalibrationError
 from sdk.graph import WEIGHTED_OPS
-from sdk.quant import FP16_MAX, FP16_TINY, QuantPlan, QuantSpec
+from sdk.encoding import float_spec
+from sdk.quant import FP16_MAX, FP16_TINY, QuantPlan
 
 
 class FP16(Quantizer):
@@ -121,8 +122,9 @@ class FP16(Quantizer):
         for name in keep:
             layers[name]["fp32"] = True
         # the record targets check: every weight in float16, those of the layers kept in float32 in float32
-        weights = {n.inputs[1]: QuantSpec("float32" if n.name in keep else "float16") for n in graph.nodes
-                   if n.op in WEIGHTED_OPS and len(n.inputs) > 1 and graph.is_const(n.inputs[1])}
+        weights = {n.inputs[1]: float_spec(graph.constants[n.inputs[1]], graph.hints.get(n.inputs[1]),
+                                           "float32" if n.name in keep else "float16")
+                   for n in graph.nodes if n.op in WEIGHTED_OPS and len(n.inputs) > 1 and graph.is_const(n.inputs[1])}
         return QuantPlan({}, weights, method=self.name, config=cfg.to_dict(),
                          extra={"layers": layers, "keep_fp32": sorted(keep), "problems": problems})
 

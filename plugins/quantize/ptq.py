@@ -97,7 +97,8 @@ class PTQ(Quantizer):
         sym = cfg.activation_scheme == "symmetric"
         acts = {}
         for name, obs in observers.items():
-            lo, hi = obs.range()
+            learned = graph.hints.get(name)      # a range a torch-side stage learned (QAT, LSQ) wins
+            lo, hi = learned.range if learned is not None and learned.range is not None else obs.range()
             acts[name] = QuantSpec.from_range(lo, hi, dtype=cfg.dtype, symmetric=sym)
         weights = {}
         for node in graph.nodes:

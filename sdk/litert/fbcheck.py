@@ -87,7 +87,7 @@ _ELEMENTWISE = {"SOFTMAX", "LOGISTIC", "TANH", "HARD_SWISH", "RELU", "RELU6", "R
 #: ops edgepack writes on float32 tensors only (their data inputs and output)
 _FLOAT_ONLY = {"GELU": 1, "RSQRT": 1, "BATCH_MATMUL": 2, "RESIZE_BILINEAR": 1}
 _BINARY = {"ADD", "SUB", "MUL", "PRELU", "MINIMUM", "MAXIMUM"}
-#: the ops fbcheck has rules for; a row added to flatbuffer.OPS needs one here (tests/arm_int8/test_fbcheck.py)
+#: the ops fbcheck has rules for; a row added to flatbuffer.OPS needs one here (tests/targets/arm_int8/test_fbcheck.py)
 RULED_OPS = frozenset(_ARITY)
 
 # options table fields: slot -> (name, struct format); the slots of the schema

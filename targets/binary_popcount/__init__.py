@@ -61,9 +61,9 @@ class BinaryPopcount(Target):
     name = "binary-popcount"
     version = "1.0"
 
-    # binarized layers are sign ops in the graph (packed to bits by the lowering); weights of the
-    # rest ship as float32
-    carries = (Carries("float32"),)
+    # "binary" is descriptive: the graph holds binarized weights as float ±α constants (no plan
+    # spec asks for it), which the lowering packs to bits; check_plan and cost say so per layer
+    carries = (Carries("binary", bits=(1,)), Carries("float32"))
     device = ARM_A76
 
     @dataclasses.dataclass(frozen=True)
@@ -74,6 +74,44 @@ class BinaryPopcount(Target):
         from .lowering import lower
 
         lower(graph, self.name)
+
+    def check_plan(self, graph, plan):
+        """The core's rows (which refuse a plan this target cannot ship), with each binary
+        layer's weight said as the lowering stores it: 1-bit signs packed in uint64 words,
+        plus its float32 scales."""
+        from .lowering import lower
+        from .specs import BinaryLayer
+
+        low, binary = lower(graph, self.name), {}
+        for spec, name in zip(low.specs, low.names, strict=True):
+            if isinstance(spec, BinaryLayer):
+                node, alpha = graph.node(name), spec.alpha
+                scale = "float32 scale per output channel" if (alpha != alpha[0]).any() else f"scale {alpha[0]:g}"
+                binary[node.inputs[1]] = {"layer": node.module or node.name, "tensor": node.inputs[1],
+                                          "planned": f"binary (1-bit signs, {scale})", "bits": 1, "stored_bits": 1}
+        rows = [binary.pop(r["tensor"], r) for r in super().check_plan(graph, plan)]
+        return rows + list(binary.values())       # binary layers without a hint (built by hand)
+
+    def cost(self, graph, plan, encodings=None):
+        """One row per lowered layer, as :func:`sdk.cost.layer_costs` gives them: binary layers
+        in format ``binary`` (their XNOR-popcount ``bops``, packed weights and scales), the rest
+        float32; weight bytes are those the layer's arrays take in ``weights.bin``.  The lowering
+        knows how every weight is stored, so ``encodings`` is not needed."""
+        from sdk.cost import roofline
+
+        from .lowering import lower
+        from .specs import BinaryLayer, infer_shapes
+
+        low = lower(graph, self.name)
+        rows = []
+        for spec, info, layer in zip(low.specs[1:], infer_shapes(low.specs)[1:], low.layers, strict=True):
+            fmt = "binary" if isinstance(spec, BinaryLayer) else "float32"
+            latency_us, energy_uj = roofline(self.device, fmt, layer["bops"] if fmt == "binary" else layer["macs"],
+                                             layer["bytes"], info.nbytes)
+            rows.append({"name": layer["name"], "module": layer["module"], "op": layer["op"], "format": fmt,
+                         "params": layer["params"], "weight_bytes": layer["bytes"], "macs": layer["macs"],
+                         "bops": layer["bops"], "est_latency_us": latency_us, "est_energy_uj": energy_uj})
+        return rows
 
     def pack(self, graph, plan, calibration=None):
         from .blob import write_weights_bin

@@ -8,7 +8,7 @@ import torch
 
 import sdk
 import sdk.plugins as p
-from sdk.encoding import Carries, Hint, Sparsity, check_plan, weight_spec
+from sdk.encoding import Carries, Hint, Sparsity, check_plan, describe, weight_spec
 from sdk.errors import EdgepackError, EncodingError
 from sdk.graph import capture, fold_batch_norm
 from sdk.quant import QuantSpec
@@ -29,7 +29,8 @@ def _tflite_weights(art):
     interp = Interpreter(model_content=art.read_bytes("model.tflite"))
     out = []
     for d in interp.get_tensor_details():
-        if d["name"].endswith("/weight"):
+        if d["name"].endswith(("/weight", "/weight/fp16")) and not any(   # fp16: the stored half, not its DEQUANTIZE
+                e["name"] == d["name"] + "/fp16" for e in interp.get_tensor_details()):
             out.append((np.dtype(d["dtype"]).name, d["quantization_parameters"], interp.get_tensor(d["index"])))
     return out
 
@@ -76,6 +77,8 @@ def test_every_post_training_quantizer_times_target(method, target, tmp_path):
             assert len(q["scales"]) > 1 and not q["zero_points"].any()
     else:
         assert {r["planned"] for r in rows} == {"float16"} and {r["stored_bits"] for r in rows} == {16}
+        packed = _tflite_weights(art)     # the packed file agrees: float16 weight buffers
+        assert len(packed) == 4 and {d for d, _, _ in packed} == {"float16"}
 
 
 def test_fp16_plan_on_arm_int8_names_layer_and_carriers(tmp_path):
@@ -153,8 +156,12 @@ def test_codebook_hint_gives_one_code_per_shared_value():
     w = palette[rng.integers(0, 4, (16, 8, 3, 3))]
     w[1::2] = palette[rng.integers(0, 3, (8, 8, 3, 3))]      # half the channels never use 0.42
     spec = weight_spec(w, Hint(codebook=4))
-    assert spec.codebook == tuple(float(v) for v in np.unique(palette)) and spec.code_bits == 2
-    assert len(np.unique(spec.quantize(w))) == 4                # per-channel requantization would give up to 7+
+    assert spec.index_bits == 2 and spec.code_bits == 8 and len(spec.codebook) == 4
+    codes = spec.quantize(w)
+    assert len(np.unique(codes)) == 4                # per-channel requantization would give up to 7+
+    # the manifest's codebook is what ships: the codes times the scale, each within half a step of its centroid
+    assert np.allclose(spec.codebook, np.unique(codes) * np.float32(spec.scale[0]), rtol=0, atol=1e-7)
+    assert np.abs(np.array(spec.codebook) - np.unique(palette)).max() <= spec.scale[0] / 2
     plain = weight_spec(w)
     assert len(np.unique(plain.quantize(w))) > 4
 
@@ -163,8 +170,11 @@ def test_grid_values_are_exact_in_int8():
     w = np.array([[-1.0, -1 / 3, 1 / 3, 1.0]] * 2, np.float32)      # DoReFa 2-bit weights
     spec = weight_spec(w, Hint(bits=2))
     q = spec.quantize(w)
-    assert sorted(set(q.ravel().tolist())) == [-126, -42, 42, 126]
-    assert np.allclose(q * spec.scale[0], w, atol=1e-7)
+    assert sorted(set(q.ravel().tolist())) == [-3, -1, 1, 3] and spec.code_bits == 3 and spec.index_bits == 2
+    assert np.array_equal((q * np.float32(spec.scale[0])).astype(np.float32), w)     # exact in float32
+    assert describe(spec) == "2-bit codebook of 4 values (int3 codes)"
+    # a target that stores 2-bit codes could not hold {±1, ±3}; 4-bit storage can
+    assert Carries("int8", bits=(2,)).takes(spec, "conv") is None and Carries("int8", bits=(4,)).takes(spec, "conv") == 4
 
 
 def test_carries_takes_rules():
@@ -190,12 +200,12 @@ def test_check_plan_rows_for_a_hinted_float_target():
     assert all(r["sparsity"]["density"] == pytest.approx(0.5, abs=0.01) for r in rows)
 
 
-@pytest.mark.parametrize("method, config, values", [
-    ("kmeans", {"bits": 2, "keep_first_last": False}, 4),     # Han et al.: 4 shared weights per layer
-    ("ternary", {"keep_first_last": False}, 3),               # {-a, 0, a}
-    ("dorefa", {"weight_bits": 2, "activation_bits": 32, "keep_first_last": False}, 4),
+@pytest.mark.parametrize("method, config, values, code_bits", [
+    ("kmeans", {"bits": 2, "keep_first_last": False}, 4, 8),     # Han et al.: 4 centroids, nearest int8 codes
+    ("ternary", {"keep_first_last": False}, 3, 2),               # {-a, 0, a}: codes {-1, 0, 1}
+    ("dorefa", {"weight_bits": 2, "activation_bits": 32, "keep_first_last": False}, 4, 3),   # {±1, ±3}
 ])
-def test_shared_weights_reach_arm_int8_as_that_many_codes(method, config, values):
+def test_shared_weights_reach_arm_int8_as_that_many_codes(method, config, values, code_bits):
     """What the torch-side stage produced is what the packed file holds: one int8 code per shared value
     in each weight of the .tflite (per-channel requantization gave up to 7 codes for 4 centroids)."""
     from examples.models import make
@@ -210,10 +220,52 @@ def test_shared_weights_reach_arm_int8_as_that_many_codes(method, config, values
     for (dtype, q, w), row in zip(packed, rows):
         n = len(np.unique(w))
         assert dtype == "int8" and len(set(q["scales"].tolist())) == 1      # one scale: the codebook's
-        assert 2 <= n <= values and row["planned"] == f"2-bit codebook of {n} values" and row["stored_bits"] == 8
+        assert 2 <= n <= values and row["planned"] == f"2-bit codebook of {n} values (int{code_bits} codes)"
+        assert row["bits"] == code_bits and row["index_bits"] == 2 and row["stored_bits"] == 8
+        assert np.abs(w).max() <= 2 ** (code_bits - 1) - 1
     small = sdk.compress(model, {"stages": [{"method": method, "config": {**config, "epochs": 1}}]}, data=data,
                          progress=False)
     for (_, q, w), layer in zip(packed, [m for m in small.modules() if isinstance(m, torch.nn.Linear)]):
-        # the int8 codes times the scale give back the shared float values (to float32 rounding of the scale)
+        # grid values (ternary, DoReFa) come back exactly; k-means centroids to within half an int8 step
         shared = np.unique(layer.weight.detach().numpy())
-        assert np.allclose(np.unique(w.astype(np.float64) * q["scales"][0]), shared, atol=q["scales"][0] / 2 + 1e-7)
+        back = np.unique((w * np.float32(q["scales"][0])).astype(np.float32))
+        tol = q["scales"][0] / 2 if method == "kmeans" else 1e-6 * np.abs(shared).max()
+        assert back.shape == shared.shape and np.abs(back - shared).max() <= tol
+
+
+def test_a_learned_output_range_replaces_the_observed_one():
+    """A torch-side stage (QAT, LSQ) that learned a clipping range hands it to the plan through an
+    output hint: ptq uses it instead of its observer, and the packed file carries that scale."""
+    from examples.models import make
+    from sdk.encoding import annotate
+
+    model, x = make("mlp")
+    annotate(model.net[2], Hint(range=(0.0, 0.75), source="test"), "output")     # the first ReLU
+    g = capture(model, (x,))
+    (name, hint), = [(k, h) for k, h in g.hints.items() if h.range]
+    assert g.node(name).module == "net.2"
+    plan = p.get("quantizer", "ptq")(progress=False).calibrate(g, [(torch.randn(8, 1, 8, 8),)])
+    want = QuantSpec.from_range(0.0, 0.75, symmetric=False)
+    assert plan.activations[name].scale == want.scale and plan.activations[name].zero_point == want.zero_point
+    art = sdk.deploy(model, "arm-int8", (x,), calibration=[torch.randn(8, 1, 8, 8)], progress=False)
+    from ai_edge_litert.interpreter import Interpreter
+
+    scales = {float(d["quantization_parameters"]["scales"][0]) for d in
+              Interpreter(model_content=art.read_bytes("model.tflite")).get_tensor_details()
+              if len(d["quantization_parameters"]["scales"]) == 1}
+    assert any(abs(s - want.scale[0]) < 1e-9 for s in scales)
+
+
+def test_bn_folded_ternary_ships_three_codes_per_channel():
+    """LeNet's convs are followed by BatchNorm: folding scales each output channel, so the ternary
+    codebook becomes one per channel; the packed int8 weights still hold at most 3 codes per row."""
+    model, x = _lenet()
+    data = [(torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))) for _ in range(2)]
+    art = sdk.deploy(model, "arm-int8", (x,), calibration=[x], progress=False, data=data,
+                     recipe={"stages": [{"method": "ternary", "config": {"keep_first_last": False, "epochs": 1}}]})
+    rows = {r["layer"]: r for r in art.manifest["encodings"]}
+    assert rows["features.4"]["planned"].endswith("2-bit codebook per channel") and rows["features.4"]["bits"] == 2
+    for (_, _, w), row in zip(_tflite_weights(art), art.manifest["encodings"]):
+        if "codebook" in row["planned"]:
+            assert max(len(np.unique(r)) for r in w.reshape(w.shape[0], -1)) <= 3
+            assert set(np.unique(w).tolist()) <= {-1, 0, 1}

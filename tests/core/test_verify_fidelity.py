@@ -7,7 +7,6 @@ target's ``min_sqnr_db`` against the float outputs catches it.
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,14 +14,11 @@ import pytest
 import torch
 
 import sdk
+from examples.models import make
 from sdk.errors import InputError
 from sdk.litert.fbcheck import check_model
 from sdk.verify import FLOAT_MODEL, GOLDEN, REFERENCE, merge_rules
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from examples.models import make  # noqa: E402
-from tamper import rewrite  # noqa: E402
+from tamper import rewrite
 
 
 def _batches(shape, n, seed):

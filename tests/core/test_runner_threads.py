@@ -5,20 +5,15 @@ LiteRT interpreters are not thread-safe (without the session lock, 4 threads x 2
 gave 750 RunnerErrors and one silently wrong output); the runners serialise each call.
 """
 
-import sys
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import sdk
+from examples.models import make
 from sdk import emulator
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from examples.models import make  # noqa: E402
 
 THREADS, CALLS, DISTINCT = 4, 100, 8
 

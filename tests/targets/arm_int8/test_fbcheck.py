@@ -17,19 +17,17 @@ import time
 from pathlib import Path
 
 import flatbuffers
-import numpy as np
 import pytest
 import torch
 
 import sdk
+from examples.models import make
 from sdk.artifact import Artifact
 from sdk.errors import ArtifactError
 from sdk.litert.fbcheck import check_model
 from sdk.litert.flatbuffer import FILE_IDENTIFIER, read_model
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-from examples.models import make  # noqa: E402
+ROOT = Path(__file__).resolve().parents[3]
 
 TARGETS = ("arm-int8", "arm-fp32", "fp16-gpu")
 MUTATIONS = int(os.environ.get("EDGEPACK_FUZZ_MUTATIONS", "300"))

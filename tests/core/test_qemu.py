@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,14 +19,11 @@ import torch
 
 import sdk
 import sdk.plugins as plugins
+from examples.models import make
 from sdk import emulator
 from sdk.errors import ConfigError, RunnerError, ToolchainError
 from sdk.qemu import QemuAarch64Runner
 from targets.arm_int8 import QemuRunner as ArmInt8QemuRunner
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from examples.models import make  # noqa: E402
 
 #: zoo models run under emulation: (make() options, verify repeats).  mobilenetv2 at half
 #: width; the full ResNet-18 (11 MB) costs ~0.3 s per emulated call and ~1.5 s per call

@@ -10,8 +10,6 @@ outputs to 1e-4) and against the torch binary model (top-1 agreement).
 
 import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +19,7 @@ from torch import nn
 
 import sdk
 import sdk.plugins as p
+from examples.models import LeNet
 from sdk.binary import BinaryConv2d, BinaryInfo, BinaryLinear, binarize, binarize_model, binary_layers, mean_abs_window
 from sdk.errors import ConfigError, ToolchainError, UnsupportedOpError
 from sdk.recipe import Recipe
@@ -29,9 +28,6 @@ from targets.binary_popcount import reference as ref
 from targets.binary_popcount import specs as sp
 from targets.binary_popcount.packing import words
 from targets.binary_popcount.runners import artifact_specs
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from examples.models import LeNet  # noqa: E402
 
 BNN = BinaryInfo("bnn", scale_weights=False, binary_activations=True, scale_activations=False)
 BWN = BinaryInfo("bwn", scale_weights=True, binary_activations=False, scale_activations=False, input_bn=False)

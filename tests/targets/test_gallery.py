@@ -1,6 +1,6 @@
 """Real architectures deploy as they are: torchvision and timm models on arm-fp32, arm-int8 and fp16-gpu.
 
-Each gallery model (tests/gallery.py: random init, eval mode, 64×64 input)
+Each gallery model (tests/helpers/gallery.py: random init, eval mode, 64×64 input)
 deploys unmodified to the three LiteRT targets; its int8 file runs in one
 XNNPACK partition with no builtin kernel left over, and loads and runs with
 TFLite's builtin kernels alone.  A CNN's int8 file equals the integer

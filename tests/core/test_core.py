@@ -1,6 +1,7 @@
 """Graph capture, trainer determinism, lazy imports, CLI."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import sdk
 from sdk.graph import capture, fold_batch_norm
 from sdk.trainer import TrainConfig, fit
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_capture_matches_model_and_folds_bn(small_cnn):
@@ -142,3 +143,6 @@ def test_readme_commands_exist():
     assert "make demo" in text and "make test" in text
     assert "\ndemo:" in makefile and "\ntest:" in makefile
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+    # the test files the README cites exist (tests/ mirrors the source tree: a move updates the README)
+    cited = set(re.findall(r"`(tests/[\w/]+\.py)", text))
+    assert cited and not [c for c in sorted(cited) if not (ROOT / c).is_file()], cited

@@ -19,7 +19,6 @@ import os
 import random
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,16 +26,13 @@ import pytest
 import torch
 
 import sdk
+from examples.models import LeNet
 from sdk.errors import ArtifactError, InputError, ToolchainError
 from targets.binary_popcount import binary_layer_agreement, blob, build, emit
 from targets.binary_popcount import reference as ref
 from targets.binary_popcount import specs as sp
 from targets.binary_popcount.runners import artifact_specs, dump_specs, load_specs
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from examples.models import LeNet  # noqa: E402
-from tamper import rewrite  # noqa: E402
+from tamper import rewrite
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")]

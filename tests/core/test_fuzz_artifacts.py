@@ -1,7 +1,7 @@
 """Seeded mutation fuzzing of real artifacts of every target.
 
 Each mutated copy is loaded, inspected and run in ``host`` and ``reference``
-inside a child process (``tests/fuzz_worker.py``), so that a crash of a
+inside a child process (``tests/core/fuzz_worker.py``), so that a crash of a
 native runtime is observed as a dead child instead of killing the suite.
 Every outcome must be a clean :class:`~sdk.errors.EdgepackError` or a
 completed run; when the mutation leaves the hashes as they were (damage), or
@@ -13,7 +13,7 @@ audit hook in the child watches them.
 ``EDGEPACK_FUZZ_MUTATIONS`` (default 240 per target, plus a quarter as many
 signed) and ``EDGEPACK_FUZZ_SECONDS`` (default 40 per target) size the run;
 a long run: ``EDGEPACK_FUZZ_MUTATIONS=5000 EDGEPACK_FUZZ_SECONDS=3600
-pytest tests/test_fuzz_artifacts.py``.
+pytest tests/core/test_fuzz_artifacts.py``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ import torch
 import sdk
 from tamper import rehash
 
-ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
 N = int(os.environ.get("EDGEPACK_FUZZ_MUTATIONS", "240"))
 SECONDS = float(os.environ.get("EDGEPACK_FUZZ_SECONDS", "40"))
 KEY = bytes(range(32))
@@ -49,7 +50,7 @@ class Worker:
 
     def start(self):
         env = dict(os.environ, PYTHONPATH=str(ROOT))
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fuzz_worker.py")], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, str(HERE / "fuzz_worker.py")], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
 
     def ask(self, req: dict) -> dict:

@@ -1,22 +1,17 @@
 """fp16-gpu: float16 artifacts, the fp16-arithmetic runner, and the range analysis."""
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import sdk
+from examples.models import make
 from sdk.errors import CalibrationError
 from sdk.litert.flatbuffer import op_name, read_model
 from targets.fp16_gpu.half import dot16, mac16, sum16
 
 FLOAT32, FLOAT16, INT32 = 0, 1, 2          # schema TensorType codes
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from examples.models import make  # noqa: E402
 
 
 def test_sum16_rounds_every_addition_to_half():

@@ -3,7 +3,6 @@
 import importlib.util
 import inspect
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +15,8 @@ import sdk.hookspecs
 import sdk.plugins as p
 from sdk.errors import PluginConflictError, UnknownPluginError
 
-HERE = Path(__file__).parent
-ROOT = HERE.parent
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
 
 
 def _load_test_plugin(name):
@@ -210,12 +209,11 @@ def test_no_plugin_module_imports_another_plugin():
     assert _plugin_imports("plugins.distill.fitnets", "from .kd import KD\nfrom .. import prune\n"
                            "import plugins.quantize.ptq\nfrom sdk.features import capture\n") == \
         ["plugins.distill.kd", "plugins.prune", "plugins.quantize.ptq"]
-    root = Path(__file__).resolve().parents[1]
     offenders = []
-    for path in (root / "plugins").rglob("*.py"):
+    for path in (ROOT / "plugins").rglob("*.py"):
         # "plugins.distill.__init__" resolves relative imports against its package, as Python does
-        module = ".".join(path.relative_to(root).with_suffix("").parts)
-        offenders += [f"{path.relative_to(root)}: {n}" for n in _plugin_imports(module, path.read_text())]
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        offenders += [f"{path.relative_to(ROOT)}: {n}" for n in _plugin_imports(module, path.read_text())]
     assert not offenders, offenders
 
 
@@ -238,9 +236,8 @@ def test_a_target_package_imports_only_sdk_and_itself():
                                    "from sdk import emulator\nimport numpy\n") == \
         ["targets.arm_int8", "targets.arm_fp32", "targets.fp16_gpu.half", "plugins.quantize.fp16"]
     assert _foreign_target_imports("targets.arm_int8.__init__", "from .lowering import lower\n") == []
-    root = Path(__file__).resolve().parents[1]
     offenders = []
-    for path in (root / "targets").rglob("*.py"):
-        module = ".".join(path.relative_to(root).with_suffix("").parts)
-        offenders += [f"{path.relative_to(root)}: {n}" for n in _foreign_target_imports(module, path.read_text())]
+    for path in (ROOT / "targets").rglob("*.py"):
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        offenders += [f"{path.relative_to(ROOT)}: {n}" for n in _foreign_target_imports(module, path.read_text())]
     assert not offenders, offenders

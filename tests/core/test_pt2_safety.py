@@ -15,7 +15,7 @@ import torch
 from sdk.errors import EdgepackError, InputError
 from sdk.pt2 import load_exported, unsafe_entries
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Net(torch.nn.Module):
@@ -199,7 +199,6 @@ def test_damaged_model_json_is_an_input_error(tmp_path):
 
 def test_binary_model_pt2_deploys_through_the_cli(tmp_path):
     """An xnor model's .pt2 names torch.ops.edgepack.* ops: a fresh `edgepack deploy` registers them."""
-    sys.path.insert(0, str(ROOT))
     from examples.models import LeNet
     from sdk.binary import BinaryInfo, binarize_model
 

@@ -1,6 +1,6 @@
 """The model gallery: real torchvision and timm CNNs and transformers, random init, eval mode, as users have them.
 
-Shared by ``tests/test_gallery.py`` and ``benchmarks/bench_gallery.py``.  Each entry
+Shared by ``tests/targets/test_gallery.py`` and ``benchmarks/bench_gallery.py``.  Each entry
 names the builder and an input resolution small enough for the suite (the
 architectures are unchanged; 64×64 still leaves every stage at least 2×2).
 
