@@ -61,3 +61,20 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor |
     if target is None:
         raise InputError(f"{who} objective 'soft+hard' needs labels: pass (x, y) batches, or use objective='soft'")
     return alpha * soft + (1.0 - alpha) * F.cross_entropy(student, target)
+
+
+def response_step(teacher: torch.nn.Module, loss):
+    """A :func:`sdk.trainer.fit` step for response-based distillation: the teacher's logits
+    on ``x`` (no gradient; the teacher is put in eval mode) and ``loss(student_logits,
+    teacher_logits, y)`` (``y`` None for unlabelled batches)."""
+    from .trainer import split_batch
+
+    teacher.eval()
+
+    def step(model: torch.nn.Module, batch) -> torch.Tensor:
+        x, y = split_batch(batch)
+        with torch.no_grad():
+            t = teacher(x)
+        return loss(model(x), t, y)
+
+    return step

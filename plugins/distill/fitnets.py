@@ -65,7 +65,7 @@ from sdk.base import Distiller
 from sdk.config import check_choice, check_range
 from sdk.errors import ConfigError, InputError
 from sdk.features import capture, named_module
-from sdk.losses import kd_loss
+from sdk.losses import kd_loss, response_step
 from sdk.trainer import TrainConfig, fit, split_batch
 
 
@@ -166,15 +166,7 @@ class FitNets(Distiller):
 
     def train_kd(self, student: torch.nn.Module, teacher: torch.nn.Module, data: Iterable) -> torch.nn.Module:
         """Stage 2: train the whole student with kd's loss; return it."""
-        teacher.eval()
-
-        def step(model, batch):
-            x, y = split_batch(batch)
-            with torch.no_grad():
-                t = teacher(x)
-            return self.loss(model(x), t, y)
-
-        fit(student, data, step, self.config, desc="fitnets kd")
+        fit(student, data, response_step(teacher, self.loss), self.config, desc="fitnets kd")
         return student
 
     def apply(self, student: torch.nn.Module, teacher, data) -> torch.nn.Module:

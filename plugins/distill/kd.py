@@ -34,8 +34,8 @@ from sdk import hookimpl
 from sdk.base import Distiller
 from sdk.config import check_choice, check_range
 from sdk.errors import InputError
-from sdk.losses import OBJECTIVES, kd_loss
-from sdk.trainer import TrainConfig, fit, split_batch
+from sdk.losses import OBJECTIVES, kd_loss, response_step
+from sdk.trainer import TrainConfig, fit
 
 
 class KD(Distiller):
@@ -68,15 +68,7 @@ class KD(Distiller):
     def apply(self, student: torch.nn.Module, teacher, data) -> torch.nn.Module:
         if not isinstance(teacher, torch.nn.Module):
             raise InputError("kd needs a teacher model: sdk.compress(model, recipe, data=..., teacher=big_model)")
-        teacher.eval()
-
-        def step(model, batch):
-            x, y = split_batch(batch)
-            with torch.no_grad():
-                t = teacher(x)
-            return self.loss(model(x), t, y)
-
-        fit(student, data, step, self.config, desc="kd")
+        fit(student, data, response_step(teacher, self.loss), self.config, desc="kd")
         return student
 
 
