@@ -108,13 +108,10 @@ class Hint:
                     pick(self.range, other.range),
                     "+".join(dict.fromkeys(s for h in (self, other) for s in h.source.split("+") if s)))
 
-    def to_dict(self) -> dict:
-        d = {k: v for k, v in dataclasses.asdict(self).items() if v not in (None, False, "")}
-        if self.sparsity is not None:
-            d["sparsity"] = self.sparsity.to_dict()
-        if self.range is not None:
-            d["range"] = list(self.range)
-        return d
+    @property
+    def max_values(self) -> int | None:
+        """How many distinct values the weight may hold (``codebook``, else ``2^bits``; None: any)."""
+        return self.codebook or (2 ** self.bits if self.bits else None)
 
 
 def annotate(module: Any, hint: Hint, tensor: str = "weight") -> None:
@@ -187,9 +184,8 @@ def weight_spec(w: np.ndarray, hint: Hint | None = None, *, granularity: str = "
     (:func:`shared_value_spec`); a bit-width hint whose values are not shared
     sets the grid's width.  A sparsity hint is measured on ``w`` and recorded.
     """
-    sparsity = Sparsity.measure(w, hint.sparsity.pattern, hint.sparsity.block) \
-        if hint is not None and hint.sparsity is not None and np.count_nonzero(w) < w.size else None
-    if hint is not None and (hint.codebook or hint.bits):
+    sparsity = _measured_sparsity(w, hint)
+    if hint is not None and hint.max_values:
         spec = shared_value_spec(w, hint, dtype)
         if spec is not None:
             return dataclasses.replace(spec, sparsity=sparsity)
@@ -227,7 +223,7 @@ def shared_value_spec(w: np.ndarray, hint: Hint, dtype: str = "int8") -> QuantSp
     lists the values shipped (two centroids closer than a step share a code).  ``bits``
     is the width of the codes, ``index_bits`` that of an index into the codebook.
     """
-    limit = hint.codebook or 2 ** hint.bits
+    limit = hint.max_values
     palette = np.unique(w)
     per_tensor = palette.size <= limit and not hint.per_channel
     rows = [palette] if per_tensor else [np.unique(r) for r in w.reshape(w.shape[0], -1)]
@@ -243,6 +239,13 @@ def shared_value_spec(w: np.ndarray, hint: Hint, dtype: str = "int8") -> QuantSp
                          codebook=tuple(float(v) for v in shipped), index_bits=_index_bits(shipped.size))
     return QuantSpec(dtype, tuple(scales), (0,) * len(scales), 0, True, True, bits,
                      index_bits=_index_bits(max(len(np.unique(c)) for c in codes)))
+
+
+def _measured_sparsity(w: np.ndarray, hint: Hint | None) -> Sparsity | None:
+    """The hint's sparsity pattern with the density measured on ``w`` (None: no hint, or no zeros left)."""
+    if hint is None or hint.sparsity is None or np.count_nonzero(w) == w.size:
+        return None
+    return Sparsity.measure(w, hint.sparsity.pattern, hint.sparsity.block)
 
 
 def _index_bits(n: int) -> int:
@@ -407,14 +410,12 @@ def carried_by(target: Any) -> tuple[Carries, ...]:
 def float_spec(w: np.ndarray, hint: Hint | None, dtype: str = "float32") -> QuantSpec:
     """A weight shipped as ``dtype`` floats: a hint's shared values (exact in float) and
     sparsity are recorded with it."""
-    codebook = sparsity = None
-    if hint is not None:
+    codebook = None
+    if hint is not None and hint.max_values and not hint.per_channel:
         values = np.unique(w)
-        if (hint.codebook or hint.bits) and not hint.per_channel and values.size <= (hint.codebook or 2 ** hint.bits):
+        if values.size <= hint.max_values:
             codebook = tuple(float(v) for v in values)
-        if hint.sparsity and np.count_nonzero(w) < w.size:
-            sparsity = Sparsity.measure(w, hint.sparsity.pattern, hint.sparsity.block)
-    return QuantSpec(dtype, codebook=codebook, sparsity=sparsity,
+    return QuantSpec(dtype, codebook=codebook, sparsity=_measured_sparsity(w, hint),
                      index_bits=_index_bits(len(codebook)) if codebook else None)
 
 
