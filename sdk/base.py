@@ -159,6 +159,9 @@ class Target(Plugin):
     activation_dtypes: ClassVar[tuple[str, ...]] = ()
     #: True when every activation needs a quantization spec (integer-only graphs)
     needs_activation_specs: ClassVar[bool] = False
+    #: where integer weights may meet activations (:data:`sdk.quant.COMPUTE`): ``static`` (calibrated
+    #: integer activations), ``dynamic`` (quantized at run time), ``weight-only`` (dequantized weights)
+    computes: ClassVar[tuple[str, ...]] = ("static",)
     #: the device the cost model estimates for (:class:`sdk.cost.DeviceProfile`)
     device: ClassVar[Any] = None
 

@@ -374,6 +374,12 @@ def check_plan(target: Any, graph: Any, plan: Any, hints: dict[str, Hint] | None
             exploited = any(spec.sparsity.pattern in c.sparsity for c in carries if c.takes(spec, op) is not None)
             row["sparsity"] = {**spec.sparsity.to_dict(), "shipped": "sparse" if exploited else "dense"}
         rows.append(row)
+    compute = getattr(plan, "compute", "static") if plan is not None else "static"
+    if compute != "static" and compute not in getattr(target, "computes", ("static",)):
+        takers = [t.name for t in _registered_targets() if compute in getattr(t, "computes", ("static",))]
+        raise EncodingError(target.name, "(every layer)", "(activations)", f"{compute} quantization (plan of "
+                            f"{plan.method!r})", "integer weights with static activations only", takers,
+                            kind="activation")
     act_dtypes = tuple(getattr(target, "activation_dtypes", ()))
     for name, spec in (plan.activations.items() if plan is not None else ()):
         if spec.dtype not in act_dtypes:
@@ -382,7 +388,7 @@ def check_plan(target: Any, graph: Any, plan: Any, hints: dict[str, Hint] | None
             raise EncodingError(target.name, (node.module or node.name) if node is not None else name, name,
                                 f"{spec.dtype} activations", "/".join(act_dtypes) + " activations" if act_dtypes
                                 else "float activations only", carriers, kind="activation")
-    if getattr(target, "needs_activation_specs", False):
+    if getattr(target, "needs_activation_specs", False) and compute == "static":
         have = plan.activations if plan is not None else {}
         for name in [i[0] for i in graph.inputs] + [n.name for n in graph.nodes]:
             if name not in have:

@@ -161,6 +161,10 @@ class QuantSpec:
         return d
 
 
+#: where a plan's integer weights meet the activations (:attr:`QuantPlan.compute`)
+COMPUTE = ("static", "dynamic", "weight-only")
+
+
 @dataclasses.dataclass
 class QuantPlan:
     """Quantization specs of a graph's values, by value name: the record a quantizer
@@ -171,6 +175,11 @@ class QuantPlan:
     of conv/linear nodes, one :class:`QuantSpec` each: the encoding the target
     must ship (:func:`sdk.encoding.check_plan` refuses what it cannot).
     ``method`` names the quantizer that made it (recorded in the manifest).
+    ``compute`` says where the integer weights meet the activations:
+    ``static`` (integer activations with the calibrated specs), ``dynamic``
+    (float activations quantized at run time, per op: dynamic-range
+    quantization) or ``weight-only`` (the weights are dequantized to float once
+    and the ops compute in float: a size win at float speed).
     """
 
     activations: dict[str, QuantSpec]
@@ -178,6 +187,13 @@ class QuantPlan:
     method: str = ""
     config: dict = dataclasses.field(default_factory=dict)
     extra: dict = dataclasses.field(default_factory=dict)    # method-specific results (fp16 range analysis)
+    compute: str = "static"
+
+    def __post_init__(self):
+        if self.compute not in COMPUTE:
+            from .errors import ConfigError
+
+            raise ConfigError(f"QuantPlan.compute must be one of {', '.join(COMPUTE)}, got {self.compute!r}")
 
     def then(self, later: "QuantPlan") -> "QuantPlan":
         """This plan refined by a later graph-side stage's: its specs win where both have one, and
@@ -185,7 +201,7 @@ class QuantPlan:
         stages = [*self.config.get("stages", [self.config]), *later.config.get("stages", [later.config])]
         return QuantPlan({**self.activations, **later.activations}, {**self.weights, **later.weights},
                          method=f"{self.method}+{later.method}", config={"stages": stages},
-                         extra=dict(later.extra))
+                         extra=dict(later.extra), compute=later.compute if later.compute != "static" else self.compute)
 
 
 # ---------------------------------------------------------------------------

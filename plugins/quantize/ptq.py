@@ -28,14 +28,12 @@ import dataclasses
 from typing import Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
-
 from sdk import hookimpl
 from sdk.base import Quantizer
 from sdk.config import Config, check_choice, check_range
+from sdk.calibrate import activation_specs, weight_specs
 from sdk.encoding import weight_spec
-from sdk.graph import WEIGHTED_OPS
-from sdk.quant import OBSERVERS, QuantPlan, QuantSpec, make_observer
+from sdk.quant import OBSERVERS, QuantPlan, QuantSpec
 
 
 class PTQ(Quantizer):
@@ -80,31 +78,10 @@ class PTQ(Quantizer):
 
     def calibrate(self, graph, batches: Sequence[tuple]) -> QuantPlan:
         cfg = self.config
-        opts = {"percentile": {"percentile": cfg.percentile},
-                "mse": {"symmetric": cfg.activation_scheme == "symmetric", "dtype": cfg.dtype}}.get(
-                    cfg.activation_observer, {})
-        observers = {name: make_observer(cfg.activation_observer, **opts) for name, _, _ in graph.inputs}
-        observers.update({n.name: make_observer(cfg.activation_observer, **opts) for n in graph.nodes})
-        used = list(batches)[: cfg.num_batches] if cfg.num_batches else list(batches)
-
-        def observe(name, value):
-            if name in observers:
-                observers[name].update(value.detach().cpu().numpy())
-
-        for batch in tqdm(used, desc="calibrating", unit="batch", disable=not cfg.progress, leave=False):
-            graph.run(batch, observer=observe)
-
-        sym = cfg.activation_scheme == "symmetric"
-        acts = {}
-        for name, obs in observers.items():
-            learned = graph.hints.get(name)      # a range a torch-side stage learned (QAT, LSQ) wins
-            lo, hi = learned.range if learned is not None and learned.range is not None else obs.range()
-            acts[name] = QuantSpec.from_range(lo, hi, dtype=cfg.dtype, symmetric=sym)
-        weights = {}
-        for node in graph.nodes:
-            if node.op in WEIGHTED_OPS and graph.is_const(node.inputs[1]):
-                weights[node.inputs[1]] = self.weight_spec(graph.constants[node.inputs[1]],
-                                                           graph.hints.get(node.inputs[1]))
+        acts = activation_specs(graph, batches, observer=cfg.activation_observer, percentile=cfg.percentile,
+                                symmetric=cfg.activation_scheme == "symmetric", dtype=cfg.dtype,
+                                num_batches=cfg.num_batches, progress=cfg.progress)
+        weights = weight_specs(graph, lambda w, hint, node: self.weight_spec(w, hint))
         return QuantPlan(acts, weights, method=self.name, config=cfg.to_dict())
 
 

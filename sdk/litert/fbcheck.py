@@ -10,17 +10,42 @@ schema :mod:`.flatbuffer` writes:
 
 * every offset, vtable, table, vector and string lies inside the file (and is
   aligned as the flatbuffers verifier requires); tables carry no fields that
-  edgepack does not write (no custom ops, sparsity, external or offset
-  buffers, metadata, variable tensors, ...);
+  edgepack does not write (no custom ops, external or offset buffers, metadata,
+  variable tensors, ...);
 * one subgraph and one signature; opcodes are builtins of :data:`.flatbuffer.OPS`
   with their options table; every tensor index of an operator, of the subgraph
   inputs/outputs and of the signature is in range; operators run in
   topological order, each tensor has one producer, constants are never written;
-* a constant tensor's buffer holds exactly ``prod(shape) * itemsize`` bytes;
-  shapes are positive and bounded; quantization has as many zero points as
-  scales, finite positive scales (at most 2^20), zero points inside the tensor
-  type, and a per-axis count equal to the dimension on that axis; the
-  requantization multipliers of int8 ops are in the range LiteRT takes;
+* a constant tensor's buffer holds exactly ``prod(shape) * itemsize`` bytes
+  (``ceil(prod(shape) / 2)`` for ``int4``, two codes a byte); shapes are
+  positive and bounded; quantization has as many zero points as scales, finite
+  positive scales (at most 2^20), zero points inside the tensor type ([-8, 7]
+  for int4), and a per-axis count equal to the dimension on that axis; the
+  requantization multipliers of int8-output ops are in the range LiteRT takes;
+* ``int4`` is a constant and feeds only a weight input (input 1) of CONV_2D,
+  DEPTHWISE_CONV_2D or FULLY_CONNECTED, as symmetric (zero point 0) weights
+  quantized per tensor or along the output-channel axis, or a DEQUANTIZE;
+* a sparse tensor (``Tensor.sparsity``) is a float32, float16, int8 or int4
+  constant whose metadata its own reader checks in full: the traversal order
+  permutes the ``rank + len(block_map)`` dimensions with the block dimensions
+  last, the block map names distinct dimensions in increasing order, one
+  metadata entry per traversed dimension, DENSE sizes equal the (blocked)
+  dimension and block sizes divide it, CSR index vectors have a known union
+  type, segments rise from 0 with one entry per parent node plus one and end
+  at the index count, indices lie inside the dimension and rise within a
+  segment, and the buffer holds exactly the values the metadata addresses.  It
+  feeds DENSIFY only (float32, float16, int8; the output is the dense tensor
+  of the same type, shape and quantization) -- or, with ``delegate=False``
+  only, directly the weights of a FULLY_CONNECTED in the forms TFLite's
+  sparse kernels take (float32 unstructured or 1x4 blocks, int8 1x16 blocks):
+  XNNPACK, LiteRT's default delegate, takes such a FULLY_CONNECTED and reads
+  the stored values as the dense matrix, past the end of the buffer;
+* CONV_2D, DEPTHWISE_CONV_2D and FULLY_CONNECTED are float32 (float32 weights
+  and bias), int8 (int8 or int4 weights, int32 bias) or, for CONV_2D and
+  FULLY_CONNECTED, hybrid (dynamic range: float32 input, bias and output,
+  int8 or int4 constant symmetric weights); DEQUANTIZE widens a float16
+  constant, an int8 activation, or an int8 / int4 constant (weight-only
+  quantization, per-axis allowed) to float32;
 * every operator's options are in range (strides, dilations and filters >= 1,
   known paddings and activations), its shape-like constant inputs are sane
   (reshape target, permutation, paddings, axes, resize size) and its stored
@@ -60,6 +85,7 @@ MAX_SCALE = float(1 << 20)    # a quantization step above 1e6 is a damaged file,
 MAX_REQUANT = 256.0           # XNNPACK's limit on s_in*s_w/s_out, s_in/s_out (ADD) and s_a*s_b/s_out (MUL)
 MAX_RATIO = float(1 << 20)    # any other int8 op: s_in/s_out and s_out/s_in (huge ones abort LiteRT)
 MAX_BATCH_MATMUL_RANK = 5     # TFLite's BATCH_MATMUL kernel refuses rank 6 (XNNPACK would take it)
+MAX_SPARSE_DIMS = 2 * MAX_RANK  # traversed dimensions of a sparse tensor: rank + block dimensions
 
 # schema enums (ai_edge_litert.schema_py_generated)
 _PADDINGS = {0: "SAME", 1: "VALID"}
@@ -67,9 +93,22 @@ _ACTIVATIONS = {0: "NONE", 1: "RELU", 2: "RELU_N1_TO_1", 3: "RELU6", 4: "TANH"}
 _TYPE_NAME = {code: name for name, (code, _) in DTYPES.items()}
 _ITEMSIZE = {code: dt.itemsize for _, (code, dt) in DTYPES.items()}
 _NUMPY = {code: dt for _, (code, dt) in DTYPES.items()}
-_INT_RANGE = {"int8": (-128, 127), "uint8": (0, 255), "int16": (0, 0), "int32": (0, 0), "int64": (0, 0)}
+_INT_RANGE = {"int8": (-128, 127), "uint8": (0, 255), "int4": (-8, 7), "int16": (0, 0), "int32": (0, 0),
+              "int64": (0, 0)}
 _ACTIVATION_TYPES = {"float32", "int8"}
 _CODE_TO_OP = {spec.code: name for name, spec in OPS.items()}
+_QUANTIZED = ("int8", "uint8", "int16", "int4")          # tensor types that need quantization parameters
+
+# sparsity (schema DimensionType, SparseIndexVector)
+_DENSE, _SPARSE_CSR = 0, 1
+_INDEX_VECTORS = {1: ("Int32Vector", "<i4"), 2: ("Uint16Vector", "<u2"), 3: ("Uint8Vector", "u1")}
+_SPARSE_TYPES = {"float32", "float16", "int8", "int4"}   # a sparse constant's type
+_DENSIFY_TYPES = {"float32", "float16", "int8"}          # what LiteRT's DENSIFY (and XNNPACK's folding) takes
+#: (op, input) a sparse constant may feed; FULLY_CONNECTED weights only without XNNPACK (see the docstring)
+_SPARSE_USES = {("DENSIFY", 0)}
+_SPARSE_FC = ("FULLY_CONNECTED", 1)
+#: (op, input) an int4 constant may feed
+_INT4_USES = {("CONV_2D", 1), ("DEPTHWISE_CONV_2D", 1), ("FULLY_CONNECTED", 1), ("DEQUANTIZE", 0)}
 
 #: op -> (min inputs, max inputs); every op has exactly one output
 _ARITY = {
@@ -80,7 +119,7 @@ _ARITY = {
     "RELU6": (1, 1), "LEAKY_RELU": (1, 1), "QUANTIZE": (1, 1), "DEQUANTIZE": (1, 1),
     "CONCATENATION": (1, 1 << 12), "PAD": (2, 2), "TRANSPOSE": (2, 2), "RESIZE_NEAREST_NEIGHBOR": (2, 2),
     "RELU_N1_TO_1": (1, 1), "MINIMUM": (2, 2), "MAXIMUM": (2, 2), "SLICE": (3, 3),
-    "GELU": (1, 1), "RSQRT": (1, 1), "BATCH_MATMUL": (2, 2), "RESIZE_BILINEAR": (2, 2),
+    "GELU": (1, 1), "RSQRT": (1, 1), "BATCH_MATMUL": (2, 2), "RESIZE_BILINEAR": (2, 2), "DENSIFY": (1, 1),
 }
 _ELEMENTWISE = {"SOFTMAX", "LOGISTIC", "TANH", "HARD_SWISH", "RELU", "RELU6", "RELU_N1_TO_1", "LEAKY_RELU",
                 "QUANTIZE", "DEQUANTIZE", "GELU", "RSQRT"}
@@ -122,6 +161,7 @@ _OPTION_FIELDS = {
     "BATCH_MATMUL": {0: ("adj_x", "B"), 1: ("adj_y", "B"), 2: ("asymmetric_quantize_inputs", "B")},
     # slots 0, 1 are the deprecated new_height / new_width (never written)
     "RESIZE_BILINEAR": {2: ("align_corners", "B"), 3: ("half_pixel_centers", "B")},
+    "DENSIFY": {},
 }
 #: defaults of the schema for fields left out
 _OPTION_DEFAULTS = {"padding": 0, "stride_w": 0, "stride_h": 0, "activation": 0, "dilation_w": 1, "dilation_h": 1,
@@ -137,6 +177,17 @@ class _Bad(Exception):
 
 
 @dataclass
+class _Sparse:
+    """A sparse tensor's checked metadata."""
+
+    order: list[int]
+    block_map: list[int]
+    formats: list[int]              # per traversal level: _DENSE or _SPARSE_CSR
+    dense_sizes: list[int]          # per level (0 for CSR levels)
+    values: int                     # leaf values the metadata addresses (what the buffer must hold)
+
+
+@dataclass
 class _T:
     index: int
     name: str
@@ -148,7 +199,9 @@ class _T:
     zero_point: list[int] | None = None
     qdim: int = 0
     data_span: tuple[int, int] | None = None     # (start, length) of the constant's bytes in the file
-    widened: bool = False                        # DEQUANTIZE of a float16 constant (fp16-gpu weights)
+    widened: bool = False                        # computed from constants only: DEQUANTIZE of a constant weight
+    #                                              (float16, int8, int4) or DENSIFY of a sparse constant
+    sparse: _Sparse | None = None
 
     @property
     def const(self) -> bool:
@@ -304,10 +357,121 @@ def _prod(shape) -> int:
     return n
 
 
-def _read_tensor(t: _Table, i: int, nbuf: int) -> _T:
-    # 0 shape, 1 type, 2 buffer, 3 name, 4 quantization; nothing else (variable, sparsity, shape_signature,
+def _nbytes(dtype: str, count: int) -> int:
+    """Bytes of ``count`` values of ``dtype`` in a buffer (int4: two a byte, the last one may be half used)."""
+    return (count + 1) // 2 if dtype == "int4" else count * _ITEMSIZE[DTYPES[dtype][0]]
+
+
+def _index_vector(r: _Reader, m: _Table, type_slot: int, slot: int, what: str) -> np.ndarray:
+    """The values of a SparseIndexVector union (Int32Vector, Uint16Vector, Uint8Vector) as int64."""
+    kind = m.scalar(type_slot, "B", 0, f"{what} type")
+    if kind not in _INDEX_VECTORS:
+        raise _Bad(f"{what} has union type {kind}, not one of "
+                   + ", ".join(f"{k} ({n})" for k, (n, _) in _INDEX_VECTORS.items()))
+    table = m.table(slot, what)
+    if table is None:
+        raise _Bad(f"{what} is missing")
+    table.only({0})
+    dt = np.dtype(_INDEX_VECTORS[kind][1])
+    v = table.vector(0, dt.itemsize, f"{what} values", MAX_TENSOR_ELEMENTS + 1)
+    if v is None:
+        raise _Bad(f"{what} has no values")
+    start, count = v            # inside the file (checked by vector): the slice is bounded by the file size
+    return np.frombuffer(r.b, dt, count, start).astype(np.int64)
+
+
+def _read_sparsity(r: _Reader, sp: _Table, shape: tuple[int, ...], name: str) -> _Sparse:
+    """Check ``Tensor.sparsity`` against the dense ``shape``; the number of values it addresses.
+
+    The walk follows LiteRT's FormatConverter: level ``l`` of the traversal expands dimension
+    ``order[l]``; a DENSE level multiplies the nodes by its size, a CSR level gives each node its
+    ``segments[p]..segments[p+1]`` slice of ``indices``.  Every count stays below the dense
+    element count (indices rise inside a segment), every array lies inside the file.
+    """
+    what = f"tensor {name!r} sparsity"
+    sp.only({0, 1, 2})          # traversal_order, block_map, dim_metadata
+    n = len(shape)
+    order = sp.scalars(0, "i", "traversal_order", MAX_SPARSE_DIMS)
+    block_map = sp.scalars(1, "i", "block_map", MAX_RANK) or []
+    metas = sp.tables(2, "dim_metadata", MAX_SPARSE_DIMS)
+    if n < 1:
+        raise _Bad(f"{what}: a sparse tensor needs a rank of at least 1")
+    total = n + len(block_map)
+    if order is None or sorted(order) != list(range(total)):
+        raise _Bad(f"{what}: traversal order {order} is not a permutation of 0..{total - 1} "
+                   f"({n} dimensions + {len(block_map)} block dimensions)")
+    if any(not 0 <= b < n for b in block_map) or len(set(block_map)) != len(block_map):
+        raise _Bad(f"{what}: block map {block_map} must name distinct dimensions of rank {n}")
+    if block_map != sorted(block_map) or order[n:] != list(range(n, total)):
+        # LiteRT's FormatConverter pairs block j with traversal level n + j and the blocked dimensions
+        # in increasing order; any other arrangement it expands to the wrong (out-of-range) places
+        raise _Bad(f"{what}: block map {block_map} / traversal order {order}: the block dimensions must "
+                   "come last, in block-map order, and the block map must increase")
+    if len(metas) != total:
+        raise _Bad(f"{what}: {len(metas)} dim_metadata entries for {total} traversed dimensions")
+    formats, dense_sizes = [], []
+    for level, m in enumerate(metas):
+        m.only({0, 1, 2, 3, 4, 5})  # format, dense_size, array_segments(_type), array_indices(_type)
+        fmt = m.scalar(0, "b", 0, "format")
+        if fmt == _DENSE:
+            if any(m.slots[k] for k in range(2, min(6, len(m.slots)))):
+                raise _Bad(f"{what}: DENSE dimension {level} carries CSR arrays")
+            dense_sizes.append(m.scalar(1, "i", 0, "dense_size"))
+        elif fmt == _SPARSE_CSR:
+            if m.scalar(1, "i", 0, "dense_size"):
+                raise _Bad(f"{what}: SPARSE_CSR dimension {level} has a dense_size")
+            dense_sizes.append(0)
+        else:
+            raise _Bad(f"{what}: dimension {level} has format {fmt} (DENSE 0 or SPARSE_CSR 1)")
+        formats.append(fmt)
+    # the size of each traversed dimension: a blocked dimension counts blocks, its block dimension
+    # the block's elements
+    sizes = list(shape) + [0] * len(block_map)
+    for j, b in enumerate(block_map):
+        size = dense_sizes[n + j]
+        if formats[n + j] != _DENSE or size < 1 or shape[b] % size:
+            raise _Bad(f"{what}: block dimension {n + j} must be DENSE with a size dividing dimension {b} "
+                       f"({shape[b]}), got {'DENSE' if formats[n + j] == _DENSE else 'SPARSE_CSR'} {size}")
+        sizes[n + j], sizes[b] = size, shape[b] // size
+    nodes = 1
+    for level, dim in enumerate(order):
+        if formats[level] == _DENSE:
+            if dense_sizes[level] != sizes[dim]:
+                raise _Bad(f"{what}: DENSE dimension {level} has size {dense_sizes[level]}, dimension {dim} "
+                           f"is {sizes[dim]}")
+            nodes *= sizes[dim]
+            continue
+        m = metas[level]
+        seg = _index_vector(r, m, 2, 3, f"{what} dimension {level} array_segments")
+        idx = _index_vector(r, m, 4, 5, f"{what} dimension {level} array_indices")
+        if seg.size != nodes + 1:
+            raise _Bad(f"{what}: dimension {level} has {seg.size} segments for {nodes} parent nodes "
+                       f"(needs {nodes + 1})")
+        if seg[0] != 0:
+            raise _Bad(f"{what}: dimension {level} segments start at {int(seg[0])}, not 0")
+        step = np.diff(seg)
+        if step.size and step.min() < 0:
+            k = int(np.argmax(step < 0))
+            raise _Bad(f"{what}: dimension {level} segments decrease ({int(seg[k])} then {int(seg[k + 1])})")
+        if seg[-1] != idx.size:
+            raise _Bad(f"{what}: dimension {level} last segment is {int(seg[-1])}, the indices number {idx.size}")
+        if idx.size and (idx.min() < 0 or idx.max() >= sizes[dim]):
+            bad = int(idx[(idx < 0) | (idx >= sizes[dim])][0])
+            raise _Bad(f"{what}: dimension {level} index {bad} is outside 0..{sizes[dim] - 1}")
+        if idx.size > 1:
+            rising = np.diff(idx) > 0
+            first = seg[1:-1]
+            rising[first[(first > 0) & (first < idx.size)] - 1] = True      # a new segment starts afresh
+            if not rising.all():
+                raise _Bad(f"{what}: dimension {level} indices do not rise within a segment")
+        nodes = int(idx.size)
+    return _Sparse(list(order), list(block_map), formats, dense_sizes, nodes)
+
+
+def _read_tensor(r: _Reader, t: _Table, i: int, nbuf: int) -> _T:
+    # 0 shape, 1 type, 2 buffer, 3 name, 4 quantization, 6 sparsity; nothing else (variable, shape_signature,
     # has_rank, variant tensors, external buffers)
-    t.only({0, 1, 2, 3, 4})
+    t.only({0, 1, 2, 3, 4, 6})
     shape = t.scalars(0, "i", "shape", MAX_RANK + 1)
     shape = tuple(shape or ())
     if len(shape) > MAX_RANK:
@@ -354,8 +518,14 @@ def _read_tensor(t: _Table, i: int, nbuf: int) -> _T:
             out.scale, out.zero_point, out.qdim = scale, zp, qdim
         elif zp:
             raise _Bad(f"tensor {name!r}: zero points without scales")
-    if out.dtype in ("int8", "uint8", "int16") and out.scale is None:
+    if out.dtype in _QUANTIZED and out.scale is None:
         raise _Bad(f"tensor {name!r}: a {out.dtype} tensor needs quantization parameters")
+    sp = t.table(6, "sparsity")
+    if sp is not None:
+        if out.dtype not in _SPARSE_TYPES:
+            raise _Bad(f"tensor {name!r}: a sparse tensor is {out.dtype} (edgepack writes "
+                       f"{', '.join(sorted(_SPARSE_TYPES))})")
+        out.sparse = _read_sparsity(r, sp, shape, name)
     return out
 
 
@@ -425,7 +595,10 @@ def _options(op: _Table, name: str, what: str) -> dict:
         if key in ("keep_num_dims", "keep_dims", "align_corners", "half_pixel_centers", "pot_scale_int16",
                    "approximate", "adj_x", "adj_y") and v not in (0, 1):
             raise _Bad(f"{what}: {key} {v} is not a boolean")
-        if key in ("weights_format", "asymmetric_quantize_inputs", "quantized_bias_type") and v != 0:
+        if key == "asymmetric_quantize_inputs" and name == "FULLY_CONNECTED":     # hybrid FULLY_CONNECTED
+            if v not in (0, 1):
+                raise _Bad(f"{what}: {key} {v} is not a boolean")
+        elif key in ("weights_format", "asymmetric_quantize_inputs", "quantized_bias_type") and v != 0:
             raise _Bad(f"{what}: {name} {key}={v} is not written by edgepack")
         if key in ("align_corners", "half_pixel_centers") and v != 0 and name != "RESIZE_BILINEAR":
             raise _Bad(f"{what}: {name} {key}={v} is not written by edgepack")
@@ -484,14 +657,16 @@ def _check_op(r: _Reader, name: str, opt: dict, ins: list[_T | None], out: _T, w
     for k, t in enumerate(ins):
         if t is None and (name != "FULLY_CONNECTED" or k != 2):
             raise _Bad(f"{what}: {name} input {k} is left out")
-    if out.dtype not in _ACTIVATION_TYPES:
+    if out.dtype not in _ACTIVATION_TYPES and not (name == "DENSIFY" and out.dtype == "float16"):
         raise _Bad(f"{what}: {name} writes a {out.dtype} tensor")
     if name == "QUANTIZE":
         if out.dtype != "int8" or x.dtype not in ("float32", "int8"):
             raise _Bad(f"{what}: QUANTIZE from {x.dtype} to {out.dtype}")
     elif name == "DEQUANTIZE":
-        if out.dtype != "float32" or x.dtype not in ("int8", "float16"):
-            raise _Bad(f"{what}: DEQUANTIZE from {x.dtype} to {out.dtype}")
+        # float16 weights, int8 activations, int8 / int4 weights (weight-only quantization)
+        if out.dtype != "float32" or x.dtype not in ("int8", "float16", "int4") or \
+                (x.dtype == "float16" and not x.weights):
+            raise _Bad(f"{what}: DEQUANTIZE from {x.dtype}{'' if x.weights else ' activation'} to {out.dtype}")
     elif x.dtype != out.dtype:
         raise _Bad(f"{what}: {name} reads {x.dtype} and writes {out.dtype}")
     if name in _FLOAT_ONLY:
@@ -500,16 +675,23 @@ def _check_op(r: _Reader, name: str, opt: dict, ins: list[_T | None], out: _T, w
                 raise _Bad(f"{what}: edgepack writes {name} in float32 only, {t.name!r} is {t.dtype}")
     if name in _ELEMENTWISE:
         return _expect(out, x.shape, name, what)
+    if name == "DENSIFY":
+        if x.sparse is None or not x.const:
+            raise _Bad(f"{what}: DENSIFY input {x.name!r} is not a sparse constant")
+        if x.dtype not in _DENSIFY_TYPES:
+            raise _Bad(f"{what}: DENSIFY of a {x.dtype} tensor (takes {', '.join(sorted(_DENSIFY_TYPES))})")
+        if (out.scale, out.zero_point, out.qdim if out.scale else 0) != \
+                (x.scale, x.zero_point, x.qdim if x.scale else 0):
+            raise _Bad(f"{what}: DENSIFY output {out.name!r} is quantized {out.scale}/{out.zero_point} "
+                       f"(axis {out.qdim}), its input {x.scale}/{x.zero_point} (axis {x.qdim})")
+        return _expect(out, x.shape, name, what)
     if name in ("CONV_2D", "DEPTHWISE_CONV_2D"):
         w, b = ins[1], ins[2]
         if len(x.shape) != 4 or len(w.shape) != 4 or len(b.shape) != 1:
             raise _Bad(f"{what}: {name} needs a 4-D input and weights and a 1-D bias")
         if not w.weights or not b.weights:
             raise _Bad(f"{what}: {name} weights and bias must be constants")
-        wdt, bdt = ("int8", "int32") if x.dtype == "int8" else ("float32", "float32")
-        if w.dtype != wdt or b.dtype != bdt:
-            raise _Bad(f"{what}: {name} on {x.dtype} needs {wdt} weights and {bdt} bias, "
-                       f"got {w.dtype} and {b.dtype}")
+        _check_weights(name, x, w, b, what)
         n, h, wd, c = x.shape
         if name == "CONV_2D":
             cout, kh, kw, cin = w.shape
@@ -529,9 +711,9 @@ def _check_op(r: _Reader, name: str, opt: dict, ins: list[_T | None], out: _T, w
         w, b = ins[1], ins[2] if len(ins) > 2 else None
         if len(w.shape) != 2 or not w.weights:
             raise _Bad(f"{what}: FULLY_CONNECTED weights must be a 2-D constant")
-        wdt, bdt = ("int8", "int32") if x.dtype == "int8" else ("float32", "float32")
-        if w.dtype != wdt or (b is not None and b.dtype != bdt):
-            raise _Bad(f"{what}: FULLY_CONNECTED on {x.dtype} needs {wdt} weights and {bdt} bias")
+        _check_weights(name, x, w, b, what)
+        if w.sparse is not None:
+            _check_sparse_fc(x, w, what)
         units, k = w.shape
         if b is not None and (b.shape != (units,) or not b.weights):
             raise _Bad(f"{what}: FULLY_CONNECTED bias must be a constant of shape [{units}]")
@@ -649,6 +831,48 @@ def _check_op(r: _Reader, name: str, opt: dict, ins: list[_T | None], out: _T, w
     raise _Bad(f"{what}: fbcheck has no structural rule for {name}")   # a new OPS row needs one (see the test)
 
 
+def _check_weights(name: str, x: _T, w: _T, b: _T | None, what: str) -> None:
+    """Weight and bias types of a convolution / FULLY_CONNECTED on ``x``: float32 (float32 weights),
+    int8 (int8 or int4 weights, int32 bias) or hybrid (float32 input, int8 / int4 constant weights,
+    float32 bias; CONV_2D and FULLY_CONNECTED only: LiteRT has no int4 hybrid DEPTHWISE_CONV_2D and
+    refuses a per-tensor one)."""
+    if x.dtype == "int8":
+        wdts, bdt = ("int8", "int4"), "int32"
+    elif name == "DEPTHWISE_CONV_2D":
+        wdts, bdt = ("float32",), "float32"
+    else:
+        wdts, bdt = ("float32", "int8", "int4"), "float32"
+    if w.dtype not in wdts or (b is not None and b.dtype != bdt):
+        raise _Bad(f"{what}: {name} on {x.dtype} needs {' or '.join(wdts)} weights and {bdt} bias, "
+                   f"got {w.dtype} and {'no bias' if b is None else b.dtype}")
+    if w.dtype == "int4" or (x.dtype == "float32" and w.dtype == "int8"):
+        if not w.const:
+            raise _Bad(f"{what}: {name} {w.dtype} weights {w.name!r} on {x.dtype} must be a constant")
+        if any(z != 0 for z in w.zero_point):
+            raise _Bad(f"{what}: {name} {w.dtype} weights {w.name!r} have zero points {w.zero_point[:8]}; "
+                       "they must be symmetric (0)")
+        axis = 3 if name == "DEPTHWISE_CONV_2D" else 0
+        if len(w.scale) > 1 and w.qdim != axis:
+            raise _Bad(f"{what}: {name} weights {w.name!r} are quantized along axis {w.qdim}, not the "
+                       f"output-channel axis {axis}")
+
+
+def _check_sparse_fc(x: _T, w: _T, what: str) -> None:
+    """Sparse FULLY_CONNECTED weights in a form TFLite's kernels take: [units, depth] with the
+    units dense and the depth CSR, float32 element-wise or in 1x4 blocks, int8 in 1x16 blocks."""
+    sp = w.sparse
+    block = 1
+    if sp.block_map:
+        block = sp.dense_sizes[2] if len(sp.dense_sizes) == 3 else 0
+    form = (sp.order, sp.block_map, sp.formats[:2])
+    ok_layout = form in (([0, 1], [], [_DENSE, _SPARSE_CSR]), ([0, 1, 2], [1], [_DENSE, _SPARSE_CSR]))
+    blocks = {"float32": (1, 4), "int8": (16,)}.get(w.dtype, ())
+    if not ok_layout or block not in blocks:
+        raise _Bad(f"{what}: sparse FULLY_CONNECTED weights {w.name!r} ({w.dtype}, traversal {sp.order}, block "
+                   f"map {sp.block_map}, block {block}) are not a form LiteRT's sparse kernels take: "
+                   "[DENSE units, SPARSE_CSR depth], float32 with blocks of 1 or 4, int8 with blocks of 16")
+
+
 def _check_requant(name: str, ins: list[_T | None], out: _T, what: str) -> None:
     """int8 ops: the requantization multipliers LiteRT derives from the scales stay in the
     range its kernels take (outside it, it refuses the op at best and aborts at worst)."""
@@ -701,7 +925,7 @@ def _manifest_sig(sig: dict, t: _T, what: str) -> None:
                        f"{t.scale}/{t.zero_point} in the model")
 
 
-def _walk(data: bytes, manifest: dict | None) -> CheckedModel:
+def _walk(data: bytes, manifest: dict | None, delegate: bool) -> CheckedModel:
     r = _Reader(data)
     if r.n < 8:
         raise _Bad(f"the file has {r.n} bytes")
@@ -725,17 +949,23 @@ def _walk(data: bytes, manifest: dict | None) -> CheckedModel:
     tensors = []
     users = {}
     for i, tt in enumerate(sg.tables(0, "tensors", MAX_TENSORS)):
-        t = _read_tensor(tt, i, nbuf)
+        t = _read_tensor(r, tt, i, nbuf)
         span = spans[t.buffer]
         if span is not None:
             if t.buffer in users:
                 raise _Bad(f"tensors {users[t.buffer]} and {i} share buffer {t.buffer}")
             users[t.buffer] = i
-            need = _prod(t.shape) * _ITEMSIZE[t.type_code]
+            count = _prod(t.shape) if t.sparse is None else t.sparse.values
+            need = _nbytes(t.dtype, count)
             if span[1] != need:
-                raise _Bad(f"tensor {t.name!r} {list(t.shape)} {t.dtype} needs {need} bytes, its buffer "
-                           f"{t.buffer} holds {span[1]}")
+                held = f"{count} {'sparse ' if t.sparse else ''}values"
+                raise _Bad(f"tensor {t.name!r} {list(t.shape)} {t.dtype} needs {need} bytes ({held}), "
+                           f"its buffer {t.buffer} holds {span[1]}")
             t.data_span = span
+        elif t.sparse is not None:
+            raise _Bad(f"tensor {t.name!r} has sparsity parameters but no data: a sparse tensor must be a constant")
+        elif t.dtype == "int4":
+            raise _Bad(f"tensor {t.name!r} is int4 but not a constant: edgepack writes int4 for weights only")
         tensors.append(t)
     nt = len(tensors)
     if not nt:
@@ -789,6 +1019,18 @@ def _walk(data: bytes, manifest: dict | None) -> CheckedModel:
             t = tensors[k]
             if not t.const and k not in ready:
                 raise _Bad(f"{what}: input {t.name!r} is neither a constant, a model input nor computed earlier")
+            use = (name, len(in_t))
+            if t.sparse is not None and use not in _SPARSE_USES:
+                if use != _SPARSE_FC:
+                    raise _Bad(f"{what}: input {len(in_t)} {t.name!r} is sparse; a sparse constant feeds DENSIFY "
+                               "only (or, without XNNPACK, FULLY_CONNECTED weights)")
+                if delegate:
+                    raise _Bad(f"{what}: weights {t.name!r} are sparse; XNNPACK (LiteRT's default delegate) "
+                               "reads them as dense, past the end of their buffer: expand them with DENSIFY "
+                               "(or check with delegate=False for an interpreter without XNNPACK)")
+            if t.dtype == "int4" and use not in _INT4_USES:
+                raise _Bad(f"{what}: input {len(in_t)} {t.name!r} is int4; int4 feeds only the weights of "
+                           "CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED or a DEQUANTIZE")
             in_t.append(t)
         k = outs[0]
         if not 0 <= k < nt:
@@ -798,14 +1040,14 @@ def _walk(data: bytes, manifest: dict | None) -> CheckedModel:
             raise _Bad(f"{what}: writes the constant {out.name!r}")
         if k in ready:
             raise _Bad(f"{what}: {out.name!r} is written twice (or is a model input)")
-        if out.scale is not None and len(out.scale) != 1:
+        if out.scale is not None and len(out.scale) != 1 and name != "DENSIFY":    # DENSIFY: checked below
             raise _Bad(f"{what}: output {out.name!r} has per-axis quantization")
         for t in in_t:
-            if t is not None and not t.const and t.scale is not None and len(t.scale) != 1:
+            if t is not None and not t.weights and t.scale is not None and len(t.scale) != 1:
                 raise _Bad(f"{what}: input {t.name!r} has per-axis quantization")
         _check_op(r, name, opt, in_t, out, what)
         _check_requant(name, in_t, out, what)
-        out.widened = name == "DEQUANTIZE" and in_t[0].const and in_t[0].dtype == "float16"
+        out.widened = name == "DENSIFY" or (name == "DEQUANTIZE" and in_t[0].weights)
         ready.add(k)
         ops.append(name)
     for k in outputs:
@@ -848,13 +1090,16 @@ def _walk(data: bytes, manifest: dict | None) -> CheckedModel:
                         [(s[0], s[0] + s[1]) for s in spans if s is not None])
 
 
-def check_model(data: bytes, manifest: dict | None = None, *, name: str = "model.tflite") -> CheckedModel:
+def check_model(data: bytes, manifest: dict | None = None, *, name: str = "model.tflite",
+                delegate: bool = True) -> CheckedModel:
     """Check the flatbuffer ``data`` (see the module docstring); returns what it saw.
 
+    ``delegate=False`` says the interpreter will run without XNNPACK (``load_interpreter(...,
+    delegate=False)``): only then may a sparse constant be FULLY_CONNECTED weights directly.
     Raises :class:`~sdk.errors.ArtifactError` ``"<name> is damaged or was not written by edgepack: ..."``.
     """
     try:
-        return _walk(data, manifest)
+        return _walk(data, manifest, delegate)
     except _Bad as exc:
         raise ArtifactError(f"{name} is damaged or was not written by edgepack: {exc}; "
                             "deploy the model again or restore the file") from None

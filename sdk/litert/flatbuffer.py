@@ -38,6 +38,8 @@ __all__ = [
     "TensorRef",
     "dtype_name",
     "numpy_dtype",
+    "pack_int4",
+    "unpack_int4",
     "op_name",
     "read_model",
     "tensor_data",
@@ -57,6 +59,8 @@ DTYPES: dict[str, tuple[int, np.dtype]] = {
     "int64": (fb.TensorType.INT64, np.dtype("<i8")),
     "int16": (fb.TensorType.INT16, np.dtype("<i2")),
     "int8": (fb.TensorType.INT8, np.dtype("i1")),
+    # two 4-bit codes per byte, element 2i in the low nibble (the numpy dtype is that of the unpacked codes)
+    "int4": (fb.TensorType.INT4, np.dtype("i1")),
     "uint8": (fb.TensorType.UINT8, np.dtype("u1")),
     "bool": (fb.TensorType.BOOL, np.dtype("?")),
 }
@@ -274,13 +278,36 @@ OPS: dict[str, OpSpec] = {
     "GELU": OpSpec(_B.GELU, _O.GeluOptions, _gelu_options, 2),
     "BATCH_MATMUL": OpSpec(_B.BATCH_MATMUL, _O.BatchMatMulOptions, _batch_matmul_options, 2, 2),
     "RSQRT": OpSpec(_B.RSQRT, _O.NONE, None, 2),
+    # a sparse constant (Tensor.sparsity) expanded to its dense form; delegates fold it at init
+    "DENSIFY": OpSpec(_B.DENSIFY, _O.DensifyOptions, _empty(fb.DensifyOptionsT)),
 }
 
 # Builtin codes above 127 live only in the 32-bit field; the deprecated
 # 8-bit field then holds PLACEHOLDER_FOR_GREATER_OP_CODES.
 _PLACEHOLDER_FOR_GREATER_OP_CODES = 127
 _OP_NAMES = {spec.code: name for name, spec in OPS.items()}
-_QUANTIZED_TYPES = {fb.TensorType.INT8, fb.TensorType.UINT8, fb.TensorType.INT16}
+_QUANTIZED_TYPES = {fb.TensorType.INT8, fb.TensorType.UINT8, fb.TensorType.INT16, fb.TensorType.INT4}
+
+
+def pack_int4(codes: np.ndarray) -> bytes:
+    """4-bit codes (in [-8, 7]) two per byte, flat element ``2i`` in the low nibble, as LiteRT
+    reads ``TensorType.INT4``; an odd count leaves the last high nibble 0."""
+    flat = np.asarray(codes, np.int64).reshape(-1)
+    if flat.size and (flat.min() < -8 or flat.max() > 7):
+        raise ConfigError("int4 data must lie in [-8, 7]")
+    nib = (flat & 0xF).astype(np.uint8)
+    if nib.size % 2:
+        nib = np.append(nib, np.uint8(0))
+    return (nib[0::2] | (nib[1::2] << 4)).astype(np.uint8).tobytes()
+
+
+def unpack_int4(data: bytes, count: int) -> np.ndarray:
+    """The ``count`` signed 4-bit codes of :func:`pack_int4`'s bytes, as int8."""
+    raw = np.frombuffer(bytes(data), np.uint8)
+    nib = np.empty(raw.size * 2, np.int16)
+    nib[0::2], nib[1::2] = raw & 0xF, raw >> 4
+    nib = nib[:count]
+    return np.where(nib > 7, nib - 16, nib).astype(np.int8)
 
 
 @dataclass(frozen=True)
@@ -333,6 +360,7 @@ class _CompactTensorT(fb.TensorT):
             shape = shapes[key] = builder.EndVector()
         name = builder.CreateString(self.name) if self.name is not None else None
         quantization = self.quantization.Pack(builder) if self.quantization is not None else None
+        sparsity = self.sparsity.Pack(builder) if self.sparsity is not None else None
         fb.TensorStart(builder)
         fb.TensorAddShape(builder, shape)
         fb.TensorAddType(builder, self.type)
@@ -341,6 +369,8 @@ class _CompactTensorT(fb.TensorT):
             fb.TensorAddName(builder, name)
         if quantization is not None:
             fb.TensorAddQuantization(builder, quantization)
+        if sparsity is not None:
+            fb.TensorAddSparsity(builder, sparsity)
         return fb.TensorEnd(builder)
 
 
@@ -388,11 +418,15 @@ class ModelBuilder:
         scale=None,
         zero_point=None,
         axis: int = 0,
+        sparsity: "fb.SparsityParametersT | None" = None,
     ) -> TensorRef:
         """Add a tensor; with ``data`` it is a constant stored in its own buffer.
 
         ``scale``/``zero_point`` are scalars (per-tensor) or 1-D sequences
         (per-channel along ``axis``).  A missing ``zero_point`` means 0.
+        ``int4`` data is packed two codes per byte (:func:`pack_int4`).  With
+        ``sparsity`` (:func:`sdk.litert.sparse.encode`) ``data`` holds only the
+        stored values and ``shape`` is the dense shape; a DENSIFY op expands it.
         Names must be unique: runners and the reference address tensors by name.
         """
         if name in self._names:
@@ -404,16 +438,23 @@ class ModelBuilder:
         t.shape = list(shape)
         t.type = DTYPES[dtype][0]
         t.buffer = 0
+        t.sparsity = sparsity
+        if sparsity is not None and data is None:
+            raise ConfigError(f"tensor {name!r}: sparsity parameters describe constant data; pass data")
         if data is not None:
             arr = np.asarray(data)
-            if arr.size != int(np.prod(shape, dtype=np.int64)):
+            if sparsity is None and arr.size != int(np.prod(shape, dtype=np.int64)):
                 raise ConfigError(f"tensor {name!r}: data has {arr.size} elements, shape {shape} needs "
                                   f"{int(np.prod(shape))}")
             if arr.dtype.kind in "iu" and np_dtype.kind in "iu":
                 info = np.iinfo(np_dtype)
                 if arr.size and (arr.min() < info.min or arr.max() > info.max):
                     raise ConfigError(f"tensor {name!r}: data does not fit {dtype}")
-            payload = np.ascontiguousarray(arr.reshape(shape), dtype=np_dtype).tobytes()
+            if dtype == "int4":
+                payload = pack_int4(arr)
+            else:
+                payload = np.ascontiguousarray(arr if sparsity is not None else arr.reshape(shape),
+                                               dtype=np_dtype).tobytes()
             buf = _AlignedBufferT()
             buf.data = payload
             t.buffer = len(self._buffers)
@@ -567,4 +608,12 @@ def tensor_data(model: fb.ModelT, tensor: fb.TensorT) -> np.ndarray | None:
         return None
     dt = numpy_dtype(dtype_name(tensor.type))
     shape = tuple(tensor.shape) if tensor.shape is not None else ()
-    return np.frombuffer(np.asarray(data, dtype=np.uint8).tobytes(), dtype=dt).reshape(shape)
+    raw = np.asarray(data, dtype=np.uint8).tobytes()
+    if tensor.sparsity is not None:
+        from .sparse import densify
+
+        values = unpack_int4(raw, 2 * len(raw)) if tensor.type == fb.TensorType.INT4 else np.frombuffer(raw, dt)
+        return densify(values, tensor.sparsity, shape)
+    if tensor.type == fb.TensorType.INT4:
+        return unpack_int4(raw, int(np.prod(shape, dtype=np.int64))).reshape(shape)
+    return np.frombuffer(raw, dtype=dt).reshape(shape)

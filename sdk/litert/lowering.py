@@ -64,6 +64,8 @@ from sdk.quant import QuantPlan, QuantSpec, qparams, qrange
 from .flatbuffer import ModelBuilder, TensorRef
 from .layout import inverse_perm
 from .padding import same_padding
+from .sparse import encode as sparse_encode
+from .sparse import stored_bytes as sparse_bytes
 
 #: canonical ops this lowering handles (attribute limits are checked per node)
 SUPPORTED = frozenset({
@@ -128,17 +130,103 @@ class Lowered:
     layers: list[dict]
 
 
+#: the kernel a conv / linear runs in, by (op, compute, weight storage), as measured in ai-edge-litert
+#: 2.3.0 with its default XNNPACK delegate (tests/targets/arm_int8/test_encodings.py checks it per row);
+#: the lowering never writes a combination that is missing (DEPTHWISE dynamic becomes weight-only)
+KERNELS = {
+    ("FULLY_CONNECTED", "static", "int8"): "xnnpack int8",
+    ("FULLY_CONNECTED", "static", "int4"): "xnnpack int8 x int4 (qs8-qc4w)",
+    ("FULLY_CONNECTED", "dynamic", "int8"): "xnnpack dynamic range (qd8-qc8w)",
+    ("FULLY_CONNECTED", "dynamic", "int4"): "xnnpack dynamic range (qd8-qc4w)",
+    ("FULLY_CONNECTED", "weight-only", "int8"): "xnnpack float (weights dequantized at init)",
+    ("FULLY_CONNECTED", "weight-only", "int4"): "builtin float (INT4 weights dequantized by a builtin op)",
+    ("CONV_2D", "static", "int8"): "xnnpack int8",
+    ("CONV_2D", "static", "int4"): "builtin int8 (INT4 filter unpacked on every call)",
+    ("CONV_2D", "dynamic", "int8"): "xnnpack dynamic range (qd8-qc8w)",
+    ("CONV_2D", "dynamic", "int4"): "builtin dynamic range (INT4 filter unpacked on every call)",
+    ("CONV_2D", "weight-only", "int8"): "xnnpack float (weights dequantized at init)",
+    ("CONV_2D", "weight-only", "int4"): "builtin float (INT4 weights dequantized by a builtin op)",
+    ("DEPTHWISE_CONV_2D", "static", "int8"): "xnnpack int8",
+    ("DEPTHWISE_CONV_2D", "static", "int4"): "builtin int8 (INT4 filter unpacked on every call)",
+    ("DEPTHWISE_CONV_2D", "weight-only", "int8"): "xnnpack float (weights dequantized at init)",
+    ("DEPTHWISE_CONV_2D", "weight-only", "int4"): "builtin float (INT4 weights dequantized by a builtin op)",
+}
+
+
+def weight_mode(op: str, compute: str) -> str:
+    """How a conv / linear of a plan with ``compute`` meets its weights: as planned, except that a
+    dynamic-range DEPTHWISE_CONV_2D becomes weight-only (XNNPACK has no dynamic-range depthwise
+    kernel; TFLite's builtin one is 6x slower than the float one, measured)."""
+    return "weight-only" if compute == "dynamic" and op == "DEPTHWISE_CONV_2D" else compute
+
+
+def int_storage(op: str, mode: str, code_bits: int, int4: str = "where-fast") -> str:
+    """``int4`` or ``int8``: the storage of integer weight codes of ``code_bits`` bits (``int4``:
+    ``where-fast`` or ``always``, see :func:`lower`)."""
+    if code_bits > 4:
+        return "int8"
+    fast = op == "FULLY_CONNECTED" and mode in ("static", "dynamic")
+    return "int4" if fast or int4 == "always" else "int8"
+
+
+def litert_op(graph: Graph, node: Node) -> str:
+    """The LiteRT op a conv / linear node lowers to."""
+    if node.op == "linear":
+        return "FULLY_CONNECTED"
+    cin = graph.shape(node.inputs[0])[1]
+    return "DEPTHWISE_CONV_2D" if node.attrs["groups"] == cin and node.attrs["groups"] > 1 else "CONV_2D"
+
+
+def _kernel(op: str, mode: str, dtype: str) -> str:
+    return KERNELS[(op, mode, dtype)]
+
+
+def _sparse_path(op: str, dtype: str) -> bool:
+    """Whether a DENSIFY of a ``dtype`` weight of ``op`` stays in XNNPACK (measured: float32 and
+    float16 weights of every op, int8 of convolutions; an int8 FULLY_CONNECTED filter behind
+    DENSIFY makes the delegate fail, INT4 DENSIFY has no kernel)."""
+    if dtype in ("float32", "float16"):
+        return True
+    return dtype == "int8" and op in ("CONV_2D", "DEPTHWISE_CONV_2D")
+
+
+@dataclasses.dataclass
+class Weights:
+    """The weight and bias tensors of one conv / linear, and what the profile says about them."""
+
+    weight: TensorRef
+    bias: TensorRef
+    nbytes: int                 # stored bytes of weight and bias
+    stored: str                 # storage dtype of the weight: int8, int4, float16, float32
+    sparse: bool                # stored sparse behind DENSIFY
+    kernel: str                 # the kernel it runs in (:data:`KERNELS`)
+
+    def row(self) -> dict:
+        return {"weight_storage": self.stored + (" sparse" if self.sparse else ""), "kernel": self.kernel}
+
+
 def lower(graph: Graph, plan: QuantPlan | None, *, target: str, io: str = "float",
-          half_weights: bool = False, keep_fp32: frozenset[str] = frozenset()) -> Lowered:
-    """Lower ``graph``; int8 when ``plan`` is given.  ``half_weights``: float
-    model with float16 weights and biases behind DEQUANTIZE ops (the form GPU
-    delegates consume), except for the nodes in ``keep_fp32``.
+          half_weights: bool = False, keep_fp32: frozenset[str] = frozenset(), int4: str = "where-fast",
+          sparsity: str = "off") -> Lowered:
+    """Lower ``graph``; with integer weights when ``plan`` is given (int8 activations for a
+    ``static`` plan, float ones for ``dynamic`` and ``weight-only``: see :data:`KERNELS`).
+    ``half_weights``: float model with float16 weights and biases behind DEQUANTIZE ops (the
+    form GPU delegates consume), except for the nodes in ``keep_fp32``.  ``int4``:
+    ``where-fast`` stores 4-bit weight codes as INT4 only where XNNPACK has an INT4 kernel
+    (fully connected, int8 or dynamic input), elsewhere exactly in int8; ``always`` stores
+    every 4-bit weight as INT4 (smaller; those layers run in builtin kernels that unpack the
+    weights on every call).  ``sparsity``: ``auto`` stores a weight with zeros sparse
+    (:mod:`.sparse`, behind DENSIFY) where that saves bytes and the runtime has a path.
 
     Stand-alone batch norms become depthwise convs here (:func:`sdk.graph.batch_norm_as_conv`;
     the LiteRT targets already did it in ``prepare``, so that int8 calibration sees the conv)."""
     graph = batch_norm_as_conv(graph)
     check(graph, target)
-    return _Lowerer(graph, plan, target, io, half_weights, keep_fp32).run()
+    if int4 not in ("where-fast", "always"):
+        raise ConfigError(f"{target}: int4={int4!r} is not allowed; choose 'where-fast' or 'always'")
+    if sparsity not in ("auto", "off"):
+        raise ConfigError(f"{target}: sparsity={sparsity!r} is not allowed; choose 'auto' or 'off'")
+    return _Lowerer(graph, plan, target, io, half_weights, keep_fp32, int4, sparsity).run()
 
 
 def prepare(graph: Graph) -> Graph:
@@ -254,10 +342,12 @@ def _same_order(stored_shape, perm) -> bool:
 
 class _Lowerer:
     def __init__(self, graph: Graph, plan: QuantPlan | None, target: str, io: str, half_weights: bool = False,
-                 keep_fp32: frozenset[str] = frozenset()):
+                 keep_fp32: frozenset[str] = frozenset(), int4: str = "where-fast", sparsity: str = "off"):
         self.g, self.plan, self.target, self.io = graph, plan, target, io
         self.half_weights, self.keep_fp32 = half_weights, keep_fp32
-        self.q = plan is not None
+        self.int4, self.sparsity = int4, sparsity
+        self.compute = plan.compute if plan is not None else None
+        self.q = plan is not None and plan.compute == "static"      # int8 activations
         self.b = ModelBuilder(description=f"edgepack {target}")
         self.values: dict[str, Value] = {}
         self.layers: list[dict] = []
@@ -266,11 +356,14 @@ class _Lowerer:
         self.skip: set[str] = set()
         if io not in ("float", "int8"):
             raise ConfigError(f"{target}: io={io!r} is not allowed; choose 'float' or 'int8'")
-        if self.q:
+        if plan is not None:
             for name, spec in plan.weights.items():
-                if not spec.symmetric or any(spec.zero_point):
+                if not spec.dtype.startswith("float") and (not spec.symmetric or any(spec.zero_point)):
                     raise ConfigError(f"{target} requires symmetric int8 weights (zero point 0) for XNNPACK; "
                                       f"weight {name} is asymmetric: set ptq weight_scheme: symmetric")
+                if spec.block_size:
+                    raise ConfigError(f"{target} ships per-channel or per-tensor weight scales; weight {name} is "
+                                      "blockwise: set weight_granularity: per-channel")
             self.acts = {name: _usable(spec) for name, spec in plan.activations.items()}
 
     # -- helpers ---------------------------------------------------------------
@@ -332,7 +425,8 @@ class _Lowerer:
         self.b.add_op("QUANTIZE", [v.ref], [out])
         return Value(out, v.perm, spec)
 
-    def layer(self, node: Node, op: str, params: int = 0, nbytes: int = 0, node_macs: int = 0) -> None:
+    def layer(self, node: Node, op: str, params: int = 0, nbytes: int = 0, node_macs: int = 0,
+              weights: "Weights | None" = None) -> None:
         ins = [list(self.g.shape(i)) for i in node.inputs if not self.g.is_const(i)]
         row = {"name": node.name, "module": node.module, "op": f"{node.op}->{op}",
                "in_shape": ins[0] if ins else [], "out_shape": list(node.shape),
@@ -340,6 +434,8 @@ class _Lowerer:
         if self.q and node.op in FLOAT_IN_INT8:
             row["precision"] = "float32"
             row["why_float"] = FLOAT_IN_INT8[node.op]
+        if weights is not None:
+            row.update(weights.row(), weight=node.inputs[1])
         self.layers.append(row)
 
     # -- driver ---------------------------------------------------------------------
@@ -453,13 +549,20 @@ class _Lowerer:
             w_t = w.transpose(0, 2, 3, 1)                 # OHWI (I = cin / groups)
             axis = 0
         out_perm = NHWC
+        island = self._island(node)
+        if island:
+            x = self._float(x, node.name)
         out, act, final = self._out(node, (n, oh, ow, cout), out_perm)
-        wref, bref, nbytes = self._weights(node, w, w_t, bias, axis, x, out)
+        op = "DEPTHWISE_CONV_2D" if depthwise else "CONV_2D"
+        wt = self._weights(node, op, w, w_t, bias, axis, x, out)
+        dst = self._ftensor(f"{final}/float", out.stored_shape) if island else out.ref
         opts = dict(stride=tuple(stride), padding=padding, dilation=tuple(dil), activation=act)
         if depthwise:
-            self.b.add_op("DEPTHWISE_CONV_2D", [x.ref, wref, bref], [out.ref], depth_multiplier=cout // cin, **opts)
+            self.b.add_op(op, [x.ref, wt.weight, wt.bias], [dst], depth_multiplier=cout // cin, **opts)
         else:
-            self.b.add_op("CONV_2D", [x.ref, wref, bref], [out.ref], **opts)
+            self.b.add_op(op, [x.ref, wt.weight, wt.bias], [dst], **opts)
+        if island:
+            self.b.add_op("QUANTIZE", [dst], [out.ref])
         if a["dims"] == 1:      # back to (N, C, L) stored as (N, L, C)
             out3 = self.tensor(self.name(f"{final}/as1d"), (n, ow, cout), out.spec)
             self.b.add_op("RESHAPE", [out.ref, self.b.add_const(self.name(f"{final}/s"), (n, ow, cout))], [out3])
@@ -467,41 +570,89 @@ class _Lowerer:
             self.values[final] = v
             if final != node.name:
                 self.values[node.name] = v
-        self.layer(node, "DEPTHWISE_CONV_2D" if depthwise else "CONV_2D", w.size + bias.size, nbytes, macs(self.g, node))
+        self.layer(node, op, w.size + bias.size, wt.nbytes, macs(self.g, node), wt)
 
-    def _weights(self, node: Node, w: np.ndarray, w_t: np.ndarray, bias: np.ndarray, axis: int, x: Value,
-                 out: Value):
-        """Weight and bias tensors; int8 per-channel weights and int32 bias when quantizing."""
-        if not self.q:
-            if self.half_weights and node.name not in self.keep_fp32:
-                return (self._half_const(f"{node.name}/weight", w_t), self._half_const(f"{node.name}/bias", bias),
-                        2 * (w.size + bias.size))
-            wref = self.b.add_tensor(self.name(f"{node.name}/weight"), w_t.shape, "float32", data=w_t)
-            bref = self.b.add_tensor(self.name(f"{node.name}/bias"), bias.shape, "float32", data=bias)
-            return wref, bref, 4 * (w.size + bias.size)
-        spec = self.plan.weights.get(node.inputs[1])
-        if spec is None:
+    def _island(self, node: Node) -> bool:
+        """A conv / linear of an int8 graph whose plan keeps its weight float (mixed precision):
+        it computes in float between DEQUANTIZE and QUANTIZE."""
+        spec = self.plan.weights.get(node.inputs[1]) if self.q else None
+        return spec is not None and spec.dtype.startswith("float")
+
+    def _weights(self, node: Node, op: str, w: np.ndarray, w_t: np.ndarray, bias: np.ndarray, axis: int,
+                 x: Value, out: Value) -> "Weights":
+        """Weight and bias tensors of a conv / linear, in the encoding the plan and the input ask
+        for (:data:`KERNELS` names the kernel each combination runs in)."""
+        label = node.name
+        spec = self.plan.weights.get(node.inputs[1]) if self.plan is not None else None
+        if spec is None and self.q:
             raise self.unsupported(node, "the quantization plan has no spec for its weight")
+        if spec is None or spec.dtype.startswith("float"):
+            half = (self.half_weights and node.name not in self.keep_fp32) or (spec is not None
+                                                                                and spec.dtype == "float16")
+            dt = "float16" if half else "float32"
+            wref, wbytes, sparse = self._const_weight(f"{label}/weight" + ("/fp16" if half else ""), w_t.astype(dt),
+                                                      dt, op)
+            if half:            # widened for CPU kernels (XNNPACK folds it at init; GPU delegates take fp16)
+                wide = self.b.add_tensor(self.name(f"{label}/weight"), w_t.shape, "float32")
+                self.b.add_op("DEQUANTIZE", [wref], [wide])
+                wref = wide
+            bref = self._half_const(f"{label}/bias", bias) if half else \
+                self.b.add_tensor(self.name(f"{label}/bias"), bias.shape, "float32", data=bias)
+            kernel = "xnnpack float" + (" (float16 weights widened at init)" if half else "")
+            return Weights(wref, bref, wbytes + (2 if half else 4) * bias.size, dt, sparse, kernel)
         scales = np.asarray(spec.scale, np.float64)
         if len(scales) == 1:
             scales = np.repeat(scales, w.shape[0])
         q = np.clip(np.round(w.reshape(w.shape[0], -1) / scales[:, None]), -127, 127).astype(np.int8).reshape(w.shape)
-        # An all-zero channel (pruned, or a zero BN gamma folded in) has any scale; the plan's 1.0 can
-        # push XNNPACK's requantization scale s_in*s_w/s_out past its limit of 256.  s_out/s_in makes it 1.
-        zero = ~q.reshape(q.shape[0], -1).any(axis=1)
-        scales = np.where(zero, float(np.float32(out.spec.scale[0])) / float(np.float32(x.spec.scale[0])), scales)
+        if x.spec is not None:
+            # An all-zero channel (pruned, or a zero BN gamma folded in) has any scale; the plan's 1.0 can
+            # push XNNPACK's requantization scale s_in*s_w/s_out past its limit of 256.  s_out/s_in makes it 1.
+            zero = ~q.reshape(q.shape[0], -1).any(axis=1)
+            scales = np.where(zero, float(np.float32(out.spec.scale[0])) / float(np.float32(x.spec.scale[0])), scales)
         if w.ndim == 4:
             q_t = q.transpose((1, 2, 3, 0) if axis == 3 else (0, 2, 3, 1))
         else:
             q_t = q
-        wref = self.b.add_tensor(self.name(f"{node.name}/weight"), q_t.shape, "int8", data=q_t,
-                                 scale=scales.astype(np.float32), zero_point=0, axis=axis)
-        s_in = np.float64(np.float32(x.spec.scale[0]))
-        bscale = s_in * scales.astype(np.float32).astype(np.float64)
-        qb = np.clip(np.round(bias.astype(np.float64) / bscale), -(2 ** 31), 2 ** 31 - 1).astype(np.int32)
-        bref = self.b.add_tensor(self.name(f"{node.name}/bias"), qb.shape, "int32", data=qb,
-                                 scale=bscale.astype(np.float32), zero_point=0, axis=0)
-        return wref, bref, q.size + 4 * qb.size
+        mode = weight_mode(op, "static" if x.spec is not None else self.compute)
+        narrow = spec.code_bits <= 4
+        dt = int_storage(op, mode, spec.code_bits, self.int4)
+        s32 = scales.astype(np.float32)
+        if mode == "weight-only":
+            wq, wbytes, sparse = self._const_weight(f"{label}/weight/{dt}", q_t, dt, op, scale=s32, axis=axis)
+            wref = self.b.add_tensor(self.name(f"{label}/weight"), q_t.shape, "float32")
+            self.b.add_op("DEQUANTIZE", [wq], [wref])
+        else:
+            wref, wbytes, sparse = self._const_weight(f"{label}/weight", q_t, dt, op, scale=s32, axis=axis)
+        if mode == "static":
+            s_in = np.float64(np.float32(x.spec.scale[0]))
+            bscale = s_in * s32.astype(np.float64)
+            qb = np.clip(np.round(bias.astype(np.float64) / bscale), -(2 ** 31), 2 ** 31 - 1).astype(np.int32)
+            bref = self.b.add_tensor(self.name(f"{label}/bias"), qb.shape, "int32", data=qb,
+                                     scale=bscale.astype(np.float32), zero_point=0, axis=0)
+        else:
+            bref = self.b.add_tensor(self.name(f"{label}/bias"), bias.shape, "float32", data=bias)
+        kernel = _kernel(op, mode, dt)
+        if narrow and dt == "int8":
+            kernel += f"; its {spec.code_bits}-bit codes ship in int8 (int4='always' stores INT4, smaller and slower)"
+        return Weights(wref, bref, wbytes + 4 * bias.size, dt, sparse, kernel)
+
+    def _const_weight(self, label: str, arr: np.ndarray, dtype: str, op: str, *, scale=None,
+                      axis: int = 0) -> tuple[TensorRef, int, bool]:
+        """A weight constant: dense, or (``sparsity="auto"``) stored sparse behind DENSIFY when
+        that is smaller and the runtime has a path for it.  Returns (tensor, stored bytes, sparse)."""
+        item = 0.5 if dtype == "int4" else np.dtype(dtype).itemsize
+        dense_bytes = int(math.ceil(arr.size * item))
+        quant = {} if scale is None else {"scale": scale, "zero_point": 0, "axis": axis}
+        if self.sparsity == "auto" and _sparse_path(op, dtype) and np.count_nonzero(arr) < arr.size:
+            values, sp = sparse_encode(arr)
+            nbytes = sparse_bytes(values, sp, item)
+            if nbytes < dense_bytes:
+                stored = self.b.add_tensor(self.name(f"{label}/sparse"), arr.shape, dtype, data=values,
+                                           sparsity=sp, **quant)
+                ref = self.b.add_tensor(self.name(label), arr.shape, dtype, **quant)
+                self.b.add_op("DENSIFY", [stored], [ref])
+                return ref, nbytes, True
+        return self.b.add_tensor(self.name(label), arr.shape, dtype, data=arr, **quant), dense_bytes, False
 
     def _half_const(self, label: str, arr: np.ndarray) -> TensorRef:
         """A float16 constant and the DEQUANTIZE that widens it for CPU kernels."""
@@ -531,11 +682,17 @@ class _Lowerer:
         w = self.g.constants[node.inputs[1]]
         bias = self.g.constants[node.inputs[2]] if len(node.inputs) > 2 else np.zeros(w.shape[0], np.float32)
         shape = tuple(node.shape)
-        out, act, _ = self._out(node, shape, tuple(range(len(shape))))
-        wref, bref, nbytes = self._weights(node, w, w, bias, 0, x, out)
-        self.b.add_op("FULLY_CONNECTED", [x.ref, wref, bref], [out.ref], activation=act,
+        island = self._island(node)
+        if island:
+            x = self._float(x, node.name)
+        out, act, final = self._out(node, shape, tuple(range(len(shape))))
+        wt = self._weights(node, "FULLY_CONNECTED", w, w, bias, 0, x, out)
+        dst = self._ftensor(f"{final}/float", out.stored_shape) if island else out.ref
+        self.b.add_op("FULLY_CONNECTED", [x.ref, wt.weight, wt.bias], [dst], activation=act,
                       keep_num_dims=len(shape) > 2)
-        self.layer(node, "FULLY_CONNECTED", w.size + bias.size, nbytes, macs(self.g, node))
+        if island:
+            self.b.add_op("QUANTIZE", [dst], [out.ref])
+        self.layer(node, "FULLY_CONNECTED", w.size + bias.size, wt.nbytes, macs(self.g, node), wt)
 
     def _binary(self, node: Node, op: str) -> None:
         if len(node.inputs) > 1 and self.g.is_const(node.inputs[0]):     # constant · x (check(): add, mul)

@@ -119,7 +119,7 @@ class _Tensor:
     @property
     def quantized(self) -> bool:
         """Whether values are integer codes with a scale (not raw numbers)."""
-        return self.dtype in ("int8", "uint8", "int16") and self.scale is not None
+        return self.dtype in ("int8", "uint8", "int16", "int4") and self.scale is not None
 
 
 def fused_activation(op, node: str) -> str:
@@ -734,8 +734,22 @@ def _k_dequantize(interp, k, op, node, ins, vals, out):
     x, xt = vals[0], ins[0]
     if xt.dtype == "float16":
         return x.astype(np.float32)
-    _require_int8(xt, node, "DEQUANTIZE")
+    if xt.data is not None and xt.dtype in ("int8", "int4") and xt.scale is not None and xt.scale.size > 1:
+        # a weight-only weight: per-channel codes widened once (at delegate init), float32 product
+        shape = [1] * x.ndim
+        shape[xt.axis] = -1
+        return (x.astype(np.int32) - xt.zero_point.reshape(shape)).astype(np.float32) * xt.scale.reshape(shape)
+    if xt.dtype != "int4":
+        _require_int8(xt, node, "DEQUANTIZE")
     return (x.astype(np.int32) - xt.zp).astype(np.float32) * xt.s
+
+
+def _k_densify(interp, k, op, node, ins, vals, out):
+    """DENSIFY of a sparse constant: :func:`.flatbuffer.tensor_data` expanded it already
+    (:func:`.sparse.densify`)."""
+    if ins[0].data is None:
+        raise UnsupportedOpError("DENSIFY", node, TARGET, "DENSIFY expands constant sparse tensors only")
+    return vals[0]
 
 
 def _k_relu_x(name: str):
@@ -956,6 +970,7 @@ _KERNELS: dict[str, Callable] = {
     "PRELU": _k_prelu,
     "QUANTIZE": _k_quantize,
     "DEQUANTIZE": _k_dequantize,
+    "DENSIFY": _k_densify,
     "CONCATENATION": _k_concat,
     "PAD": _k_pad,
     "TRANSPOSE": _k_transpose,

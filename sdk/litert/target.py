@@ -34,10 +34,44 @@ class LiteRTTarget(Target):
 
         check(graph, self.name)
 
+    def check_plan(self, graph, plan):
+        """The contract's check, with each integer weight's storage as the lowering will write it
+        (4-bit codes are INT4 only where XNNPACK runs INT4, unless ``int4="always"``)."""
+        from .lowering import int_storage, litert_op, weight_mode
+
+        rows = super().check_plan(graph, plan)
+        if plan is None or not self.quantized:
+            return rows
+        owner = {n.inputs[1]: n for n in graph.nodes if n.op in ("conv", "linear") and len(n.inputs) > 1}
+        int4 = getattr(self.config, "int4", "where-fast")
+        for row in rows:
+            spec, node = plan.weights.get(row["tensor"]), owner.get(row["tensor"])
+            if spec is None or node is None or spec.dtype.startswith("float"):
+                continue
+            op = litert_op(graph, node)
+            row["stored_bits"] = 4 if int_storage(op, weight_mode(op, plan.compute), spec.code_bits, int4) == "int4" \
+                else 8
+        return rows
+
     def pack(self, graph, plan, calibration=None):
         from .lowering import lower
 
-        io = getattr(self.config, "io", "float")
-        low = lower(graph, plan if self.quantized else None, target=self.name, io=io)
+        cfg = self.config
+        low = lower(graph, plan if self.quantized else None, target=self.name, io=getattr(cfg, "io", "float"),
+                    int4=getattr(cfg, "int4", "where-fast"), sparsity=getattr(cfg, "sparsity", "off"))
         return Package(files={"model.tflite": low.model}, inputs=[TensorSig.from_dict(r) for r in low.inputs],
-                       outputs=[TensorSig.from_dict(r) for r in low.outputs], layers=low.layers)
+                       outputs=[TensorSig.from_dict(r) for r in low.outputs], layers=low.layers,
+                       extra=self.shipped(graph, plan, low.layers))
+
+    def shipped(self, graph, plan, layers) -> dict:
+        """The manifest's ``encodings`` as packed: whether each weight's zeros shipped sparse, from
+        the lowering's layer rows (sparse storage is chosen where it is smaller, known once packed)."""
+        rows = self.check_plan(graph, plan)
+        by_weight = {r["weight"]: r for r in layers if "weight" in r}
+        for row in rows:
+            layer = by_weight.get(row["tensor"])
+            if layer is None:
+                continue
+            if "sparsity" in row:
+                row["sparsity"]["shipped"] = "sparse" if layer["weight_storage"].endswith("sparse") else "dense"
+        return {"encodings": rows}

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 
 from sdk import hookimpl
-from sdk.config import Config
+from sdk.config import Config, check_choice
 from sdk.cost import ARM_A76
 from sdk.encoding import Carries
 from sdk.litert import qemu, runners
@@ -32,12 +32,16 @@ class ArmFP32(LiteRTTarget):
 
     name = NAME
     version = "1.0"
-    carries = (Carries("float32"),)       # codebooks and zeros travel as the float values they are
+    # codebooks travel as the float values they are; zeros sparse behind DENSIFY (sparsity="auto")
+    carries = (Carries("float32", sparsity=("unstructured", "block")),)
     device = ARM_A76
 
     @dataclasses.dataclass(frozen=True)
     class Config(Config):
-        pass
+        sparsity: str = "auto"     # "auto": weights with zeros stored sparse where smaller; "off": dense
+
+        def __post_init__(self):
+            check_choice(NAME, "sparsity", self.sparsity, ("auto", "off"))
 
     def verify_rules(self):
         return {"max_rel_err": 1e-4}

@@ -40,19 +40,28 @@ class ArmInt8(LiteRTTarget):
     version = "1.0"
     default_quantizer = "ptq"
     quantized = True
-    # XNNPACK's int8 conv/FC kernels: symmetric (zero point 0) per-tensor or per-channel int8 weights;
-    # narrower codes (4-bit, codebooks) travel exactly as int8 codes; zeros ship dense
-    carries = (Carries("int8", bits=(8,), granularity=("per-tensor", "per-channel"), symmetric=True),)
+    # XNNPACK's int8 conv/FC kernels: symmetric (zero point 0) per-tensor or per-channel int8 weights,
+    # INT4 (two codes a byte) for fully connected layers; narrower codes (2-bit, codebooks) travel exactly
+    # in the next wider one; zeros ship sparse behind DENSIFY where XNNPACK folds it (convolutions), or as
+    # float weights of a mixed-precision plan
+    carries = (Carries("int8", bits=(4, 8), granularity=("per-tensor", "per-channel"), symmetric=True,
+                       sparsity=("unstructured", "block")),
+               Carries("float32", sparsity=("unstructured", "block")))
     activation_dtypes = ("int8",)
     needs_activation_specs = True
+    computes = ("static", "dynamic", "weight-only")
     device = ARM_A76
 
     @dataclasses.dataclass(frozen=True)
     class Config(Config):
-        io: str = "float"      # "float": QUANTIZE/DEQUANTIZE at the edges; "int8": integer-only I/O
+        io: str = "float"          # "float": QUANTIZE/DEQUANTIZE at the edges; "int8": integer-only I/O
+        int4: str = "where-fast"   # "always": INT4 convolutions too (smaller, builtin kernels: slower)
+        sparsity: str = "auto"     # "auto": weights with zeros stored sparse where smaller; "off": dense
 
         def __post_init__(self):
             check_choice(NAME, "io", self.io, ("float", "int8"))
+            check_choice(NAME, "int4", self.int4, ("where-fast", "always"))
+            check_choice(NAME, "sparsity", self.sparsity, ("auto", "off"))
 
     def verify_rules(self):
         # max_lsb / min_bit_exact_ratio: the runtime against the integer reference (same file, same integers).

@@ -38,7 +38,7 @@ from __future__ import annotations
 import dataclasses
 
 from sdk import Package, Runner, TensorSig, hookimpl
-from sdk.config import Config, check_fp32_fields
+from sdk.config import Config, check_choice, check_fp32_fields
 from sdk.cost import MOBILE_GPU
 from sdk.encoding import Carries
 from sdk.litert import runners
@@ -105,16 +105,20 @@ class FP16GPU(LiteRTTarget):
     version = "1.0"
     default_quantizer = "fp16"
     default_runner = "host"
-    carries = (Carries("float16"), Carries("float32"))      # float32: the layers kept in float32
+    # float32: the layers kept in float32; zeros sparse behind DENSIFY (sparsity="auto")
+    carries = (Carries("float16", sparsity=("unstructured", "block")), Carries("float32", sparsity=("unstructured",
+                                                                                                   "block")))
     device = MOBILE_GPU
 
     @dataclasses.dataclass(frozen=True)
     class Config(Config):
         keep_fp32: tuple[str, ...] = ()      # nodes/modules kept in float32
         auto_fp32: bool = False              # keep exactly the out-of-range nodes in float32
+        sparsity: str = "auto"               # "auto": weights with zeros stored sparse where smaller; "off"
 
         def __post_init__(self):
             check_fp32_fields(NAME, self)
+            check_choice(NAME, "sparsity", self.sparsity, ("auto", "off"))
 
     def default_quantizer_config(self):
         return {"keep_fp32": list(self.config.keep_fp32), "auto_fp32": self.config.auto_fp32}
@@ -126,7 +130,7 @@ class FP16GPU(LiteRTTarget):
         from sdk.litert.lowering import lower
 
         keep = frozenset(plan.extra.get("keep_fp32", ())) if plan else frozenset()
-        low = lower(graph, None, target=self.name, half_weights=True, keep_fp32=keep)
+        low = lower(graph, None, target=self.name, half_weights=True, keep_fp32=keep, sparsity=self.config.sparsity)
         layers = low.layers
         analysis = plan.extra.get("layers", {}) if plan else {}
         for row in layers:
@@ -140,7 +144,7 @@ class FP16GPU(LiteRTTarget):
         extra = {"fp16": {"keep_fp32": sorted(keep), "max_abs": {k: v["max_abs"] for k, v in analysis.items()},
                           "weight_rounding_rel_err": baseline},
                  # overrides the manifest's default ``verify`` (this target's verify_rules(), the caps)
-                 "verify": derived_rules(baseline)}
+                 "verify": derived_rules(baseline), **self.shipped(graph, plan, layers)}
         return Package(files={"model.tflite": low.model}, inputs=[TensorSig.from_dict(r) for r in low.inputs],
                        outputs=[TensorSig.from_dict(r) for r in low.outputs], layers=layers, extra=extra)
 

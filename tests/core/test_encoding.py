@@ -23,16 +23,35 @@ def _lenet():
 
 
 def _tflite_weights(art):
-    """(dtype, quantization, values) of every constant conv/FC weight in the packed file, read by LiteRT."""
+    """(dtype, quantization, values) of every constant conv/FC weight in the packed file, read by LiteRT
+    (which unpacks INT4 to int8); a weight stored sparse behind DENSIFY is read densified by
+    sdk.litert.sparse (checked against TFLite's own FormatConverter in tests/targets/arm_int8)."""
     from ai_edge_litert.interpreter import Interpreter
 
+    from sdk.litert.flatbuffer import read_model, tensor_data
+
+    model = read_model(art.read_bytes("model.tflite"))
+    stored = {t.name.decode(): t for t in model.subgraphs[0].tensors}
     interp = Interpreter(model_content=art.read_bytes("model.tflite"))
+    details = {d["name"]: d for d in interp.get_tensor_details()}
     out = []
-    for d in interp.get_tensor_details():
-        if d["name"].endswith(("/weight", "/weight/fp16")) and not any(   # fp16: the stored half, not its DEQUANTIZE
-                e["name"] == d["name"] + "/fp16" for e in interp.get_tensor_details()):
-            out.append((np.dtype(d["dtype"]).name, d["quantization_parameters"], interp.get_tensor(d["index"])))
+    for name, d in details.items():
+        if name.endswith(("/weight", "/weight/fp16")) and name + "/fp16" not in details:   # fp16: the stored half
+            if name + "/sparse" in stored:
+                sp = details[name + "/sparse"]
+                out.append((np.dtype(sp["dtype"]).name, sp["quantization_parameters"],
+                            tensor_data(model, stored[name + "/sparse"])))
+            else:
+                out.append((np.dtype(d["dtype"]).name, d["quantization_parameters"], interp.get_tensor(d["index"])))
     return out
+
+
+def _storage(art) -> dict[str, str]:
+    """Weight tensor name -> its stored LiteRT type in the file (int8, int4, float32, ...)."""
+    from sdk.litert.flatbuffer import dtype_name, read_model
+
+    model = read_model(art.read_bytes("model.tflite"))
+    return {t.name.decode(): dtype_name(t.type) for t in model.subgraphs[0].tensors if t.buffer}
 
 
 POST_TRAINING = sorted(n for n in p.names("quantizer") if p.get("quantizer", n).post_training)
@@ -97,18 +116,30 @@ def test_ptq_plan_on_float_target_is_refused_not_ignored():
     assert exc.value.carriers == ["arm-int8"] and "int8 per-channel" in exc.value.encoding
 
 
-def test_int4_codes_travel_exactly_in_int8_storage(tmp_path):
+def test_int4_codes_ship_as_int4_where_xnnpack_runs_them(tmp_path):
+    """4-bit plan: the fully connected layers store INT4 (XNNPACK's qs8-qc4w kernel), the convolutions
+    their exact 4-bit codes in int8 (INT4 filters run in builtin kernels only; int4='always' opts in)."""
     model, x = _lenet()
     cal = [torch.randn(4, 1, 8, 8) for _ in range(2)]
-    art = sdk.deploy(model, "arm-int8", (x,), calibration=cal, progress=False,
-                     recipe={"stages": [{"method": "ptq", "config": {"weight_bits": 4}}]})
+    recipe = {"stages": [{"method": "ptq", "config": {"weight_bits": 4}}]}
+    art = sdk.deploy(model, "arm-int8", (x,), calibration=cal, progress=False, recipe=recipe)
     rows = art.manifest["encodings"]
-    assert [(r["bits"], r["stored_bits"]) for r in rows] == [(4, 8)] * 4
+    assert [(r["bits"], r["stored_bits"]) for r in rows] == [(4, 8), (4, 8), (4, 4), (4, 4)]
+    kinds = [row["weight_storage"] for row in art.profile["layers"] if "weight_storage" in row]
+    assert kinds == ["int8", "int8", "int4", "int4"]
+    assert sorted(t for n, t in _storage(art).items() if n.endswith("/weight")) == sorted(kinds)   # the file's
     for _, _, w in _tflite_weights(art):
         assert np.abs(w).max() <= 7 and np.abs(w).max() == 7      # narrow 4-bit grid, used to its end
-    # stored as int8: the cost model counts the bytes the target ships, not the planned bits
-    assert art.profile["estimate"]["weight_bytes"] == sdk.deploy(
-        model, "arm-int8", (x,), calibration=cal, progress=False).profile["estimate"]["weight_bytes"]
+    eight = sdk.deploy(model, "arm-int8", (x,), calibration=cal, progress=False)
+    # the cost model and the file count the bytes the target ships: half a byte per FC weight
+    fc = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert eight.profile["estimate"]["weight_bytes"] - art.profile["estimate"]["weight_bytes"] == fc // 2
+    assert len(eight.read_bytes("model.tflite")) - len(art.read_bytes("model.tflite")) >= fc // 2
+    always = sdk.deploy(model, "arm-int8", (x,), calibration=cal, progress=False, recipe=recipe,
+                        int4="always")
+    assert [r["stored_bits"] for r in always.manifest["encodings"]] == [4] * 4
+    assert all(r["kernel"].startswith(("builtin", "xnnpack int8 x int4")) for r in always.profile["layers"]
+               if "kernel" in r)
 
 
 def test_blockwise_plan_is_refused_by_arm_int8():
@@ -134,8 +165,14 @@ def test_pruning_sparsity_reaches_the_manifest(tmp_path):
     art = sdk.deploy(model, "arm-int8", (x,), calibration=[x], progress=False,
                      recipe={"stages": [{"method": "magnitude", "config": {"sparsity": 0.75}}]})
     rows = {r["layer"]: r for r in art.manifest["encodings"]}
-    for row in rows.values():
-        assert row["sparsity"]["pattern"] == "unstructured" and row["sparsity"]["shipped"] == "dense"
+    storage = {r["weight"]: r["weight_storage"] for r in art.profile["layers"] if "weight" in r}
+    for layer, row in rows.items():
+        # int8 convolutions ship sparse behind DENSIFY (XNNPACK folds it) where that is smaller: not the
+        # 16 3x3x1 filters of features.0 (the index arrays outweigh 108 zero bytes); an int8 FULLY_CONNECTED
+        # filter behind DENSIFY makes the delegate fail, so the linears ship dense
+        assert row["sparsity"]["pattern"] == "unstructured"
+        assert row["sparsity"]["shipped"] == ("sparse" if layer == "features.4" else "dense")
+        assert storage[row["tensor"]] == "int8" + (" sparse" if layer == "features.4" else "")
     # measured on the packed weights: the zeros are there, as the plan's density says
     for (_, _, w), row in zip(_tflite_weights(art), art.manifest["encodings"]):
         assert row["sparsity"]["density"] == pytest.approx(np.count_nonzero(w) / w.size, abs=1e-6)
@@ -221,7 +258,9 @@ def test_shared_weights_reach_arm_int8_as_that_many_codes(method, config, values
         n = len(np.unique(w))
         assert dtype == "int8" and len(set(q["scales"].tolist())) == 1      # one scale: the codebook's
         assert 2 <= n <= values and row["planned"] == f"2-bit codebook of {n} values (int{code_bits} codes)"
-        assert row["bits"] == code_bits and row["index_bits"] == 2 and row["stored_bits"] == 8
+        # codes of at most 4 bits ship as INT4 in fully connected layers (LiteRT reads them back as int8)
+        assert row["bits"] == code_bits and row["index_bits"] == 2 and row["stored_bits"] == (4 if code_bits <= 4
+                                                                                             else 8)
         assert np.abs(w).max() <= 2 ** (code_bits - 1) - 1
     small = sdk.compress(model, {"stages": [{"method": method, "config": {**config, "epochs": 1}}]}, data=data,
                          progress=False)
