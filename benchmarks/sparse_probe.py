@@ -349,11 +349,12 @@ def build_conv_model(spec: dict, sparse: bool, seed: int = 0) -> tuple[bytes, di
         raise ValueError(ending)
     if storage == "dummy":
         # dense-stored conv weights; the only sparse constant is a small bias added after the pool
-        if ending != "mean_keep":
-            raise ValueError("storage=dummy needs ending=mean_keep")
-        bias = rng.standard_normal((1, 1, 1, c)).astype(np.float32)
+        if ending not in ("mean_keep", "mean_nokeep"):
+            raise ValueError("storage=dummy needs a MEAN ending")
+        bshape = (1, 1, 1, c) if ending == "mean_keep" else (1, c)
+        bias = rng.standard_normal(bshape).astype(np.float32)
         bias[..., ::2] = 0
-        y = net.act((1, 1, 1, c))
+        y = net.act(bshape)
         b.add_op("ADD", [x, net.weight(bias, sparse)], [y])
         x = y
     b.set_io(inputs=[inp], outputs=[x])
@@ -373,21 +374,28 @@ def invoke_out(interp, x):
     return run(interp, [x])[0]
 
 
-def side_by_side(interps: list, xs: list, runs: int, warmup: int = 3) -> list[float]:
-    """Median ms of one invoke per interpreter, invoked alternately (order rotated every round)."""
+def side_by_side(interps: list, xs: list, runs: int, rounds: int = 1, warmup: int = 3):
+    """Median ms of one invoke per interpreter, the interpreters invoked alternately (order rotated
+    every step) for ``rounds`` x ``runs`` steps.  Returns (medians over all samples, per-round medians)."""
     for it, x in zip(interps, xs):
         invoke_out(it, x)
         for _ in range(warmup):
             it.invoke()
-    times = [[] for _ in interps]
     k = len(interps)
-    for r in range(runs):
-        for j in range(k):
-            i = (j + r) % k
-            t0 = time.perf_counter()
-            interps[i].invoke()
-            times[i].append((time.perf_counter() - t0) * 1e3)
-    return [statistics.median(t) for t in times]
+    per_round = []
+    allt = [[] for _ in interps]
+    for _ in range(rounds):
+        times = [[] for _ in interps]
+        for r in range(runs):
+            for j in range(k):
+                i = (j + r) % k
+                t0 = time.perf_counter()
+                interps[i].invoke()
+                times[i].append((time.perf_counter() - t0) * 1e3)
+        per_round.append([statistics.median(t) for t in times])
+        for a, t in zip(allt, times):
+            a.extend(t)
+    return [statistics.median(t) for t in allt], per_round
 
 
 def summary(interp) -> dict:
@@ -413,7 +421,7 @@ def compare(a: np.ndarray, b: np.ndarray) -> dict:
 
 # --------------------------------------------------------------------------- workers
 
-def conv_worker(spec: dict, mode: str, syms: dict, runs: int) -> dict:
+def conv_worker(spec: dict, mode: str, syms: dict, runs: int, rounds: int) -> dict:
     state = XnnState(syms) if syms else None
     threads = spec.get("threads", 1)
     dense_bytes, info = build_conv_model(spec, sparse=False)
@@ -425,19 +433,25 @@ def conv_worker(spec: dict, mode: str, syms: dict, runs: int) -> dict:
     before = state.snapshot() if state else None
     if mode == "gate_lifted":
         state.set_avx(False)
+    head = {"name": spec["name"], "mode": mode, "spec": spec, **info,
+            "bytes_dense": len(dense_bytes), "bytes_sparse": len(sparse_bytes)}
     try:
         sp = load(sparse_bytes, threads)
         y_sparse = invoke_out(sp, x)
+    except Exception as exc:  # noqa: BLE001 - a model the runtime refuses is a result
+        after = state.snapshot() if state else None
+        return {**head, "load_error": f"{type(exc).__name__}: {exc}", "nchw_kernels_after_sparse_load": after,
+                "sparse_path_engaged": bool(after and after["spmm_1x1"] and not before["spmm_1x1"])}
     finally:
         if mode == "gate_lifted":
             state.set_avx(True)
     after = state.snapshot() if state else None
-    t_sparse, t_dense = side_by_side([sp, dense], [x, x], runs)
+    (t_sparse, t_dense), per_round = side_by_side([sp, dense], [x, x], runs, rounds)
+    ratios = sorted(a / b for a, b in per_round)
     engaged = bool(after and after["spmm_1x1"] and not before["spmm_1x1"])
-    return {"name": spec["name"], "mode": mode, "spec": spec, **info,
-            "bytes_dense": len(dense_bytes), "bytes_sparse": len(sparse_bytes),
-            "ops_sparse": summary(sp), "ops_dense": summary(dense),
+    return {**head, "ops_sparse": summary(sp), "ops_dense": summary(dense),
             "ms_sparse": t_sparse, "ms_dense": t_dense, "ratio_sparse_over_dense": t_sparse / t_dense,
+            "round_ratios": ratios, "timing": {"runs_per_round": runs, "rounds": rounds},
             "outputs": compare(y_sparse, y_dense), "nchw_kernels_after_sparse_load": after,
             "sparse_path_engaged": engaged}
 
@@ -527,7 +541,7 @@ def calibrate(layers, x: np.ndarray):
     return scales
 
 
-def fc_worker(runs: int, frac: float = 0.9, sizes=(784, 1024, 1024, 10)) -> dict:
+def fc_worker(runs: int, rounds: int, frac: float = 0.9, sizes=(784, 1024, 1024, 10)) -> dict:
     rng = np.random.default_rng(0)
     xcal = rng.standard_normal((64, sizes[0])).astype(np.float32)
     x = np.clip(rng.standard_normal((1, sizes[0])).astype(np.float32), -3, 3)
@@ -578,9 +592,10 @@ def fc_worker(runs: int, frac: float = 0.9, sizes=(784, 1024, 1024, 10)) -> dict
         except Exception as exc:  # noqa: BLE001 - a refused model is a result
             entry["error"] = f"{type(exc).__name__}: {exc}"
         variants[name] = entry
-    times = side_by_side([it for _, it, _ in loaded], [xin for _, _, xin in loaded], runs)
-    for (name, _, _), t in zip(loaded, times):
+    times, per_round = side_by_side([it for _, it, _ in loaded], [xin for _, _, xin in loaded], runs, rounds)
+    for j, ((name, _, _), t) in enumerate(zip(loaded, times)):
         variants[name]["ms"] = t
+        variants[name]["ms_per_round"] = [r[j] for r in per_round]
     # float reference of each layer set
     refs = {}
     for key, L in sets.items():
@@ -611,7 +626,8 @@ def fc_worker(runs: int, frac: float = 0.9, sizes=(784, 1024, 1024, 10)) -> dict
         e["ms_vs_fp32_dense_xnnpack"] = e.get("ms", float("nan")) / variants["fp32 dense [random zeros] XNNPACK"]["ms"]
     for e in variants.values():
         e.pop("_y", None)
-    return {"sizes": list(sizes), "zero_frac": frac, "batch": 1, "threads": 1, "variants": variants}
+    return {"sizes": list(sizes), "zero_frac": frac, "batch": 1, "threads": 1,
+            "timing": {"runs_per_round": runs, "rounds": rounds}, "variants": variants}
 
 
 # --------------------------------------------------------------------------- the study
@@ -660,7 +676,8 @@ def conv_variants(quick: bool) -> list[dict]:
         v("2 threads", threads=2),
         # (7) how the hint reaches XNNPACK
         v("only the first 1x1 stored sparse", storage="first_only"),
-        v("all weights dense + one sparse bias via DENSIFY", storage="dummy"),
+        v("dense weights + sparse bias ADD after MEAN (no keep_dims)", storage="dummy", ending="mean_nokeep"),
+        v("dense weights + sparse bias ADD after MEAN keep_dims", storage="dummy"),
         v("no sparse storage at all (dense zeros)", storage="dense"),
     ]
 
@@ -668,7 +685,9 @@ def conv_variants(quick: bool) -> list[dict]:
 def qemu_variants() -> list[str]:
     return ["recipe: PAD+VALID stem & dw s2, MEAN, 90% random",
             "earlier probe form: SAME stem + SAME dw s2, 95%",
-            "all weights dense + one sparse bias via DENSIFY",
+            "PAD stem, SAME dw s2",
+            "dense weights + sparse bias ADD after MEAN (no keep_dims)",
+            "dense weights + sparse bias ADD after MEAN keep_dims",
             "no sparse storage at all (dense zeros)"]
 
 
@@ -694,17 +713,26 @@ def ident(o: dict) -> str:
     return ("yes" if o.get("values_identical") else "no") + (" shape!" if "shape_mismatch" in o else "")
 
 
+def spread(r) -> str:
+    rr = r.get("round_ratios") or []
+    return f"{rr[0]:.2f}-{rr[-1]:.2f}" if rr else ""
+
+
 def print_conv_table(rows):
     print(f"{'mode':12} {'variant':58} {'deleg':>9} {'dense ms':>9} {'sparse ms':>9} {'ratio':>6} "
-          f"{'identical':>9} {'maxdiff':>9}  engaged")
+          f"{'rounds min-max':>14} {'identical':>10} {'maxdiff':>9}  engaged")
     for r in rows:
         if "error" in r:
             print(f"{r.get('mode', '?'):12} {r.get('name', '?')[:58]:58} ERROR {r['error'][:200]}")
             continue
+        if "load_error" in r:
+            print(f"{r['mode']:12} {r['name'][:58]:58} sparse model REFUSED: {r['load_error'][-90:]}  "
+                  f"engaged={fmt_eng(r)}")
+            continue
         o = r["ops_sparse"]
         deleg = f"{sum(o['delegated'].values())}/{sum(o['delegated'].values()) + sum(o['builtin'].values())}"
         print(f"{r['mode']:12} {r['name'][:58]:58} {deleg:>9} {r['ms_dense']:9.3f} {r['ms_sparse']:9.3f} "
-              f"{r['ratio_sparse_over_dense']:6.3f} {ident(r['outputs']):>9} "
+              f"{r['ratio_sparse_over_dense']:6.3f} {spread(r):>14} {ident(r['outputs']):>10} "
               f"{r['outputs']['max_abs_diff']:9.2e}  {fmt_eng(r)}")
 
 
@@ -728,15 +756,16 @@ def main() -> int:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="native", help=argparse.SUPPRESS)
     ap.add_argument("--syms", help=argparse.SUPPRESS)
-    ap.add_argument("--runs", type=int, default=None)
+    ap.add_argument("--runs", type=int, default=None, help="invokes per model per round")
+    ap.add_argument("--rounds", type=int, default=None, help="rounds of alternating invokes")
     args = ap.parse_args()
 
     if args.worker:
         syms = json.loads(Path(args.syms).read_text()) if args.syms else None
         if args.worker == "fc":
-            res = fc_worker(args.runs or 300)
+            res = fc_worker(args.runs or 100, args.rounds or 5)
         else:
-            res = conv_worker(json.loads(args.worker), args.mode, syms, args.runs or 40)
+            res = conv_worker(json.loads(args.worker), args.mode, syms, args.runs or 30, args.rounds or 5)
         print(json.dumps(res))
         return 0
 
@@ -769,12 +798,14 @@ def main() -> int:
         json.dump(syms, f)
         sym_path = f.name
     rows = []
-    runs = args.runs or (10 if quick else 40)
+    runs = args.runs or (10 if quick else 30)
+    rounds = args.rounds or (2 if quick else 5)
     variants = conv_variants(quick)
     modes = ("native", "gate_lifted")
     for mode in modes:
         for spec in variants:
-            r = run_worker(["--worker", json.dumps(spec), "--mode", mode, "--syms", sym_path, "--runs", str(runs)])
+            r = run_worker(["--worker", json.dumps(spec), "--mode", mode, "--syms", sym_path, "--runs", str(runs),
+                            "--rounds", str(rounds)])
             r.setdefault("name", spec["name"])
             r.setdefault("mode", mode)
             rows.append(r)
@@ -783,12 +814,12 @@ def main() -> int:
         by_name = {s["name"]: s for s in variants}
         for name in qemu_variants():
             r = run_worker(["--worker", json.dumps(by_name[name]), "--mode", "qemu_nehalem", "--syms", sym_path,
-                            "--runs", "3"], timeout=1800, qemu_cpu="Nehalem")
+                            "--runs", "3", "--rounds", "1"], timeout=1800, qemu_cpu="Nehalem")
             r.setdefault("name", name)
             r["mode"] = "qemu_nehalem"
             rows.append(r)
             print_conv_table([r])
-    fc = run_worker(["--worker", "fc", "--runs", str(args.runs or (60 if quick else 400))])
+    fc = run_worker(["--worker", "fc", "--runs", str(30 if quick else 100), "--rounds", str(2 if quick else 5)])
     os.unlink(sym_path)
 
     print("\nconv variants (ratio = median sparse ms / median dense-twin ms, side by side, 1 process):")
@@ -798,7 +829,7 @@ def main() -> int:
     else:
         print_fc_table(fc)
     out = {"benchmark": "sparse_probe", "quick": quick, "env": env, "binary": facts,
-           "conv_runs_per_model": runs, "conv": rows, "fc": fc, "wall_s": round(time.time() - t_start, 1),
+           "conv_timing": {"runs_per_round": runs, "rounds": rounds}, "conv": rows, "fc": fc, "wall_s": round(time.time() - t_start, 1),
            "when": time.strftime("%Y-%m-%d %H:%M:%S")}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))

@@ -173,6 +173,10 @@ def deploy(model, target: str, example_inputs, calibration: Iterable | None = No
     golden = {f"input_{i}": x.numpy() for i, x in enumerate(example_inputs)}
     golden.update({f"output_{i}": o.detach().float().numpy() for i, o in enumerate(golden_out)})
 
+    int_bits = [w.code_bits for w in plan.weights.values() if not w.dtype.startswith("float")] if plan else []
+    quantization = {"method": plan.method, "config": plan.config, "compute": plan.compute,
+                    **({"weight_bits": min(int_bits)} if int_bits else {}),
+                    **({"keep_fp32": plan.extra["keep_fp32"]} if "keep_fp32" in plan.extra else {})} if plan else None
     used = [_plugin_row(target_cls)] + [_plugin_row(q.plugin_class()) for q in qstages]
     used += [_plugin_row(plugins.find_method(s.method, s.kind)) for s in recipe.torch_stages]
     manifest = {
@@ -185,10 +189,8 @@ def deploy(model, target: str, example_inputs, calibration: Iterable | None = No
         "inputs": [s.to_dict() for s in package.inputs],
         "outputs": [s.to_dict() for s in package.outputs],
         "recipe": recipe.to_dict() if recipe.stages else None,
-        "quantization": {"method": plan.method, "config": plan.config,
-                         **({"keep_fp32": plan.extra["keep_fp32"]} if "keep_fp32" in plan.extra else {})}
-        if plan else None,
-        "verify": tgt.verify_rules(),
+        "quantization": quantization,
+        "verify": tgt.rules_for(quantization),
         "encodings": encodings,
         **package.extra,
     }

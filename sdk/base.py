@@ -205,6 +205,11 @@ class Target(Plugin):
         ``calibration`` holds the checked calibration batches (``None`` when the
         user gave none), for targets that analyse ranges themselves."""
 
+    def rules_for(self, quantization: dict | None) -> VerifyRules:
+        """The pass criteria of one artifact, given its manifest's ``quantization`` entry (the
+        plan's method, config and ``compute``); default :meth:`verify_rules`."""
+        return self.verify_rules()
+
     def verify_rules(self) -> VerifyRules:
         """Pass criteria for :meth:`sdk.Artifact.verify`.  Keys (all optional):
         ``max_lsb`` (vs the reference runner), ``min_bit_exact_ratio``,

@@ -83,6 +83,7 @@ class EncodingRow(TypedDict, total=False):
 
 class VerifyRules(TypedDict, total=False):
     """Pass criteria (all optional): ``max_lsb`` (vs the reference runner), ``min_bit_exact_ratio``,
+    ``max_ref_rel_err`` (float outputs vs the reference runner),
     ``min_sqnr_db``, ``max_rel_err``, ``min_top1_agreement`` (vs the float model); ``runners``:
     per-runner overrides."""
 
@@ -90,6 +91,7 @@ class VerifyRules(TypedDict, total=False):
     min_bit_exact_ratio: float
     min_sqnr_db: float
     max_rel_err: float
+    max_ref_rel_err: float      # float outputs against the reference runner (relative to its largest output)
     min_top1_agreement: float
     runners: dict[str, dict[str, float]]
 

@@ -43,6 +43,8 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "plugins.prune.slimming",
     "plugins.quantize.ptq",
     "plugins.quantize.fp16",
+    "plugins.quantize.dynamic",
+    "plugins.quantize.int4",
     "plugins.quantize.bnn",
     "plugins.quantize.bwn",
     "plugins.quantize.xnor",

@@ -53,6 +53,7 @@ class RunnerReport:
     top1_agreement: float = math.nan
     bit_exact_ratio: float = math.nan
     max_lsb: float = math.nan
+    ref_rel_err: float = math.nan       # float outputs: max |runner - reference| / max |reference|
     latency_ms: float = math.nan
     golden_max_abs_err: float = math.nan
     golden_max_rel_err: float = math.nan
@@ -157,7 +158,8 @@ def target_rules(artifact) -> dict:
     config = (artifact.manifest.get("target") or {}).get("config") or {}
     for kwargs in (config, {}):
         try:
-            rules = cls(**kwargs).verify_rules()
+            target = cls(**kwargs)
+            rules = target.rules_for(artifact.manifest.get("quantization"))
             return rules if isinstance(rules, dict) else {}
         except Exception:  # noqa: BLE001 - a config this version does not take: try the defaults
             continue
@@ -278,10 +280,13 @@ def verify(artifact, model: Any = None, inputs: Sequence | None = None, runners:
             if name == "reference":
                 continue
             lsb, exact, total = 0.0, 0, 0
+            fdiff, fmax = 0.0, 0.0
             for r_out, t_out in zip(ref, outs):
                 for i, (a, b) in enumerate(zip(r_out, t_out)):
                     d = np.abs(a.astype(np.float64) - b)
                     step = steps[i] if i < len(steps) else None
+                    if not step and d.size:
+                        fdiff, fmax = max(fdiff, float(d.max())), max(fmax, float(np.abs(a).max()))
                     units = d / step if step else d
                     units = np.round(units, 6)
                     lsb = max(lsb, float(units.max()))
@@ -289,6 +294,8 @@ def verify(artifact, model: Any = None, inputs: Sequence | None = None, runners:
                     total += units.size
             report[name].max_lsb = lsb
             report[name].bit_exact_ratio = exact / total if total else math.nan
+            if fmax > 0 or fdiff > 0:
+                report[name].ref_rel_err = fdiff / fmax if fmax > 0 else math.inf
             report[name].compared_with.append(REFERENCE)
 
     for name, row in report.items():
@@ -303,6 +310,9 @@ def verify(artifact, model: Any = None, inputs: Sequence | None = None, runners:
                 failures.append(f"{name}: {row.max_lsb:g} LSB from the reference (allowed {rules['max_lsb']})")
             if "min_bit_exact_ratio" in rules and row.bit_exact_ratio < rules["min_bit_exact_ratio"]:
                 failures.append(f"{name}: bit-exact ratio {row.bit_exact_ratio:.4f} < {rules['min_bit_exact_ratio']}")
+            if "max_ref_rel_err" in rules and row.ref_rel_err > rules["max_ref_rel_err"]:
+                failures.append(f"{name}: float outputs {row.ref_rel_err:.3g} (relative) from the reference "
+                                f"(allowed {rules['max_ref_rel_err']})")
         checks = []
         if expected is not None:
             checks.append((row.sqnr_db, row.max_rel_err, "the float model" if model is not None

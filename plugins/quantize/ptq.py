@@ -32,7 +32,7 @@ from sdk import hookimpl
 from sdk.base import Quantizer
 from sdk.config import Config, check_choice, check_range
 from sdk.calibrate import activation_specs, weight_specs
-from sdk.encoding import weight_spec
+from sdk.encoding import float_spec, weight_spec
 from sdk.quant import OBSERVERS, QuantPlan, QuantSpec
 
 
@@ -50,6 +50,8 @@ class PTQ(Quantizer):
         weight_scheme: str = "symmetric"
         weight_bits: int = 8                      # 4 or 2: codes of that width (targets that carry them)
         block_size: int = 32
+        int4_layers: tuple[str, ...] = ()        # mixed precision: these modules (or their children) 4-bit
+        float_layers: tuple[str, ...] = ()       # these compute in float inside the integer graph
         activation_scheme: str = "asymmetric"
         dtype: str = "int8"
         num_batches: int | None = None     # use at most this many calibration batches
@@ -76,12 +78,27 @@ class PTQ(Quantizer):
         return weight_spec(w, hint, granularity=cfg.weight_granularity, scheme=cfg.weight_scheme, dtype=cfg.dtype,
                            bits=None if cfg.weight_bits == 8 else cfg.weight_bits, block_size=cfg.block_size)
 
+    def layer_spec(self, w: np.ndarray, hint, module: str) -> QuantSpec:
+        """:meth:`weight_spec`, or per layer what ``int4_layers`` / ``float_layers`` ask for (one
+        artifact mixing int8, int4 and float layers)."""
+        cfg = self.config
+
+        def named(names):
+            return any(module == n or module.startswith(n + ".") for n in names)
+
+        if named(cfg.float_layers):
+            return float_spec(w, hint)
+        if named(cfg.int4_layers):
+            return weight_spec(w, hint, granularity=cfg.weight_granularity, scheme=cfg.weight_scheme,
+                               dtype=cfg.dtype, bits=4, block_size=cfg.block_size)
+        return self.weight_spec(w, hint)
+
     def calibrate(self, graph, batches: Sequence[tuple]) -> QuantPlan:
         cfg = self.config
         acts = activation_specs(graph, batches, observer=cfg.activation_observer, percentile=cfg.percentile,
                                 symmetric=cfg.activation_scheme == "symmetric", dtype=cfg.dtype,
                                 num_batches=cfg.num_batches, progress=cfg.progress)
-        weights = weight_specs(graph, lambda w, hint, node: self.weight_spec(w, hint))
+        weights = weight_specs(graph, lambda w, hint, node: self.layer_spec(w, hint, node.module or node.name))
         return QuantPlan(acts, weights, method=self.name, config=cfg.to_dict())
 
 

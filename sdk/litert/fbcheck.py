@@ -43,9 +43,10 @@ schema :mod:`.flatbuffer` writes:
 * CONV_2D, DEPTHWISE_CONV_2D and FULLY_CONNECTED are float32 (float32 weights
   and bias), int8 (int8 or int4 weights, int32 bias) or, for CONV_2D and
   FULLY_CONNECTED, hybrid (dynamic range: float32 input, bias and output,
-  int8 or int4 constant symmetric weights); DEQUANTIZE widens a float16
-  constant, an int8 activation, or an int8 / int4 constant (weight-only
-  quantization, per-axis allowed) to float32;
+  int8 or int4 symmetric weights that are a constant -- not a DENSIFY
+  output, which XNNPACK fails to prepare); DEQUANTIZE widens float16 weights,
+  an int8 activation, or int8 / int4 weights (weight-only quantization,
+  per-axis allowed) to float32;
 * every operator's options are in range (strides, dilations and filters >= 1,
   known paddings and activations), its shape-like constant inputs are sane
   (reshape target, permutation, paddings, axes, resize size) and its stored
@@ -54,8 +55,8 @@ schema :mod:`.flatbuffer` writes:
   quantization the manifest declares.
 
 Any problem raises :class:`~sdk.errors.ArtifactError` naming it.  The check
-reads the tables only (constant payloads are not copied), so it takes
-milliseconds even for an 11 MB ResNet-18.
+reads the tables (and the index vectors of sparse tensors) only, constant
+payloads are not copied, so it takes milliseconds even for an 11 MB ResNet-18.
 """
 
 from __future__ import annotations
@@ -415,14 +416,14 @@ def _read_sparsity(r: _Reader, sp: _Table, shape: tuple[int, ...], name: str) ->
         fmt = m.scalar(0, "b", 0, "format")
         if fmt == _DENSE:
             if any(m.slots[k] for k in range(2, min(6, len(m.slots)))):
-                raise _Bad(f"{what}: DENSE dimension {level} carries CSR arrays")
+                raise _Bad(f"{what}: traversal level {level} is DENSE but carries CSR arrays")
             dense_sizes.append(m.scalar(1, "i", 0, "dense_size"))
         elif fmt == _SPARSE_CSR:
             if m.scalar(1, "i", 0, "dense_size"):
-                raise _Bad(f"{what}: SPARSE_CSR dimension {level} has a dense_size")
+                raise _Bad(f"{what}: traversal level {level} is SPARSE_CSR but has a dense_size")
             dense_sizes.append(0)
         else:
-            raise _Bad(f"{what}: dimension {level} has format {fmt} (DENSE 0 or SPARSE_CSR 1)")
+            raise _Bad(f"{what}: traversal level {level} has format {fmt} (DENSE 0 or SPARSE_CSR 1)")
         formats.append(fmt)
     # the size of each traversed dimension: a blocked dimension counts blocks, its block dimension
     # the block's elements
@@ -437,33 +438,34 @@ def _read_sparsity(r: _Reader, sp: _Table, shape: tuple[int, ...], name: str) ->
     for level, dim in enumerate(order):
         if formats[level] == _DENSE:
             if dense_sizes[level] != sizes[dim]:
-                raise _Bad(f"{what}: DENSE dimension {level} has size {dense_sizes[level]}, dimension {dim} "
-                           f"is {sizes[dim]}")
+                raise _Bad(f"{what}: traversal level {level} (DENSE, dimension {dim}) has size "
+                           f"{dense_sizes[level]}, the dimension is {sizes[dim]}")
             nodes *= sizes[dim]
             continue
         m = metas[level]
-        seg = _index_vector(r, m, 2, 3, f"{what} dimension {level} array_segments")
-        idx = _index_vector(r, m, 4, 5, f"{what} dimension {level} array_indices")
+        at = f"traversal level {level} (SPARSE_CSR, dimension {dim})"
+        seg = _index_vector(r, m, 2, 3, f"{what} {at} array_segments")
+        idx = _index_vector(r, m, 4, 5, f"{what} {at} array_indices")
         if seg.size != nodes + 1:
-            raise _Bad(f"{what}: dimension {level} has {seg.size} segments for {nodes} parent nodes "
+            raise _Bad(f"{what}: {at} has {seg.size} segments for {nodes} parent nodes "
                        f"(needs {nodes + 1})")
         if seg[0] != 0:
-            raise _Bad(f"{what}: dimension {level} segments start at {int(seg[0])}, not 0")
+            raise _Bad(f"{what}: {at} segments start at {int(seg[0])}, not 0")
         step = np.diff(seg)
         if step.size and step.min() < 0:
             k = int(np.argmax(step < 0))
-            raise _Bad(f"{what}: dimension {level} segments decrease ({int(seg[k])} then {int(seg[k + 1])})")
+            raise _Bad(f"{what}: {at} segments decrease ({int(seg[k])} then {int(seg[k + 1])})")
         if seg[-1] != idx.size:
-            raise _Bad(f"{what}: dimension {level} last segment is {int(seg[-1])}, the indices number {idx.size}")
+            raise _Bad(f"{what}: {at} last segment is {int(seg[-1])}, the indices number {idx.size}")
         if idx.size and (idx.min() < 0 or idx.max() >= sizes[dim]):
             bad = int(idx[(idx < 0) | (idx >= sizes[dim])][0])
-            raise _Bad(f"{what}: dimension {level} index {bad} is outside 0..{sizes[dim] - 1}")
+            raise _Bad(f"{what}: {at} index {bad} is outside 0..{sizes[dim] - 1}")
         if idx.size > 1:
             rising = np.diff(idx) > 0
             first = seg[1:-1]
             rising[first[(first > 0) & (first < idx.size)] - 1] = True      # a new segment starts afresh
             if not rising.all():
-                raise _Bad(f"{what}: dimension {level} indices do not rise within a segment")
+                raise _Bad(f"{what}: {at} indices do not rise within a segment")
         nodes = int(idx.size)
     return _Sparse(list(order), list(block_map), formats, dense_sizes, nodes)
 
@@ -518,14 +520,15 @@ def _read_tensor(r: _Reader, t: _Table, i: int, nbuf: int) -> _T:
             out.scale, out.zero_point, out.qdim = scale, zp, qdim
         elif zp:
             raise _Bad(f"tensor {name!r}: zero points without scales")
-    if out.dtype in _QUANTIZED and out.scale is None:
-        raise _Bad(f"tensor {name!r}: a {out.dtype} tensor needs quantization parameters")
     sp = t.table(6, "sparsity")
     if sp is not None:
         if out.dtype not in _SPARSE_TYPES:
             raise _Bad(f"tensor {name!r}: a sparse tensor is {out.dtype} (edgepack writes "
                        f"{', '.join(sorted(_SPARSE_TYPES))})")
         out.sparse = _read_sparsity(r, sp, shape, name)
+    # a sparse constant may leave its quantization to the output of its DENSIFY (its only use then)
+    if out.dtype in _QUANTIZED and out.scale is None and out.sparse is None:
+        raise _Bad(f"tensor {name!r}: a {out.dtype} tensor needs quantization parameters")
     return out
 
 
@@ -680,8 +683,9 @@ def _check_op(r: _Reader, name: str, opt: dict, ins: list[_T | None], out: _T, w
             raise _Bad(f"{what}: DENSIFY input {x.name!r} is not a sparse constant")
         if x.dtype not in _DENSIFY_TYPES:
             raise _Bad(f"{what}: DENSIFY of a {x.dtype} tensor (takes {', '.join(sorted(_DENSIFY_TYPES))})")
-        if (out.scale, out.zero_point, out.qdim if out.scale else 0) != \
-                (x.scale, x.zero_point, x.qdim if x.scale else 0):
+        # the codes are copied: a quantized input is quantized as its output (an int8 input may also
+        # leave the quantization to the output alone, which _read_tensor requires of an int8 output)
+        if x.scale is not None and (out.scale, out.zero_point, out.qdim) != (x.scale, x.zero_point, x.qdim):
             raise _Bad(f"{what}: DENSIFY output {out.name!r} is quantized {out.scale}/{out.zero_point} "
                        f"(axis {out.qdim}), its input {x.scale}/{x.zero_point} (axis {x.qdim})")
         return _expect(out, x.shape, name, what)
@@ -845,6 +849,8 @@ def _check_weights(name: str, x: _T, w: _T, b: _T | None, what: str) -> None:
     if w.dtype not in wdts or (b is not None and b.dtype != bdt):
         raise _Bad(f"{what}: {name} on {x.dtype} needs {' or '.join(wdts)} weights and {bdt} bias, "
                    f"got {w.dtype} and {'no bias' if b is None else b.dtype}")
+    if w.dtype in ("int8", "int4") and w.scale is None:      # an unquantized sparse constant used directly
+        raise _Bad(f"{what}: {name} {w.dtype} weights {w.name!r} have no quantization parameters")
     if w.dtype == "int4" or (x.dtype == "float32" and w.dtype == "int8"):
         if not w.const:
             raise _Bad(f"{what}: {name} {w.dtype} weights {w.name!r} on {x.dtype} must be a constant")

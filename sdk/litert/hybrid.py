@@ -11,6 +11,9 @@ op / weights               runs in   functions here
 =========================  ========  ==========================================
 FULLY_CONNECTED int8;      XNNPACK   :func:`fully_connected` (qd8 GEMM, one
 INT4 with even k                     quantization per batch row)
+FULLY_CONNECTED blockwise  XNNPACK   :func:`fully_connected_blockwise` (qb4w
+INT4 (fp16 scales, block             GEMM; other block sizes go to a builtin
+a multiple of 32)                    4-bit kernel, not reproduced)
 CONV_2D int8               XNNPACK   :func:`conv2d` (qd8 IGEMM, one quantization
                                      per image; 1x1 stride-1 convs become an FC,
                                      one quantization per pixel)
@@ -19,6 +22,10 @@ odd k
 CONV_2D INT4               builtin   :func:`builtin_conv2d`
 DEPTHWISE_CONV_2D int8     builtin   :func:`builtin_depthwise_conv2d`
 =========================  ========  ==========================================
+
+The builtin functions also reproduce int8 FC / CONV_2D with the delegate off
+(``load_interpreter(delegate=False)``), except INT4 FC weights with an even
+depth >= 32 and >= 4 outputs, which then take TFLite's separate 4-bit kernel.
 
 :func:`hybrid_fully_connected` and :func:`hybrid_conv2d` pick the path the way
 the delegate does (``tflite/delegates/xnnpack/xnnpack_delegate.cc``: a float
@@ -64,9 +71,15 @@ NEON_2_SSE), ``internal/optimized/sse_tensor_utils.cc``,
   "round" is ``trunc(v +- 0.5)`` (float add) on the first ``8*floor(n/8)``
   values of a row and ``std::round`` on the rest;
 * FC: ``y = bias + float(acc - zp*rowsum) * float(w_scale*sf)``, then the
-  activation; an all-zero input tensor gives ``activation(bias)``;
-* CONV_2D per-channel: ``float(acc - zp*rowsum) * float(w_scale*sf) + bias``;
-  per-tensor: ``float(acc) * float(sf*w_scale) + bias``; then clamp;
+  activation; an all-zero input tensor gives ``activation(bias)``.  ``acc``
+  comes from ``SseMatrixBatchVectorMultiplyAccumulateImpl``, whose 16/32-wide
+  blocks (the first ``k & ~15`` columns) use ``_mm_sign_epi8``: a weight of
+  -128 against a negative input code counts as +128 (:func:`_sse_dot`); the
+  row sums wrap in int16 lanes past ~2048 columns (:func:`_sse_row_sums`);
+* CONV_2D per-channel (ruy GEMM, exact): ``float(acc - zp*rowsum) *
+  float(w_scale*sf) + bias``; per-tensor: ``float(acc) * float(sf*w_scale) +
+  bias`` (ruy when ``O % 4 == 0``, else the SSE kernel and its -128 quirk);
+  then clamp;
 * DEPTHWISE: channel blocks of 4: ``(float(acc)*w_scale)*sf + bias``; the last
   ``C % 4`` channels: ``(float(acc)*sf)*w_scale + bias``; then clamp.
 """
@@ -82,6 +95,7 @@ __all__ = [
     "builtin_fully_connected",
     "conv2d",
     "fully_connected",
+    "fully_connected_blockwise",
     "hybrid_conv2d",
     "hybrid_fully_connected",
     "qd8_params",
@@ -216,6 +230,65 @@ def fully_connected(x: np.ndarray, codes: np.ndarray, scales, bias=None, activat
     return _qd8_epilogue(acc, inv, scales, bias, activation)
 
 
+
+def _bf16_round(x: np.ndarray) -> np.ndarray:
+    """XNNPACK ``math_cvt_bf16_fp32``: float32 -> bfloat16 (round to nearest even), returned as float32."""
+    bits = np.ascontiguousarray(x, _F32).view(np.uint32).astype(np.uint64)
+    finite = (bits & 0x7F800000) != 0x7F800000
+    bits = np.where(finite, bits + 0x7FFF + ((bits >> 16) & 1), bits)
+    return ((bits & 0xFFFF0000) & 0xFFFFFFFF).astype(np.uint32).view(_F32)
+
+
+def fully_connected_blockwise(x: np.ndarray, codes: np.ndarray, scales_f16: np.ndarray, block_size: int,
+                              bias=None, activation="NONE") -> np.ndarray:
+    """XNNPACK's dynamically quantized FULLY_CONNECTED with blockwise INT4 weights
+    (TFLite ``BlockwiseQuantization``: fp16 scales ``[n, k / block_size]``; qd8-f32-qb4w GEMM).
+
+    Read in ``src/qd8-f32-qb4w-gemm/gen/qd8-f32-qb4w-gemm-3x8c8-minmax-avx2.c``,
+    ``src/reference/packing.cc`` (``xnn_pack_qs8_qb4w_gemm_goi_w``),
+    ``src/microparams-init.c`` (``xnn_init_blockwise_scale_bf16_params``) and
+    ``xnn_create_fully_connected_nc_qd8_f32_qb4w_f16_scales``: the fp16 scales
+    become bfloat16 (nearest even); the packed accumulator start is
+    ``init = -sum_c(float(sum of 16 weights of chunk c) * scale)`` summed in
+    order; each output keeps four float partial sums (k mod 8 in {2l, 2l+1}),
+    lane 0 starting at ``init * zp``, and per block adds
+    ``fma(float(sum q * 16 w), scale / 16, lane)``; the output is
+    ``fma((l0 + l1) + (l2 + l3), 1/s, bias)``, clamped.  ``block_size`` must be
+    a multiple of 32 dividing ``k`` (what XNNPACK accepts).
+    """
+    codes = np.asarray(codes).astype(np.int64)
+    n, k = codes.shape
+    bl = int(block_size)
+    if bl % 32 or k % bl:
+        raise ValueError(f"blockwise INT4 needs a block size that is a multiple of 32 and divides {k}")
+    nblk = k // bl
+    sc = _bf16_round(np.asarray(scales_f16, np.float16).astype(_F32).reshape(n, nblk))
+    sc16 = _bf16_round((sc / _F32(16)).astype(_F32))
+    x2 = np.asarray(x, _F32).reshape(-1, k)
+    q, inv, zp = qd8_quantize(x2)
+    # packed accumulator init, one float per output channel, chunk by chunk of 16 weights
+    ksum = codes.reshape(n, k // 16, 16).sum(axis=2)
+    init = np.zeros(n, _F32)
+    for c in range(k // 16):
+        init = (init - (ksum[:, c].astype(_F32) * sc[:, (c * 16) // bl]).astype(_F32)).astype(_F32)
+    rows = x2.shape[0]
+    lanes = np.zeros((4, rows, n), _F32)
+    lanes[0] = (init[None, :] * zp.astype(_F32)[:, None]).astype(_F32)
+    lanes[1:] = (np.zeros(n, _F32)[None, :] * zp.astype(_F32)[:, None]).astype(_F32)   # +-0
+    lane_of_k = (np.arange(k) % 8) // 2
+    w16 = 16 * codes
+    for b in range(nblk):
+        blk = slice(b * bl, (b + 1) * bl)
+        for lane in range(4):
+            sel = np.nonzero(lane_of_k[blk] == lane)[0] + b * bl
+            acc = _exact_dot(q[:, sel].astype(np.int64), w16[:, sel].T)
+            lanes[lane] = _fma32(_i2f(acc), sc16[None, :, b], lanes[lane])
+    total = ((lanes[0] + lanes[1]).astype(_F32) + (lanes[2] + lanes[3]).astype(_F32)).astype(_F32)
+    bvec = np.zeros(n, _F32) if bias is None else np.asarray(bias, _F32).reshape(n)
+    out = _fma32(total, inv[:, None], bvec[None, :])
+    return _clamp_minmax(out, *_range(activation))
+
+
 def conv2d(x: np.ndarray, codes: np.ndarray, scales, bias=None, stride=(1, 1), padding="VALID",
            dilation=(1, 1), activation="NONE") -> np.ndarray:
     """XNNPACK's dynamically quantized CONV_2D (qd8-f32-qc8w IGEMM).
@@ -275,7 +348,7 @@ def _round_vector_tail(v: np.ndarray, vec: int) -> np.ndarray:
 def tflite_symmetric_quantize(x2d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """TFLite ``SymmetricQuantizeFloats`` of each row: ``(codes int8, scaling factor float32)``."""
     x2d = np.asarray(x2d, _F32)
-    rows, n = x2d.shape
+    n = x2d.shape[1]
     rng = np.maximum(np.abs(x2d.min(axis=1)), np.abs(x2d.max(axis=1))).astype(_F32)
     zero = rng == 0
     safe = np.where(zero, _F32(1), rng)
@@ -292,7 +365,7 @@ def tflite_symmetric_quantize(x2d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def tflite_asymmetric_quantize(x2d: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """TFLite ``AsymmetricQuantizeFloats`` of each row: ``(codes int8, scaling factor float32, offset int32)``."""
     x2d = np.asarray(x2d, _F32)
-    rows, n = x2d.shape
+    n = x2d.shape[1]
     rmin = np.minimum(_F32(0), x2d.min(axis=1)).astype(_F32)
     rmax = np.maximum(_F32(0), x2d.max(axis=1)).astype(_F32)
     zero = rmin == rmax
@@ -349,7 +422,7 @@ def _sse_row_sums(codes: np.ndarray) -> np.ndarray:
     if col < (k & ~7):
         lanes = ((lanes + codes[:, col:col + 8] + 32768) % 65536) - 32768
         col += 8
-    return codes.sum(axis=1)
+    return lanes.sum(axis=1) + codes[:, col:].sum(axis=1)
 
 
 def _per_channel(scales, n: int) -> np.ndarray | None:

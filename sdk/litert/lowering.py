@@ -160,12 +160,13 @@ def weight_mode(op: str, compute: str) -> str:
     return "weight-only" if compute == "dynamic" and op == "DEPTHWISE_CONV_2D" else compute
 
 
-def int_storage(op: str, mode: str, code_bits: int, int4: str = "where-fast") -> str:
+def int_storage(op: str, mode: str, code_bits: int, int4: str = "where-fast", k: int = 0) -> str:
     """``int4`` or ``int8``: the storage of integer weight codes of ``code_bits`` bits (``int4``:
-    ``where-fast`` or ``always``, see :func:`lower`)."""
+    ``where-fast`` or ``always``, see :func:`lower`); ``k``: a fully connected layer's input
+    width (XNNPACK declines INT4 rows of odd length, :func:`.hybrid.xnnpack_takes_fully_connected`)."""
     if code_bits > 4:
         return "int8"
-    fast = op == "FULLY_CONNECTED" and mode in ("static", "dynamic")
+    fast = op == "FULLY_CONNECTED" and mode in ("static", "dynamic") and k % 2 == 0
     return "int4" if fast or int4 == "always" else "int8"
 
 
@@ -177,7 +178,13 @@ def litert_op(graph: Graph, node: Node) -> str:
     return "DEPTHWISE_CONV_2D" if node.attrs["groups"] == cin and node.attrs["groups"] > 1 else "CONV_2D"
 
 
-def _kernel(op: str, mode: str, dtype: str) -> str:
+#: the kernel of an INT4 FULLY_CONNECTED whose rows have odd length (int4="always" only)
+ODD_INT4_FC = "builtin (XNNPACK declines INT4 rows of odd length)"
+
+
+def _kernel(op: str, mode: str, dtype: str, k: int = 0) -> str:
+    if op == "FULLY_CONNECTED" and dtype == "int4" and mode != "weight-only" and k % 2:
+        return ODD_INT4_FC
     return KERNELS[(op, mode, dtype)]
 
 
@@ -615,7 +622,7 @@ class _Lowerer:
             q_t = q
         mode = weight_mode(op, "static" if x.spec is not None else self.compute)
         narrow = spec.code_bits <= 4
-        dt = int_storage(op, mode, spec.code_bits, self.int4)
+        dt = int_storage(op, mode, spec.code_bits, self.int4, w.shape[1] if w.ndim == 2 else 0)
         s32 = scales.astype(np.float32)
         if mode == "weight-only":
             wq, wbytes, sparse = self._const_weight(f"{label}/weight/{dt}", q_t, dt, op, scale=s32, axis=axis)
@@ -631,7 +638,7 @@ class _Lowerer:
                                      scale=bscale.astype(np.float32), zero_point=0, axis=0)
         else:
             bref = self.b.add_tensor(self.name(f"{label}/bias"), bias.shape, "float32", data=bias)
-        kernel = _kernel(op, mode, dt)
+        kernel = _kernel(op, mode, dt, w.shape[1] if w.ndim == 2 else 0)
         if narrow and dt == "int8":
             kernel += f"; its {spec.code_bits}-bit codes ship in int8 (int4='always' stores INT4, smaller and slower)"
         return Weights(wref, bref, wbytes + 4 * bias.size, dt, sparse, kernel)
@@ -647,8 +654,10 @@ class _Lowerer:
             values, sp = sparse_encode(arr)
             nbytes = sparse_bytes(values, sp, item)
             if nbytes < dense_bytes:
+                # the quantization lives on the DENSIFY output only: XNNPACK reads it there, and a second
+                # copy (a float scale and an int64 zero point per channel) would cost 12 bytes a channel
                 stored = self.b.add_tensor(self.name(f"{label}/sparse"), arr.shape, dtype, data=values,
-                                           sparsity=sp, **quant)
+                                           sparsity=sp)
                 ref = self.b.add_tensor(self.name(label), arr.shape, dtype, **quant)
                 self.b.add_op("DENSIFY", [stored], [ref])
                 return ref, nbytes, True

@@ -80,6 +80,7 @@ import numpy as np
 from sdk.errors import ArtifactError, InputError, UnsupportedOpError
 
 from . import qmath
+from . import hybrid
 from .flatbuffer import dtype_name, numpy_dtype, op_name, read_model, tensor_data
 from .padding import out_size_and_pad
 from .qmath import INT8_MAX, INT8_MIN, f32
@@ -310,6 +311,13 @@ def _conv_like(op, node, ins, vals, out, depthwise: bool):
     name = "DEPTHWISE_CONV_2D" if depthwise else "CONV_2D"
     if b is None:
         raise UnsupportedOpError(name, node, TARGET, "LiteRT needs the bias input; pass a zero bias")
+    if xt.dtype == "float32" and wt.dtype in ("int8", "int4"):       # dynamic range (sdk.litert.hybrid)
+        pad = "SAME" if same else "VALID"
+        if depthwise:
+            scales = _weight_scales(wt, wt.shape[3], 3, name, node)
+            return hybrid.builtin_depthwise_conv2d(x, w, scales, b, stride, pad, dilation,
+                                                   depth_multiplier=wt.shape[3] // xt.shape[3], activation=act)
+        return hybrid.hybrid_conv2d(x, w, wt.scale, b, stride, pad, dilation, activation=act, weight_dtype=wt.dtype)
     if xt.dtype == "float32":
         win = windows(x.astype(np.float64), kh, kw, stride, dilation, same, 0.0)
         wf = w.astype(np.float64)
@@ -332,7 +340,23 @@ def _conv_like(op, node, ins, vals, out, depthwise: bool):
         acc = grouped(win, w, _exact_matmul)
         cout = wt.shape[0]
     acc = acc + b.astype(np.int64)
-    return _requant_xnn(acc, xt, _weight_scales(wt, cout, 3 if depthwise else 0, name, node), out, act, node, name)
+    scales = _weight_scales(wt, cout, 3 if depthwise else 0, name, node)
+    if wt.dtype == "int4":          # XNNPACK declines INT4 filters of convolutions: TFLite's kernel runs it
+        return _requant_builtin(acc, xt, scales, out, act)
+    return _requant_xnn(acc, xt, scales, out, act, node, name)
+
+
+def _requant_builtin(acc, xt: _Tensor, w_scales: np.ndarray, out: _Tensor, act: str) -> np.ndarray:
+    """TFLite's per-channel requantization (conv.cc / fully_connected.cc, int8): the multiplier
+    s_in*s_w/s_out computed in double, QuantizeMultiplier, gemmlowp's rounding doubling high mul and
+    rounding right shift, + zero point, clamped to the activation range (measured bit-exact)."""
+    lo, hi = qmath.tflite_activation_range(act, float(out.s), out.zp)
+    acc = np.asarray(acc, np.int64)
+    y = np.empty(acc.shape, np.int64)
+    for c in range(acc.shape[-1]):
+        m, sh = qmath.quantize_multiplier(float(np.float64(xt.s) * np.float64(w_scales[c]) / np.float64(out.s)))
+        y[..., c] = qmath.multiply_by_quantized_multiplier(acc[..., c], m, sh)
+    return np.clip(y + out.zp, lo, hi)
 
 
 def grouped(win: np.ndarray, w: np.ndarray, matmul) -> np.ndarray:
@@ -372,6 +396,10 @@ def _k_fully_connected(interp, k, op, node, ins, vals, out):
     n_in = wt.shape[1]
     x2 = x.reshape(-1, n_in)
     act = fused_activation(op, node)
+    if xt.dtype == "float32" and wt.dtype in ("int8", "int4"):       # dynamic range (sdk.litert.hybrid)
+        asym = bool(getattr(op.builtinOptions, "asymmetricQuantizeInputs", False))
+        return hybrid.hybrid_fully_connected(x2, w, wt.scale, b, act, weight_dtype=wt.dtype,
+                                             asymmetric_quantize_inputs=asym)
     if xt.dtype == "float32":
         y = x2.astype(np.float64) @ w.astype(np.float64).T
         if b is not None:
@@ -384,6 +412,8 @@ def _k_fully_connected(interp, k, op, node, ins, vals, out):
     if b is not None:
         acc = acc + b.astype(np.int64)
     w_scales = _weight_scales(wt, wt.shape[0], 0, "FULLY_CONNECTED", node)
+    if wt.dtype == "int4" and n_in % 2:     # XNNPACK declines INT4 rows of odd length
+        return _requant_builtin(acc, xt, w_scales, out, act)
     return _requant_xnn(acc, xt, w_scales, out, act, node, "FULLY_CONNECTED")
 
 

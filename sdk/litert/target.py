@@ -49,8 +49,10 @@ class LiteRTTarget(Target):
             if spec is None or node is None or spec.dtype.startswith("float"):
                 continue
             op = litert_op(graph, node)
-            row["stored_bits"] = 4 if int_storage(op, weight_mode(op, plan.compute), spec.code_bits, int4) == "int4" \
-                else 8
+            w = graph.constants.get(row["tensor"])
+            k = w.shape[1] if w is not None and w.ndim == 2 else 0
+            row["stored_bits"] = 4 if int_storage(op, weight_mode(op, plan.compute), spec.code_bits, int4, k) \
+                == "int4" else 8
         return rows
 
     def pack(self, graph, plan, calibration=None):

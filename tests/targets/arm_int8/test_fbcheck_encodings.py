@@ -19,8 +19,8 @@ from pathlib import Path
 import flatbuffers
 import numpy as np
 import pytest
-
 from ai_edge_litert import schema_py_generated as fb
+
 from sdk.errors import ArtifactError
 from sdk.litert import runtime, sparse
 from sdk.litert.fbcheck import check_model
@@ -152,17 +152,18 @@ def dequantize_fc(wdtype="int8", shape=(5, 16), per_channel=True, seed=0):
     return b.finish(), xv, xv.astype(np.float64) @ (wq * np.reshape(ws, (-1, 1))).T, 1e-4
 
 
-def densify_conv(dtype="float32", seed=0):
-    """A sparse 1x1 CONV_2D weight (CSR over the input channels) expanded by DENSIFY (float16:
-    then widened by DEQUANTIZE, as fp16-gpu ships weights)."""
+def densify_conv(dtype="float32", k=1, sparse_from=3, seed=0):
+    """A sparse k x k CONV_2D weight expanded by DENSIFY (float16: then widened by DEQUANTIZE, as
+    fp16-gpu ships weights); ``sparse_from``: the first CSR dimension (3: CSR over the input
+    channels only; lower: nested CSR levels)."""
     rng = np.random.default_rng(seed)
     c, o = 8, 6
-    wd = rng.standard_normal((o, 1, 1, c)).astype(np.float32)
+    wd = rng.standard_normal((o, k, k, c)).astype(np.float32)
     wd[rng.random(wd.shape) < 0.6] = 0
     wd = wd.astype(dtype)
-    values, sp = sparse.encode(wd)
+    values, sp = sparse.encode(wd, sparse_from=sparse_from)
     b = ModelBuilder()
-    x = b.add_tensor("x", (1, 4, 4, c), "float32")
+    x = b.add_tensor("x", (1, 3 + k, 3 + k, c), "float32")
     ws = b.add_tensor("ws", wd.shape, dtype, data=values, sparsity=sp)
     w = b.add_tensor("w", wd.shape, dtype)
     bv = rng.standard_normal(o).astype(np.float32)
@@ -175,22 +176,33 @@ def densify_conv(dtype="float32", seed=0):
         w = w32
     b.add_op("CONV_2D", [x, w, bias], [y])
     b.set_io([x], [y])
-    xv = rng.standard_normal((1, 4, 4, c)).astype(np.float32)
+    xv = rng.standard_normal((1, 3 + k, 3 + k, c)).astype(np.float32)
     return b.finish(), xv, _conv(xv, wd.astype(np.float32), bv), 1e-4
 
 
-def densify_int8_conv(seed=0):
-    """Sparse int8 per-channel weights, DENSIFY, int8 CONV_2D."""
+def densify_int8_conv(seed=0, hybrid=False, quantized_input=True):
+    """Sparse int8 per-channel weights, DENSIFY, int8 CONV_2D (``hybrid``: a float32 CONV_2D,
+    refused: XNNPACK fails to prepare a dynamic-range CONV_2D whose weights are not constant).
+    ``quantized_input=False``: the quantization on the DENSIFY output only, as the lowering writes."""
     rng = np.random.default_rng(seed)
     c, o = 8, 6
     wq = rng.integers(-127, 128, (o, 1, 1, c)).astype(np.int8)
     wq[rng.random(wq.shape) < 0.6] = 0
     ws = (rng.random(o) * 0.05 + 0.01).astype(np.float32)
-    values, sp = sparse.encode(wq)
+    values, sp = sparse.encode(wq, sparse_from=3)
     b = ModelBuilder()
-    x = b.add_tensor("x", (1, 4, 4, c), "int8", scale=SX, zero_point=ZX)
-    wsp = b.add_tensor("ws", wq.shape, "int8", data=values, scale=ws, zero_point=0, axis=0, sparsity=sp)
-    w = b.add_tensor("w", wq.shape, "int8", scale=ws, zero_point=0, axis=0)
+    x = b.add_tensor("x", (1, 4, 4, c), "float32" if hybrid else "int8", **({} if hybrid else {"scale": SX,
+                                                                                          "zero_point": ZX}))
+    quant = {"scale": ws, "zero_point": 0, "axis": 0}
+    wsp = b.add_tensor("ws", wq.shape, "int8", data=values, sparsity=sp, **(quant if quantized_input else {}))
+    w = b.add_tensor("w", wq.shape, "int8", **quant)
+    if hybrid:
+        bias = b.add_tensor("b", (o,), "float32", data=np.zeros(o, np.float32))
+        y = b.add_tensor("y", (1, 4, 4, o), "float32")
+        b.add_op("DENSIFY", [wsp], [w])
+        b.add_op("CONV_2D", [x, w, bias], [y])
+        b.set_io([x], [y])
+        return b.finish(), None, None, None
     bq = rng.integers(-100, 100, o)
     bias = b.add_tensor("b", (o,), "int32", data=bq, scale=np.float32(SX) * ws, zero_point=0, axis=0)
     y = b.add_tensor("y", (1, 4, 4, o), "int8", scale=SY, zero_point=ZY)
@@ -215,7 +227,7 @@ def sparse_fc(kind, block=None, per_channel=True, seed=0):
     drop = np.repeat(rng.random((u, k // block)) < 0.5, block, axis=1)
     drop[0] = True                                   # an empty row
     wd[drop] = 0
-    values, sp = sparse.encode(wd, block)
+    values, sp = sparse.encode(wd, block, sparse_from=1)
     b = ModelBuilder()
     if kind == "float":
         x = b.add_tensor("x", (2, k), "float32")
@@ -267,7 +279,12 @@ VALID = {
     "DENSIFY float32": (lambda: densify_conv("float32"), True),
     "DENSIFY float32 builtin": (lambda: densify_conv("float32"), False),
     "DENSIFY float16": (lambda: densify_conv("float16"), True),
+    "DENSIFY nested CSR 3x3": (lambda: densify_conv(k=3, sparse_from=1), True),
+    "DENSIFY nested CSR 3x3 builtin": (lambda: densify_conv(k=3, sparse_from=1), False),
     "DENSIFY int8": (lambda: densify_int8_conv(), True),
+    "DENSIFY int8, quantization on the output only": (lambda: densify_int8_conv(quantized_input=False), True),
+    "DENSIFY int8, quantization on the output only, builtin": (lambda: densify_int8_conv(quantized_input=False),
+                                                               False),
     "sparse FULLY_CONNECTED float32": (lambda: sparse_fc("float"), False),
     "sparse FULLY_CONNECTED float32 1x4": (lambda: sparse_fc("float", 4), False),
     "sparse FULLY_CONNECTED int8 1x16": (lambda: sparse_fc("int8"), False),
@@ -494,12 +511,13 @@ CASES = {
     "values count": (densify_conv, _values_missing, r"needs \d+ bytes \(\d+ sparse values\)", True),
     "traversal not a permutation": (densify_conv, _traversal([0, 0, 1, 2]), "not a permutation", True),
     "traversal against the dense sizes": (densify_conv, _traversal([3, 0, 1, 2]),
-                                          "DENSE dimension 0 has size 6, dimension 3 is 8", True),
+                                          r"level 0 \(DENSE, dimension 3\) has size 6, the dimension is 8", True),
     "block map out of range": (lambda: sparse_fc("float", 4), _block_map, r"block map \[5\]", False),
     "block dimension not last": (lambda: sparse_fc("float", 4), _traversal([0, 2, 1], "w"),
                                  "block dimensions must come last", False),
     "block size": (lambda: sparse_fc("float", 4), _block_size, "size dividing dimension 1", False),
-    "dense size": (densify_conv, _dense_size, "DENSE dimension 0 has size 60000", True),
+    "dense size": (densify_conv, _dense_size, r"level 0 \(DENSE, dimension 0\) has size 60000, the dimension is 6",
+                   True),
     "unknown union type": (densify_conv, _union_type, "union type 7", True),
     "index vector re-typed": (densify_conv, _retyped_indices, "outside 0..7", True),
     "metadata count": (densify_conv, _metadata_short, "2 dim_metadata entries for 4", True),
@@ -509,6 +527,14 @@ CASES = {
     "DENSIFY quantization": (densify_int8_conv, _densify_quantization, "DENSIFY output 'w' is quantized", True),
     "sparse weights without DENSIFY": (densify_conv, _sparse_into_conv, "a sparse constant feeds DENSIFY only",
                                        True),
+    "hybrid weights behind DENSIFY": (lambda: densify_int8_conv(hybrid=True), None,
+                                      "int8 weights 'w' on float32 must be a constant", True),
+    "DENSIFY int8 output unquantized": (lambda: densify_int8_conv(quantized_input=False),
+                                        lambda m, sg: setattr(_t(sg, "w"), "quantization", None),
+                                        "'w': a int8 tensor needs quantization", True),
+    "unquantized sparse int8 weights": (lambda: sparse_fc("int8"),
+                                        lambda m, sg: setattr(_t(sg, "w"), "quantization", None),
+                                        "int8 weights 'w' have no quantization", False),
     "sparse float32 1x16": (lambda: sparse_fc("float", 16), None, "not a form LiteRT's sparse kernels take",
                             False),
 }
@@ -581,7 +607,7 @@ def _big_sparse_fc() -> bytes:
     """Valid sparse metadata: a 4096x4096 float32 weight with 4 stored values (16 bytes)."""
     wd = np.zeros((4096, 4096), np.float32)
     wd[0, :4] = 1
-    values, sp = sparse.encode(wd)
+    values, sp = sparse.encode(wd, sparse_from=1)
     b = ModelBuilder()
     x = b.add_tensor("x", (1, 4096), "float32")
     w = b.add_tensor("w", wd.shape, "float32", data=values, sparsity=sp)
@@ -600,7 +626,7 @@ def test_hostile_sparsity_crashes_raw_litert(tmp_path):
         "sparse FULLY_CONNECTED under XNNPACK": _big_sparse_fc(),
     }
     jobs = []
-    for i, (name, data) in enumerate(hostile.items()):
+    for i, data in enumerate(hostile.values()):
         with pytest.raises(ArtifactError):
             check_model(data)
         path = tmp_path / f"h{i}.tflite"

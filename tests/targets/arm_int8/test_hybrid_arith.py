@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from sdk.litert import hybrid, runtime
-from sdk.litert.flatbuffer import ModelBuilder
+from sdk.litert.flatbuffer import ModelBuilder, fb
 from sdk.litert.padding import out_size_and_pad
 
 # --- helpers ---------------------------------------------------------------------
@@ -301,3 +301,75 @@ def test_int4_fc_4bit_kernel_refused():
     codes = np.zeros((8, 64), np.int8)
     with pytest.raises(ValueError, match="4-bit"):
         hybrid.builtin_fully_connected(np.ones((1, 64), np.float32), codes, np.float32([0.1]), weight_dtype="int4")
+
+
+def test_fully_connected_builtin_asymmetric_edges():
+    """A zero point that lands on .5 (-126.5: rounded half away, to -127) and weight row sums
+    that wrap SseReductionSumVector's int16 lanes (depth 2600 of +-127/-128)."""
+    rng = np.random.default_rng(61)
+    x = _rows(rng, 3, 41)
+    x[0, :2] = -1.5, 253.5                 # scale (253.5 + 1.5) / 255 = 1
+    x[0, 2:] = np.clip(x[0, 2:], -1.5, 253.5)
+    codes, scales = _codes(rng, (6, 41), "int4"), _scales(rng, 6)
+    bias = rng.standard_normal(6).astype(np.float32)
+    got, _ = _run(_fc_model(x.shape, codes, scales, bias, "int4", "NONE", asymmetric=True), x)
+    _assert_bit_exact(got, hybrid.builtin_fully_connected(x, codes, scales, bias, "NONE", True, "int4"))
+    assert hybrid.tflite_asymmetric_quantize(x[:1])[2][0] == -127
+
+    k = 2600
+    codes = _codes(rng, (5, k), "int8")
+    codes[0], codes[1], codes[2, ::2] = 127, -128, -128
+    x = _rows(rng, 3, k)
+    scales, bias = _scales(rng, 5), rng.standard_normal(5).astype(np.float32)
+    got, _ = _run(_fc_model(x.shape, codes, scales, bias, "int8", "NONE", asymmetric=True), x, delegate=False)
+    _assert_bit_exact(got, hybrid.builtin_fully_connected(x, codes, scales, bias, "NONE", True))
+    assert hybrid._sse_row_sums(codes[:2]).tolist() != codes[:2].astype(np.int64).sum(axis=1).tolist()
+
+
+def _blockwise_fc_model(x_shape, codes, scales_f16, block_size, bias, activation) -> bytes:
+    """INT4 weights with TFLite ``BlockwiseQuantization`` (fp16 scales in their own tensor)."""
+    n, k = codes.shape
+    b = ModelBuilder()
+    x = b.add_tensor("x", x_shape, "float32")
+    w = b.add_tensor("w", (n, k), "int4", data=codes)
+    ws = b.add_tensor("ws", scales_f16.shape, "float16", data=scales_f16)
+    q = fb.QuantizationParametersT()
+    q.detailsType = fb.QuantizationDetails.BlockwiseQuantization
+    q.details = fb.BlockwiseQuantizationT(scales=ws.index, zeroPoints=-1, blockSize=block_size)
+    q.quantizedDimension = 0
+    b._tensors[w.index].quantization = q     # the builder writes affine quantization only
+    bb = None if bias is None else b.add_tensor("b", (n,), "float32", data=bias)
+    y = b.add_tensor("y", (x_shape[0], n), "float32")
+    b.add_op("FULLY_CONNECTED", [x, w, bb], [y], activation=activation)
+    b.set_io([x], [y])
+    return b.finish()
+
+
+def test_fully_connected_blockwise_xnnpack():
+    rng = np.random.default_rng(71)
+    for i, (rows, k, n, bl) in enumerate([(3, 128, 16, 32), (1, 64, 8, 32), (5, 256, 13, 64), (8, 96, 20, 32),
+                                          (4, 512, 9, 128), (2, 256, 33, 256)]):
+        codes = _codes(rng, (n, k), "int4")
+        scales = np.exp2(rng.uniform(-9, -3, (n, k // bl))).astype(np.float16)
+        bias = rng.standard_normal(n).astype(np.float32) if i % 2 == 0 else None
+        activation = ("NONE", "RELU", "RELU6")[i % 3]
+        x = _rows(rng, rows, k)
+        got, summary = _run(_blockwise_fc_model(x.shape, codes, scales, bl, bias, activation), x)
+        _where(summary, "FULLY_CONNECTED", delegated=True)
+        _assert_bit_exact(got, hybrid.fully_connected_blockwise(x, codes, scales, bl, bias, activation))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        hybrid.fully_connected_blockwise(x, codes, scales, 48)
+
+
+def test_per_tensor_scale_conv():
+    """One filter scale (the delegate repeats it per channel; the builtin kernel runs its symmetric path)."""
+    rng = np.random.default_rng(81)
+    x = _images(rng, (2, 6, 7, 5), start=3)
+    for dtype in ("int8", "int4"):
+        codes = _codes(rng, (6, 3, 3, 5), dtype)
+        bias = rng.standard_normal(6).astype(np.float32)
+        got, summary = _run(_conv_model(x.shape, codes, np.float32([0.0171]), bias, dtype, (2, 2), "SAME", (1, 1),
+                                        "RELU"), x)
+        _where(summary, "CONV_2D", delegated=dtype == "int8")
+        _assert_bit_exact(got, hybrid.hybrid_conv2d(x, codes, np.float32([0.0171]), bias, (2, 2), "SAME", (1, 1),
+                                                    "RELU", dtype))
