@@ -188,13 +188,15 @@ def _kernel(op: str, mode: str, dtype: str, k: int = 0) -> str:
     return KERNELS[(op, mode, dtype)]
 
 
-def _sparse_path(op: str, dtype: str) -> bool:
-    """Whether a DENSIFY of a ``dtype`` weight of ``op`` stays in XNNPACK (measured: float32 and
-    float16 weights of every op, int8 of convolutions; an int8 FULLY_CONNECTED filter behind
-    DENSIFY makes the delegate fail, INT4 DENSIFY has no kernel)."""
-    if dtype in ("float32", "float16"):
+def _sparse_path(op: str, dtype: str, mode: str = "float") -> bool:
+    """Whether a DENSIFY of a ``dtype`` weight of ``op`` (in ``mode``: float, static, dynamic,
+    weight-only) stays in XNNPACK.  Measured: float32 and float16 weights of every op, int8
+    weights dequantized to float (weight-only), int8 filters of static int8 convolutions; an int8
+    FULLY_CONNECTED filter or a dynamic-range CONV_2D filter behind DENSIFY makes the delegate fail
+    to prepare, INT4 DENSIFY has no kernel."""
+    if dtype in ("float32", "float16") or (dtype == "int8" and mode == "weight-only"):
         return True
-    return dtype == "int8" and op in ("CONV_2D", "DEPTHWISE_CONV_2D")
+    return dtype == "int8" and mode == "static" and op in ("CONV_2D", "DEPTHWISE_CONV_2D")
 
 
 @dataclasses.dataclass
@@ -625,11 +627,13 @@ class _Lowerer:
         dt = int_storage(op, mode, spec.code_bits, self.int4, w.shape[1] if w.ndim == 2 else 0)
         s32 = scales.astype(np.float32)
         if mode == "weight-only":
-            wq, wbytes, sparse = self._const_weight(f"{label}/weight/{dt}", q_t, dt, op, scale=s32, axis=axis)
+            wq, wbytes, sparse = self._const_weight(f"{label}/weight/{dt}", q_t, dt, op, scale=s32, axis=axis,
+                                                    mode=mode)
             wref = self.b.add_tensor(self.name(f"{label}/weight"), q_t.shape, "float32")
             self.b.add_op("DEQUANTIZE", [wq], [wref])
         else:
-            wref, wbytes, sparse = self._const_weight(f"{label}/weight", q_t, dt, op, scale=s32, axis=axis)
+            wref, wbytes, sparse = self._const_weight(f"{label}/weight", q_t, dt, op, scale=s32, axis=axis,
+                                                      mode=mode)
         if mode == "static":
             s_in = np.float64(np.float32(x.spec.scale[0]))
             bscale = s_in * s32.astype(np.float64)
@@ -644,13 +648,13 @@ class _Lowerer:
         return Weights(wref, bref, wbytes + 4 * bias.size, dt, sparse, kernel)
 
     def _const_weight(self, label: str, arr: np.ndarray, dtype: str, op: str, *, scale=None,
-                      axis: int = 0) -> tuple[TensorRef, int, bool]:
+                      axis: int = 0, mode: str = "float") -> tuple[TensorRef, int, bool]:
         """A weight constant: dense, or (``sparsity="auto"``) stored sparse behind DENSIFY when
         that is smaller and the runtime has a path for it.  Returns (tensor, stored bytes, sparse)."""
         item = 0.5 if dtype == "int4" else np.dtype(dtype).itemsize
         dense_bytes = int(math.ceil(arr.size * item))
         quant = {} if scale is None else {"scale": scale, "zero_point": 0, "axis": axis}
-        if self.sparsity == "auto" and _sparse_path(op, dtype) and np.count_nonzero(arr) < arr.size:
+        if self.sparsity == "auto" and _sparse_path(op, dtype, mode) and np.count_nonzero(arr) < arr.size:
             values, sp = sparse_encode(arr)
             nbytes = sparse_bytes(values, sp, item)
             if nbytes < dense_bytes:

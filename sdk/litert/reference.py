@@ -764,7 +764,7 @@ def _k_dequantize(interp, k, op, node, ins, vals, out):
     x, xt = vals[0], ins[0]
     if xt.dtype == "float16":
         return x.astype(np.float32)
-    if xt.data is not None and xt.dtype in ("int8", "int4") and xt.scale is not None and xt.scale.size > 1:
+    if xt.dtype in ("int8", "int4") and xt.scale is not None and xt.scale.size > 1:
         # a weight-only weight: per-channel codes widened once (at delegate init), float32 product
         shape = [1] * x.ndim
         shape[xt.axis] = -1

@@ -166,3 +166,20 @@ def test_encodings_a_target_cannot_carry_are_refused_by_name():
     assert "arm-int8" in exc.value.carriers
     with pytest.raises(EncodingError, match="blockwise 32"):     # XNNPACK's INT4 blockwise path is not written
         _deploy(model, x, {"method": "int4", "config": {"granularity": "grouped", "group_size": 32}})
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "weight-only"])
+def test_pruned_dynamic_and_weight_only_plans_deploy(mode):
+    """DENSIFY only where XNNPACK takes it: an int8 filter of a dynamic-range conv stays dense (the
+    delegate fails to prepare it behind DENSIFY), weight-only int8 weights go sparse."""
+    small, x = _pruned_convnet()
+    art = _deploy(small, x, {"method": "dynamic", "config": {"mode": mode}})
+    rows = [r for r in art.profile["layers"] if "kernel" in r]
+    sparse = [r["op"] for r in rows if r["weight_storage"].endswith("sparse")]
+    if mode == "dynamic":
+        assert not any(op.endswith("->CONV_2D") for op in sparse), sparse
+    else:
+        assert len(sparse) >= 3, sparse
+    assert _builtin_ops(art) == {}
+    rep = art.verify(small, runners=["host", "reference"])
+    assert rep.passed, str(rep)
