@@ -283,3 +283,28 @@ def test_binary_popcount_cross_compiled_neon(emu, binary_target, tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(b).max())
     print(f"\nbinary-popcount lenet: qemu-aarch64 equals the reference on {rep.bit_exact_ratio['qemu-aarch64']:.4f} "
           f"of the outputs (max abs diff {rep.max_lsb['qemu-aarch64']:.3g}), emulated {session.latency_ms:.3f} ms")
+
+
+@pytest.mark.emulation
+@pytest.mark.parametrize("recipe, target", [
+    ({"stages": [{"method": "int4"}]}, "arm-int8"),                                   # INT4 FC, 4-bit conv codes
+    ({"stages": [{"method": "dynamic"}]}, "arm-int8"),                                # dynamic range (qd8)
+    ({"stages": [{"method": "magnitude", "config": {"sparsity": 0.9}}]}, "arm-fp32"),  # sparse behind DENSIFY
+    ({"stages": [{"method": "magnitude", "config": {"sparsity": 0.9}}, {"method": "ptq"}]}, "arm-int8"),
+])
+def test_new_encodings_run_under_emulation(emu, recipe, target, tmp_path):
+    """INT4, dynamic-range and sparse artifacts run in the aarch64 LiteRT (XNNPACK's NEON kernels): the
+    integer ones give the host's integers exactly, the float ones agree within the float rule."""
+    model, x = make("lenet")
+    stages = recipe["stages"]
+    if stages[0]["method"] == "magnitude":        # verify against the pruned model, not the original
+        model, stages = sdk.compress(model, {"stages": stages[:1]}, progress=False), stages[1:]
+    art = sdk.deploy(model, target=target, example_inputs=(x,), calibration=batches(x.shape, 4, 0),
+                     recipe={"stages": stages} if stages else None, output=tmp_path / "a", progress=False)
+    inputs = batches(x.shape, 2, seed=5)
+    rep = art.verify(model, inputs=inputs, runners=["host", "qemu-aarch64", "reference"])
+    assert rep.passed, str(rep)
+    if target == "arm-int8" and recipe["stages"][-1]["method"] != "dynamic":
+        for s in inputs:
+            np.testing.assert_array_equal(art.run(s, runner="qemu-aarch64")[0], art.run(s, runner="host")[0])
+    assert art.session("qemu-aarch64").info["delegate_nodes"] == 1
