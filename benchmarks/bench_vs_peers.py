@@ -79,7 +79,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -98,6 +97,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "helpers"))
 import sdk  # noqa: E402
 from examples.models import make  # noqa: E402
+from hostinfo import machine  # noqa: E402  (benchmarks/, on sys.path as this script's folder)
 from peers import _common  # noqa: E402  (benchmarks/peers, on sys.path as this script's folder)
 from sdk.litert import runtime  # noqa: E402
 from sdk.litert.layout import from_stored, to_stored  # noqa: E402
@@ -297,16 +297,6 @@ def _as_tuple(y):
 
 
 # --------------------------------------------------------------------------------------- report
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    if Path("/proc/cpuinfo").exists():
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), cpu)
-    return {"machine": platform.machine(), "platform": platform.platform(), "cpu": cpu,
-            "cpu_count": os.cpu_count(), "python": platform.python_version(),
-            "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
 
 
 def markdown(rows: list[dict]) -> str:

@@ -15,6 +15,8 @@ BENCHES = {
     "bench_binary.py": ["--out", str(HERE / "results" / "binary.json")],
     "bench_fp16_gpu.py": ["--out", str(HERE / "results" / "fp16_gpu.json")],
     "bench_gallery.py": ["--out", str(HERE / "results" / "gallery.json")],
+    "bench_encodings.py": ["--out", str(HERE / "results" / "encodings.json")],
+    "sparse_probe.py": ["--out", str(HERE / "results" / "sparse_probe.json")],
 }
 
 

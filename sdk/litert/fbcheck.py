@@ -104,6 +104,7 @@ _QUANTIZED = ("int8", "uint8", "int16", "int4")          # tensor types that nee
 _DENSE, _SPARSE_CSR = 0, 1
 _INDEX_VECTORS = {1: ("Int32Vector", "<i4"), 2: ("Uint16Vector", "<u2"), 3: ("Uint8Vector", "u1")}
 _SPARSE_TYPES = {"float32", "float16", "int8", "int4"}   # a sparse constant's type
+_BLOCKWISE = 2                                          # QuantizationDetails.BlockwiseQuantization
 _DENSIFY_TYPES = {"float32", "float16", "int8"}          # what LiteRT's DENSIFY (and XNNPACK's folding) takes
 #: (op, input) a sparse constant may feed; FULLY_CONNECTED weights only without XNNPACK (see the docstring)
 _SPARSE_USES = {("DENSIFY", 0)}
@@ -203,6 +204,8 @@ class _T:
     widened: bool = False                        # computed from constants only: DEQUANTIZE of a constant weight
     #                                              (float16, int8, int4) or DENSIFY of a sparse constant
     sparse: _Sparse | None = None
+    blockwise: tuple[int, int, int] | None = None  # BlockwiseQuantization: (scales tensor, zero points, block)
+    block_scales: "_T | None" = None               # the scales tensor it names
 
     @property
     def const(self) -> bool:
@@ -495,8 +498,20 @@ def _read_tensor(r: _Reader, t: _Table, i: int, nbuf: int) -> _T:
     out = _T(i, name, shape, _TYPE_NAME[code], code, buf)
     q = t.table(4, "quantization")
     if q is not None:
-        # 2 scale, 3 zero_point, 6 quantized_dimension (no min/max, no details)
-        q.only({2, 3, 6})
+        # 2 scale, 3 zero_point, 4/5 details (BlockwiseQuantization only), 6 quantized_dimension (no min/max)
+        q.only({2, 3, 4, 5, 6})
+        kind = q.scalar(4, "B", 0, "details_type")
+        if kind:
+            if kind != _BLOCKWISE:
+                raise _Bad(f"tensor {name!r}: quantization details type {kind} is not BlockwiseQuantization")
+            d = q.table(5, "details")
+            if d is None:
+                raise _Bad(f"tensor {name!r}: BlockwiseQuantization details are missing")
+            d.only({0, 1, 2})           # scales, zero_points, block_size (no block_shape)
+            out.blockwise = (d.scalar(0, "i", 0, "scales"), d.scalar(1, "i", 0, "zero_points"),
+                             d.scalar(2, "i", 0, "block_size"))
+        elif q.ref(5, "details") is not None:
+            raise _Bad(f"tensor {name!r}: quantization details without a type")
         scale = q.scalars(2, "f", "scale", MAX_DIM)
         zp = q.scalars(3, "q", "zero_point", MAX_DIM)
         qdim = q.scalar(6, "i", 0, "quantized_dimension")
@@ -527,7 +542,9 @@ def _read_tensor(r: _Reader, t: _Table, i: int, nbuf: int) -> _T:
                        f"{', '.join(sorted(_SPARSE_TYPES))})")
         out.sparse = _read_sparsity(r, sp, shape, name)
     # a sparse constant may leave its quantization to the output of its DENSIFY (its only use then)
-    if out.dtype in _QUANTIZED and out.scale is None and out.sparse is None:
+    if out.blockwise is not None and (out.scale is not None or out.dtype != "int4" or out.sparse is not None):
+        raise _Bad(f"tensor {name!r}: blockwise quantization is for dense int4 weights without affine scales")
+    if out.dtype in _QUANTIZED and out.scale is None and out.sparse is None and out.blockwise is None:
         raise _Bad(f"tensor {name!r}: a {out.dtype} tensor needs quantization parameters")
     return out
 
@@ -849,6 +866,9 @@ def _check_weights(name: str, x: _T, w: _T, b: _T | None, what: str) -> None:
     if w.dtype not in wdts or (b is not None and b.dtype != bdt):
         raise _Bad(f"{what}: {name} on {x.dtype} needs {' or '.join(wdts)} weights and {bdt} bias, "
                    f"got {w.dtype} and {'no bias' if b is None else b.dtype}")
+    if w.blockwise is not None:
+        _check_blockwise(name, x, w, what)
+        return
     if w.dtype in ("int8", "int4") and w.scale is None:      # an unquantized sparse constant used directly
         raise _Bad(f"{what}: {name} {w.dtype} weights {w.name!r} have no quantization parameters")
     if w.dtype == "int4" or (x.dtype == "float32" and w.dtype == "int8"):
@@ -861,6 +881,25 @@ def _check_weights(name: str, x: _T, w: _T, b: _T | None, what: str) -> None:
         if len(w.scale) > 1 and w.qdim != axis:
             raise _Bad(f"{what}: {name} weights {w.name!r} are quantized along axis {w.qdim}, not the "
                        f"output-channel axis {axis}")
+
+
+def _check_blockwise(name: str, x: _T, w: _T, what: str) -> None:
+    """Blockwise INT4 weights: a dynamic-range FULLY_CONNECTED (float32 input) with [n, k] int4 codes and
+    a float16 constant of [n, k / block] finite positive scales; the block a multiple of 32 dividing k
+    (XNNPACK's qb4w kernel; other blocks fall to a builtin path edgepack never writes)."""
+    scales_t, zp, block = w.blockwise
+    scales = w.block_scales
+    if name != "FULLY_CONNECTED" or x.dtype != "float32" or not w.const or len(w.shape) != 2:
+        raise _Bad(f"{what}: blockwise weights {w.name!r} feed only a FULLY_CONNECTED on float32 input, as a "
+                   "2-D constant")
+    n, k = w.shape
+    if block <= 0 or block % 32 or k % block:
+        raise _Bad(f"{what}: blockwise block size {block} must be a positive multiple of 32 dividing {k}")
+    if zp != -1:
+        raise _Bad(f"{what}: blockwise weights {w.name!r} must have no zero-point tensor (-1), got {zp}")
+    if scales is None or scales.dtype != "float16" or not scales.const or scales.shape != (n, k // block):
+        raise _Bad(f"{what}: blockwise scales of {w.name!r} must be a float16 constant of shape [{n}, "
+                   f"{k // block}]")
 
 
 def _check_sparse_fc(x: _T, w: _T, what: str) -> None:
@@ -976,6 +1015,18 @@ def _walk(data: bytes, manifest: dict | None, delegate: bool) -> CheckedModel:
     nt = len(tensors)
     if not nt:
         raise _Bad("the subgraph has no tensors")
+    for t in tensors:
+        if t.blockwise is not None:
+            idx = t.blockwise[0]
+            if not 0 <= idx < nt or tensors[idx] is t:
+                raise _Bad(f"tensor {t.name!r}: blockwise scales name tensor {idx} of {nt}")
+            sc = tensors[idx]
+            if sc.dtype == "float16" and sc.const:
+                start, length = sc.data_span
+                vals = np.frombuffer(data, "<f2", count=length // 2, offset=start).astype(np.float32)
+                if not (np.all(np.isfinite(vals)) and np.all(vals > 0)):
+                    raise _Bad(f"tensor {t.name!r}: blockwise scales {sc.name!r} must be finite and > 0")
+            t.block_scales = sc
 
     def index_list(slot: int, what: str) -> list[int]:
         idx = sg.scalars(slot, "i", what, MAX_TENSORS) or []

@@ -419,6 +419,7 @@ class ModelBuilder:
         zero_point=None,
         axis: int = 0,
         sparsity: "fb.SparsityParametersT | None" = None,
+        blockwise: "tuple[TensorRef, int] | None" = None,
     ) -> TensorRef:
         """Add a tensor; with ``data`` it is a constant stored in its own buffer.
 
@@ -427,6 +428,9 @@ class ModelBuilder:
         ``int4`` data is packed two codes per byte (:func:`pack_int4`).  With
         ``sparsity`` (:func:`sdk.litert.sparse.encode`) ``data`` holds only the
         stored values and ``shape`` is the dense shape; a DENSIFY op expands it.
+        ``blockwise=(scales, block_size)``: INT4 weights ``[n, k]`` with one float16 scale per
+        ``block_size`` consecutive weights of a row, held in the constant ``scales`` ``[n, k /
+        block_size]`` (``BlockwiseQuantization``; XNNPACK's dynamic-range qb4w kernel).
         Names must be unique: runners and the reference address tensors by name.
         """
         if name in self._names:
@@ -475,6 +479,13 @@ class ModelBuilder:
             q.scale = [float(s) for s in scales]
             q.zeroPoint = [int(z) for z in zps]
             q.quantizedDimension = int(axis) % len(shape) if shape else 0
+            t.quantization = q
+        elif blockwise is not None:
+            scales_ref, block_size = blockwise
+            q = fb.QuantizationParametersT()
+            q.detailsType = fb.QuantizationDetails.BlockwiseQuantization
+            q.details = fb.BlockwiseQuantizationT(scales=scales_ref.index, zeroPoints=-1, blockSize=int(block_size))
+            q.quantizedDimension = 0
             t.quantization = q
         elif t.type in _QUANTIZED_TYPES and data is None:
             raise ConfigError(f"tensor {name!r}: a {dtype} activation needs a scale")

@@ -178,6 +178,25 @@ def litert_op(graph: Graph, node: Node) -> str:
     return "DEPTHWISE_CONV_2D" if node.attrs["groups"] == cin and node.attrs["groups"] > 1 else "CONV_2D"
 
 
+#: the kernel of blockwise INT4 weights (float16 scales, which XNNPACK rounds to bfloat16)
+BLOCKWISE_KERNEL = "xnnpack dynamic range blockwise (qd8-qb4w, bf16 scales)"
+
+
+def blockwise_refusal(op: str, compute: str, spec: QuantSpec, k: int) -> str | None:
+    """Why LiteRT cannot run blockwise weights of ``spec`` here (None: it can): only a dynamic-range
+    FULLY_CONNECTED with 4-bit codes in blocks of a multiple of 32 that divides the row (measured;
+    XNNPACK's qb4w kernel, other blocks fall to a builtin kernel)."""
+    if op != "FULLY_CONNECTED" or compute != "dynamic":
+        return ("blockwise (grouped) weight scales run in LiteRT only for fully connected layers with float "
+                "activations quantized at run time: use int4 with activations: float (or dynamic), or "
+                "per-channel scales")
+    if spec.code_bits > 4:
+        return "blockwise scales are INT4-only in LiteRT: use 4-bit weights or per-channel scales"
+    if spec.block_size % 32 or k % spec.block_size:
+        return f"blockwise INT4 needs a block size that is a multiple of 32 and divides {k}, got {spec.block_size}"
+    return None
+
+
 #: the kernel of an INT4 FULLY_CONNECTED whose rows have odd length (int4="always" only)
 ODD_INT4_FC = "builtin (XNNPACK declines INT4 rows of odd length)"
 
@@ -199,6 +218,12 @@ def _sparse_path(op: str, dtype: str, mode: str = "float") -> bool:
     return dtype == "int8" and mode == "static" and op in ("CONV_2D", "DEPTHWISE_CONV_2D")
 
 
+def _worth_sparse(w: np.ndarray, item: float = 1.0) -> bool:
+    """Whether ``w`` has zeros enough that sparse storage could pay (each kept value costs at least one
+    index byte more)."""
+    return np.count_nonzero(w) * (item + 1) < w.size * item
+
+
 @dataclasses.dataclass
 class Weights:
     """The weight and bias tensors of one conv / linear, and what the profile says about them."""
@@ -211,7 +236,8 @@ class Weights:
     kernel: str                 # the kernel it runs in (:data:`KERNELS`)
 
     def row(self) -> dict:
-        return {"weight_storage": self.stored + (" sparse" if self.sparse else ""), "kernel": self.kernel}
+        kernel = self.kernel + ("; stored sparse, densified at load" if self.sparse else "")
+        return {"weight_storage": self.stored + (" sparse" if self.sparse else ""), "kernel": kernel}
 
 
 def lower(graph: Graph, plan: QuantPlan | None, *, target: str, io: str = "float",
@@ -355,6 +381,14 @@ class _Lowerer:
         self.g, self.plan, self.target, self.io = graph, plan, target, io
         self.half_weights, self.keep_fp32 = half_weights, keep_fp32
         self.int4, self.sparsity = int4, sparsity
+        # A float graph with sparse weights makes XNNPACK on ARM (not on x86 with AVX) convert the longest
+        # NCHW-compatible chain from the input to sparse inference; a chain that ends early at a SAME-padded
+        # stride-2 conv gives wrong outputs there (measured under qemu-aarch64, benchmarks/results/
+        # sparse_probe.md): such graphs write every strided padded conv as PAD + VALID, which XNNPACK fuses
+        # and its NCHW rewrite accepts.
+        self.sparse_float = sparsity == "auto" and (plan is None or plan.compute != "static") and any(
+            _worth_sparse(graph.constants[n.inputs[1]], 4.0) for n in graph.nodes
+            if n.op in ("conv", "linear") and len(n.inputs) > 1 and n.inputs[1] in graph.constants)
         self.compute = plan.compute if plan is not None else None
         self.q = plan is not None and plan.compute == "static"      # int8 activations
         self.b = ModelBuilder(description=f"edgepack {target}")
@@ -370,9 +404,6 @@ class _Lowerer:
                 if not spec.dtype.startswith("float") and (not spec.symmetric or any(spec.zero_point)):
                     raise ConfigError(f"{target} requires symmetric int8 weights (zero point 0) for XNNPACK; "
                                       f"weight {name} is asymmetric: set ptq weight_scheme: symmetric")
-                if spec.block_size:
-                    raise ConfigError(f"{target} ships per-channel or per-tensor weight scales; weight {name} is "
-                                      "blockwise: set weight_granularity: per-channel")
             self.acts = {name: _usable(spec) for name, spec in plan.activations.items()}
 
     # -- helpers ---------------------------------------------------------------
@@ -609,6 +640,8 @@ class _Lowerer:
                 self.b.add_tensor(self.name(f"{label}/bias"), bias.shape, "float32", data=bias)
             kernel = "xnnpack float" + (" (float16 weights widened at init)" if half else "")
             return Weights(wref, bref, wbytes + (2 if half else 4) * bias.size, dt, sparse, kernel)
+        if spec.block_size:
+            return self._blockwise_weights(node, op, w, bias, spec, x)
         scales = np.asarray(spec.scale, np.float64)
         if len(scales) == 1:
             scales = np.repeat(scales, w.shape[0])
@@ -647,6 +680,26 @@ class _Lowerer:
             kernel += f"; its {spec.code_bits}-bit codes ship in int8 (int4='always' stores INT4, smaller and slower)"
         return Weights(wref, bref, wbytes + 4 * bias.size, dt, sparse, kernel)
 
+    def _blockwise_weights(self, node: Node, op: str, w: np.ndarray, bias: np.ndarray, spec: QuantSpec,
+                           x: Value) -> "Weights":
+        """INT4 weights with one float16 scale per block of a row (``BlockwiseQuantization``), for
+        XNNPACK's dynamic-range qb4w kernel: the only blockwise path LiteRT runs delegated
+        (:func:`blockwise_refusal` says which plans may ask for it)."""
+        why = blockwise_refusal(op, "static" if x.spec is not None else self.compute, spec, w.shape[-1])
+        if why:
+            raise self.unsupported(node, why)
+        n, k = w.shape
+        bs = spec.block_size
+        s16 = np.asarray(spec.scale, np.float32).reshape(n, k // bs).astype(np.float16)
+        s16 = np.where(s16 > 0, s16, np.float16(2.0 ** -14))            # an all-zero block: any scale
+        step = np.repeat(s16.astype(np.float64), bs, axis=1)
+        q = np.clip(np.round(w.astype(np.float64) / step), -7, 7).astype(np.int8)
+        sref = self.b.add_tensor(self.name(f"{node.name}/weight/scales"), s16.shape, "float16", data=s16)
+        wref = self.b.add_tensor(self.name(f"{node.name}/weight"), q.shape, "int4", data=q, blockwise=(sref, bs))
+        bref = self.b.add_tensor(self.name(f"{node.name}/bias"), bias.shape, "float32", data=bias)
+        return Weights(wref, bref, q.size // 2 + 2 * s16.size + 4 * bias.size, f"int4 blockwise {bs}", False,
+                       BLOCKWISE_KERNEL)
+
     def _const_weight(self, label: str, arr: np.ndarray, dtype: str, op: str, *, scale=None,
                       axis: int = 0, mode: str = "float") -> tuple[TensorRef, int, bool]:
         """A weight constant: dense, or (``sparsity="auto"``) stored sparse behind DENSIFY when
@@ -654,7 +707,10 @@ class _Lowerer:
         item = 0.5 if dtype == "int4" else np.dtype(dtype).itemsize
         dense_bytes = int(math.ceil(arr.size * item))
         quant = {} if scale is None else {"scale": scale, "zero_point": 0, "axis": axis}
-        if self.sparsity == "auto" and _sparse_path(op, dtype, mode) and np.count_nonzero(arr) < arr.size:
+        nnz = np.count_nonzero(arr)
+        # every stored value costs at least one index byte too: no saving unless nnz·(item + 1) < dense
+        # (an all-zero weight stays dense: LiteRT reads an empty buffer as "no data", not as no values)
+        if self.sparsity == "auto" and _sparse_path(op, dtype, mode) and 0 < nnz and nnz * (item + 1) < dense_bytes:
             values, sp = sparse_encode(arr)
             nbytes = sparse_bytes(values, sp, item)
             if nbytes < dense_bytes:
@@ -685,7 +741,7 @@ class _Lowerer:
             out, before, after = same_padding(size, k, s, d)
             torch_out = (size + 2 * p - d * (k - 1) - 1) // s + 1
             same &= before == after == p and torch_out == out
-        if same:
+        if same and not (self.sparse_float and any(st > 1 for st in stride)):
             return x, "SAME"
         return self._pad_explicit(node, x, pad)
 

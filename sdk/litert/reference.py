@@ -77,10 +77,11 @@ from typing import Callable
 
 import numpy as np
 
+from ai_edge_litert import schema_py_generated as fb
+
 from sdk.errors import ArtifactError, InputError, UnsupportedOpError
 
-from . import qmath
-from . import hybrid
+from . import hybrid, qmath
 from .flatbuffer import dtype_name, numpy_dtype, op_name, read_model, tensor_data
 from .padding import out_size_and_pad
 from .qmath import INT8_MAX, INT8_MIN, f32
@@ -106,6 +107,7 @@ class _Tensor:
     zero_point: np.ndarray | None
     axis: int
     data: np.ndarray | None
+    blockwise: tuple[np.ndarray, int] | None = None     # (float16 scales [n, k / block], block size)
 
     @property
     def s(self) -> np.float32:
@@ -208,9 +210,14 @@ class ReferenceInterpreter:
             scale = np.asarray(q.scale, dtype=np.float32)
             zp = np.asarray(q.zeroPoint if q.zeroPoint is not None else [0] * len(scale), dtype=np.int64)
             axis = int(q.quantizedDimension)
+        blockwise = None
+        if q is not None and q.detailsType == fb.QuantizationDetails.BlockwiseQuantization:
+            scales = tensor_data(self.model, self.model.subgraphs[0].tensors[q.details.scales])
+            blockwise = (np.asarray(scales, np.float16), int(q.details.blockSize))
         name = t.name.decode() if isinstance(t.name, bytes) else str(t.name)
         shape = tuple(int(d) for d in (t.shape if t.shape is not None else ()))
-        return _Tensor(index, name, shape, dtype_name(t.type), scale, zp, axis, tensor_data(self.model, t))
+        return _Tensor(index, name, shape, dtype_name(t.type), scale, zp, axis, tensor_data(self.model, t),
+                       blockwise)
 
     # --- public API ---------------------------------------------------------
 
@@ -396,6 +403,9 @@ def _k_fully_connected(interp, k, op, node, ins, vals, out):
     n_in = wt.shape[1]
     x2 = x.reshape(-1, n_in)
     act = fused_activation(op, node)
+    if xt.dtype == "float32" and wt.blockwise is not None:           # qd8 x qb4w (sdk.litert.hybrid)
+        scales, block = wt.blockwise
+        return hybrid.fully_connected_blockwise(x2, w, scales, block, b, act)
     if xt.dtype == "float32" and wt.dtype in ("int8", "int4"):       # dynamic range (sdk.litert.hybrid)
         asym = bool(getattr(op.builtinOptions, "asymmetricQuantizeInputs", False))
         return hybrid.hybrid_fully_connected(x2, w, wt.scale, b, act, weight_dtype=wt.dtype,

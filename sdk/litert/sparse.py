@@ -8,14 +8,16 @@ entry of ``block_map`` (the dimension it blocks).  The runtime expands it with
 a ``DENSIFY`` op; XNNPACK folds that at delegate init, TFLite's builtin
 FULLY_CONNECTED reads the 1x4 (float) and 1x16 (int8) block forms directly.
 
-:func:`encode` writes the form edgepack ships: every dimension dense except the
-(blocked) last one, CSR, with the narrowest index type that holds the indices;
+:func:`encode` writes the form edgepack ships: leading dimensions dense, the rest
+compressed (nested CSR, split where the file is smallest), the narrowest index
+type that holds the indices (checked against TFLite's own FormatConverter in
+tests/targets/arm_int8/test_fbcheck_encodings.py);
 :func:`densify` reads any form the schema allows and refuses inconsistent
 arrays with :class:`~sdk.errors.ArtifactError`.
 
 >>> w = np.array([[0, 2, 0, 0], [0, 0, 0, 5]], np.float32)
 >>> values, sp = encode(w)
->>> values.tolist(), list(sp.dimMetadata[1].arraySegments.values), list(sp.dimMetadata[1].arrayIndices.values)
+>>> values.tolist(), sp.dimMetadata[1].arraySegments.values.tolist(), sp.dimMetadata[1].arrayIndices.values.tolist()
 ([2.0, 5.0], [0, 1, 2], [1, 3])
 >>> bool((densify(values, sp, w.shape) == w).all())
 True
@@ -43,7 +45,7 @@ def _index_vector(values: np.ndarray):
     for kind, cls, dt in _VECTORS:
         if top <= np.iinfo(dt).max:
             v = cls()
-            v.values = [int(x) for x in values]
+            v.values = np.ascontiguousarray(values, dt)      # packed with CreateNumpyVector
             return kind, v, np.dtype(dt).itemsize
     raise ConfigError(f"sparse index {top} does not fit int32")
 

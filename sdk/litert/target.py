@@ -37,7 +37,9 @@ class LiteRTTarget(Target):
     def check_plan(self, graph, plan):
         """The contract's check, with each integer weight's storage as the lowering will write it
         (4-bit codes are INT4 only where XNNPACK runs INT4, unless ``int4="always"``)."""
-        from .lowering import int_storage, litert_op, weight_mode
+        from sdk.errors import EncodingError
+
+        from .lowering import blockwise_refusal, int_storage, litert_op, weight_mode
 
         rows = super().check_plan(graph, plan)
         if plan is None or not self.quantized:
@@ -51,6 +53,12 @@ class LiteRTTarget(Target):
             op = litert_op(graph, node)
             w = graph.constants.get(row["tensor"])
             k = w.shape[1] if w is not None and w.ndim == 2 else 0
+            if spec.block_size:
+                why = blockwise_refusal(op, plan.compute, spec, k)
+                if why:
+                    raise EncodingError(self.name, row["layer"], row["tensor"], row["planned"], why, [])
+                row["stored_bits"] = 4
+                continue
             row["stored_bits"] = 4 if int_storage(op, weight_mode(op, plan.compute), spec.code_bits, int4, k) \
                 == "int4" else 8
         return rows

@@ -46,6 +46,8 @@ class ArmInt8(LiteRTTarget):
     # float weights of a mixed-precision plan
     carries = (Carries("int8", bits=(4, 8), granularity=("per-tensor", "per-channel"), symmetric=True,
                        sparsity=("unstructured", "block")),
+               # blockwise: dynamic-range fully connected layers only (LiteRTTarget.check_plan refuses the rest)
+               Carries("int8", bits=(4,), granularity=("blockwise",), ops=("linear",), symmetric=True),
                Carries("float32", sparsity=("unstructured", "block")))
     activation_dtypes = ("int8",)
     needs_activation_specs = True

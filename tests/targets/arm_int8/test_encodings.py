@@ -164,8 +164,31 @@ def test_encodings_a_target_cannot_carry_are_refused_by_name():
     with pytest.raises(EncodingError) as exc:        # arm-fp32 has no integer weights
         sdk.deploy(model, "arm-fp32", (x,), recipe={"stages": [{"method": "dynamic"}]}, progress=False)
     assert "arm-int8" in exc.value.carriers
-    with pytest.raises(EncodingError, match="blockwise 32"):     # XNNPACK's INT4 blockwise path is not written
+    with pytest.raises(EncodingError, match="blockwise 32") as exc:   # LiteRT runs blockwise only dynamic
         _deploy(model, x, {"method": "int4", "config": {"granularity": "grouped", "group_size": 32}})
+    assert "activations: float" in str(exc.value)
+    with pytest.raises(EncodingError, match="multiple of 32"):
+        _deploy(model, x, {"method": "int4", "config": {"granularity": "grouped", "group_size": 16,
+                                                         "activations": "float"}})
+
+
+def test_grouped_int4_runs_in_xnnpack_blockwise_kernel_bit_exact():
+    """int4 grouped with float activations: INT4 with float16 scales per 32 weights (BlockwiseQuantization),
+    XNNPACK's qd8-qb4w kernel, bit-exact with sdk.litert.hybrid.fully_connected_blockwise."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
+    x = torch.randn(3, 128)
+    art = _deploy(model, x, {"method": "int4", "config": {"granularity": "grouped", "group_size": 32,
+                                                           "activations": "float"}})
+    rows = [r for r in art.profile["layers"] if "kernel" in r]
+    assert [r["weight_storage"] for r in rows] == ["int4 blockwise 32"] * 2
+    assert {r["kernel"] for r in rows} == {"xnnpack dynamic range blockwise (qd8-qb4w, bf16 scales)"}
+    assert [r["stored_bits"] for r in art.manifest["encodings"]] == [4, 4]
+    assert _builtin_ops(art) == {}
+    rep = art.verify(model, runners=["host", "reference"])
+    assert rep.passed and rep.runners["host"].bit_exact_ratio == 1.0, str(rep)
+    per_channel = _deploy(model, x, {"method": "int4", "config": {"activations": "float"}})
+    assert rep.sqnr_db["host"] > per_channel.verify(model, runners=["host"]).sqnr_db["host"]
 
 
 @pytest.mark.parametrize("mode", ["dynamic", "weight-only"])
@@ -183,3 +206,16 @@ def test_pruned_dynamic_and_weight_only_plans_deploy(mode):
     assert _builtin_ops(art) == {}
     rep = art.verify(small, runners=["host", "reference"])
     assert rep.passed, str(rep)
+
+
+@pytest.mark.parametrize("target", ["arm-fp32", "arm-int8"])
+def test_an_all_zero_weight_ships_dense(target):
+    """A zero-initialised layer (timm's and MobileViT's residual branches) has no values to store sparse:
+    LiteRT reads an empty buffer as no data, so it stays dense (found on the gallery's mobilevit_xxs)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1))
+    nn.init.zeros_(model[2].weight)
+    x = torch.randn(1, 3, 8, 8)
+    art = sdk.deploy(model, target, (x,), calibration=[torch.randn_like(x) for _ in range(2)], progress=False)
+    assert [r["weight_storage"] for r in art.profile["layers"] if "weight_storage" in r][-1] in ("float32", "int8")
+    assert art.verify(model, runners=["host", "reference"]).passed

@@ -11,8 +11,6 @@ without crashing.  ``EDGEPACK_FUZZ_MUTATIONS`` raises the count per target (defa
 import json
 import os
 import random
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,13 +19,13 @@ import pytest
 import torch
 
 import sdk
+from litert_child import run_in_children
 from examples.models import make
 from sdk.artifact import Artifact
 from sdk.errors import ArtifactError
 from sdk.litert.fbcheck import check_model
 from sdk.litert.flatbuffer import FILE_IDENTIFIER, read_model
 
-ROOT = Path(__file__).resolve().parents[3]
 
 TARGETS = ("arm-int8", "arm-fp32", "fp16-gpu")
 MUTATIONS = int(os.environ.get("EDGEPACK_FUZZ_MUTATIONS", "300"))
@@ -287,63 +285,13 @@ def test_edits_that_crash_litert_are_refused_first(lenets, tmp_path, case):
     (dest / "model.tflite").write_bytes(mutant)
     with pytest.raises(ArtifactError, match=CASES[case][1]):
         Artifact(dest, art.manifest, art.profile).session("host")
-    results = _run_in_children([dest / "model.tflite"], tmp_path)
+    results = run_in_children([(dest / "model.tflite", True)], tmp_path)
     if not results[0].startswith("crash"):
         pytest.skip(f"this LiteRT no longer crashes on it ({results[0]})")
 
 
 # -- the fuzz test -------------------------------------------------------------------------
 
-_CHILD = r"""
-import sys
-import numpy as np
-from sdk.litert import runtime
-rng = np.random.default_rng(0)
-for line in open(sys.argv[1]):
-    i, path = line.split(" ", 1)
-    print("start", i, flush=True)
-    try:
-        interp = runtime.load_interpreter(open(path.strip(), "rb").read())
-        for _ in range(2):
-            xs = [rng.standard_normal(d["shape"]).astype(d["dtype"]) if d["dtype"] == np.float32 else
-                  rng.integers(-128, 128, d["shape"]).astype(d["dtype"]) for d in interp.get_input_details()]
-            runtime.run(interp, xs)
-        status = "ran"
-    except Exception as exc:
-        status = "error:" + type(exc).__name__
-    print("done", i, status, flush=True)
-"""
-
-
-def _run_in_children(paths: list[Path], tmp: Path) -> dict[int, str]:
-    """LiteRT on each path, in child processes; a child that dies is ``crash:<returncode>``
-    for the model it was running, and a fresh child takes the rest."""
-    script = tmp / "child.py"
-    script.write_text(_CHILD)
-    results: dict[int, str] = {}
-    todo = list(range(len(paths)))
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    while todo:
-        listing = tmp / "todo.txt"
-        listing.write_text("".join(f"{i} {paths[i]}\n" for i in todo))
-        proc = subprocess.run([sys.executable, str(script), str(listing)], capture_output=True, text=True,
-                              env=env, cwd=ROOT, timeout=600)
-        current = None
-        for line in proc.stdout.splitlines():
-            parts = line.split()
-            if parts[:1] == ["start"]:
-                current = int(parts[1])
-            elif parts[:1] == ["done"]:
-                results[int(parts[1])] = parts[2]
-                current = None
-        if current is not None:
-            results[current] = f"crash:{proc.returncode}"
-        left = [i for i in todo if i not in results]
-        if left and current is None:
-            raise AssertionError(f"the LiteRT child stopped (exit {proc.returncode}) between models: "
-                                 f"{proc.stderr[-2000:]}")
-        todo = left
-    return results
 
 
 def _mutate(data: bytes, spans, rng: random.Random) -> tuple[str, bytes]:
@@ -392,7 +340,7 @@ def test_fuzz_mutations_are_refused_or_run_without_crashing(lenets, target, tmp_
         path = tmp_path / f"m{i}.tflite"
         path.write_bytes(mutant)
         passed.append(path)
-    results = _run_in_children(passed, tmp_path)
+    results = run_in_children([(p, True) for p in passed], tmp_path)
     crashed = {str(passed[i]): r for i, r in results.items() if r.startswith("crash")}
     print(f"\n{target}: {MUTATIONS} mutations, {refused} refused by fbcheck, {len(passed)} passed it; "
           f"of those {sum(r == 'ran' for r in results.values())} ran, "

@@ -10,23 +10,19 @@ with *valid* metadata -- a sparse FULLY_CONNECTED weight under XNNPACK, which re
 values as the dense matrix.
 """
 
-import os
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import flatbuffers
 import numpy as np
 import pytest
 from ai_edge_litert import schema_py_generated as fb
 
+from litert_child import run_in_children
 from sdk.errors import ArtifactError
 from sdk.litert import runtime, sparse
 from sdk.litert.fbcheck import check_model
 from sdk.litert.flatbuffer import FILE_IDENTIFIER, ModelBuilder, pack_int4, read_model
 
-ROOT = Path(__file__).resolve().parents[3]
 
 
 # -- numpy references -------------------------------------------------------------------------
@@ -553,54 +549,6 @@ def test_named_problem_is_an_artifact_error(case):
 
 # -- raw LiteRT on hostile sparsity, in child processes ----------------------------------------------
 
-_CHILD = r"""
-import sys
-import numpy as np
-from sdk.litert import runtime
-for line in open(sys.argv[1]):
-    i, delegate, path = line.split(" ", 2)
-    print("start", i, flush=True)
-    try:
-        interp = runtime.load_interpreter(open(path.strip(), "rb").read(), delegate=delegate == "1")
-        for _ in range(2):
-            xs = [np.ones(d["shape"], d["dtype"]) for d in interp.get_input_details()]
-            runtime.run(interp, xs)
-        status = "ran"
-    except Exception as exc:
-        status = "error:" + type(exc).__name__
-    print("done", i, status, flush=True)
-"""
-
-
-def _run_in_children(jobs: list[tuple[Path, bool]], tmp: Path) -> dict[int, str]:
-    """LiteRT on each (path, delegate) in child processes; a child that dies is ``crash:<rc>``
-    for the model it was running, and a fresh child takes the rest."""
-    script = tmp / "child.py"
-    script.write_text(_CHILD)
-    results: dict[int, str] = {}
-    todo = list(range(len(jobs)))
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    while todo:
-        listing = tmp / "todo.txt"
-        listing.write_text("".join(f"{i} {int(jobs[i][1])} {jobs[i][0]}\n" for i in todo))
-        proc = subprocess.run([sys.executable, str(script), str(listing)], capture_output=True, text=True,
-                              env=env, cwd=ROOT, timeout=300)
-        current = None
-        for line in proc.stdout.splitlines():
-            parts = line.split()
-            if parts[:1] == ["start"]:
-                current = int(parts[1])
-            elif parts[:1] == ["done"]:
-                results[int(parts[1])] = parts[2]
-                current = None
-        if current is not None:
-            results[current] = f"crash:{proc.returncode}"
-        left = [i for i in todo if i not in results]
-        if left and current is None:
-            raise AssertionError(f"the LiteRT child stopped (exit {proc.returncode}) between models: "
-                                 f"{proc.stderr[-2000:]}")
-        todo = left
-    return results
 
 
 def _big_sparse_fc() -> bytes:
@@ -632,7 +580,7 @@ def test_hostile_sparsity_crashes_raw_litert(tmp_path):
         path = tmp_path / f"h{i}.tflite"
         path.write_bytes(data)
         jobs.append((path, True))
-    results = _run_in_children(jobs, tmp_path)
+    results = run_in_children(jobs, tmp_path, timeout=300)
     crashed = [name for i, name in enumerate(hostile) if results[i].startswith("crash")]
     if not crashed:
         pytest.skip(f"this LiteRT no longer crashes on them ({results})")
@@ -677,7 +625,7 @@ def test_fuzz_mutations_are_refused_or_run_without_crashing(tmp_path):
             path = tmp_path / f"m{len(jobs)}.tflite"
             path.write_bytes(mutant)
             jobs.append((path, delegate))
-    results = _run_in_children(jobs, tmp_path)
+    results = run_in_children(jobs, tmp_path, timeout=300)
     crashed = {str(jobs[i][0]): r for i, r in results.items() if r.startswith("crash")}
     print(f"\n{150 * len(FUZZED)} mutations, {refused} refused by fbcheck, {len(jobs)} passed it; of those "
           f"{sum(r == 'ran' for r in results.values())} ran, "
