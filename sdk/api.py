@@ -173,7 +173,10 @@ def deploy(model, target: str, example_inputs, calibration: Iterable | None = No
     golden = {f"input_{i}": x.numpy() for i, x in enumerate(example_inputs)}
     golden.update({f"output_{i}": o.detach().float().numpy() for i, o in enumerate(golden_out)})
 
-    int_bits = [w.code_bits for w in plan.weights.values() if not w.dtype.startswith("float")] if plan else []
+    # the narrowest integer grid of the plan (shared-value codebooks excluded: those are exact), for the
+    # target's fidelity rules (Target.rules_for)
+    int_bits = [w.code_bits for w in plan.weights.values()
+                if not w.dtype.startswith("float") and w.index_bits is None] if plan else []
     quantization = {"method": plan.method, "config": plan.config, "compute": plan.compute,
                     **({"weight_bits": min(int_bits)} if int_bits else {}),
                     **({"keep_fp32": plan.extra["keep_fp32"]} if "keep_fp32" in plan.extra else {})} if plan else None

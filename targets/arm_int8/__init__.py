@@ -11,6 +11,12 @@ baseline int8 is measured against.  The flatbuffer is written by
 and checked against :mod:`sdk.litert.reference`, a numpy re-execution of the
 same file with the runtime's integer arithmetic.
 
+Beyond int8: fully connected layers with 4-bit codes store INT4 (XNNPACK's int8 x int4
+kernel; ``int4="always"`` makes convolutions INT4 too, in builtin kernels); ``dynamic`` and
+``int4`` plans with float activations run XNNPACK's dynamic-range kernels (inputs quantized per
+row at run time), weight-only plans dequantize at load; ``sparsity="auto"`` stores pruned
+convolution filters sparse behind DENSIFY.  ``sdk.litert.lowering.KERNELS`` lists what runs where.
+
 Runners: ``host`` (LiteRT here) and ``reference`` (the integer reference);
 ``qemu-aarch64`` runs the same file on an emulated ARM64 Linux.
 
