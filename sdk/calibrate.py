@@ -21,31 +21,40 @@ from tqdm.auto import tqdm
 from .graph import WEIGHTED_OPS, Graph
 from .quant import QuantSpec, make_observer
 
-__all__ = ["activation_specs", "weight_specs"]
+__all__ = ["activation_ranges", "activation_specs", "weight_specs"]
+
+
+def activation_ranges(graph: Graph, batches: Sequence[tuple], *, observer: str = "mse",
+                      num_batches: int | None = None, progress: bool = True, transform: Callable | None = None,
+                      **options) -> dict[str, tuple]:
+    """``(lo, hi)`` of every graph input and node output, from ``observer`` (with ``options``) over
+    ``batches`` (at most ``num_batches``), each value passed through ``transform`` first (``np.abs``
+    for symmetric ranges); a learned output range in ``graph.hints`` (QAT, LSQ) wins."""
+    observers = {name: make_observer(observer, **options) for name, _, _ in graph.inputs}
+    observers.update({n.name: make_observer(observer, **options) for n in graph.nodes})
+    used = list(batches)[:num_batches] if num_batches else list(batches)
+
+    def observe(name, value):
+        if name in observers:
+            v = value.detach().cpu().numpy()
+            observers[name].update(transform(v) if transform is not None else v)
+
+    for batch in tqdm(used, desc="calibrating", unit="batch", disable=not progress, leave=False):
+        graph.run(batch, observer=observe)
+    ranges = {}
+    for name, obs in observers.items():
+        learned = graph.hints.get(name)
+        ranges[name] = learned.range if learned is not None and learned.range is not None else obs.range()
+    return ranges
 
 
 def activation_specs(graph: Graph, batches: Sequence[tuple], *, observer: str = "mse", percentile: float = 99.99,
                      symmetric: bool = False, dtype: str = "int8", num_batches: int | None = None,
                      progress: bool = True) -> dict[str, QuantSpec]:
-    """One spec per graph input and node output, from ``observer`` over ``batches`` (at most
-    ``num_batches`` of them); a learned output range in ``graph.hints`` wins over the observed one."""
+    """One spec per graph input and node output from :func:`activation_ranges`."""
     opts = {"percentile": {"percentile": percentile}, "mse": {"symmetric": symmetric, "dtype": dtype}}.get(observer, {})
-    observers = {name: make_observer(observer, **opts) for name, _, _ in graph.inputs}
-    observers.update({n.name: make_observer(observer, **opts) for n in graph.nodes})
-    used = list(batches)[:num_batches] if num_batches else list(batches)
-
-    def observe(name, value):
-        if name in observers:
-            observers[name].update(value.detach().cpu().numpy())
-
-    for batch in tqdm(used, desc="calibrating", unit="batch", disable=not progress, leave=False):
-        graph.run(batch, observer=observe)
-    specs = {}
-    for name, obs in observers.items():
-        learned = graph.hints.get(name)
-        lo, hi = learned.range if learned is not None and learned.range is not None else obs.range()
-        specs[name] = QuantSpec.from_range(lo, hi, dtype=dtype, symmetric=symmetric)
-    return specs
+    ranges = activation_ranges(graph, batches, observer=observer, num_batches=num_batches, progress=progress, **opts)
+    return {name: QuantSpec.from_range(lo, hi, dtype=dtype, symmetric=symmetric) for name, (lo, hi) in ranges.items()}
 
 
 def weight_specs(graph: Graph, spec: Callable[[np.ndarray, object, object], QuantSpec]) -> dict[str, QuantSpec]:

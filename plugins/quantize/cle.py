@@ -40,6 +40,26 @@ of the model with those ReLU6 replaced, which differs from the original only
 where a pre-activation exceeded 6.  Functional ``F.relu6`` calls cannot be
 replaced and always block a pair.
 
+High-bias absorption (§4.1.1, ``absorb_high_bias``, on by default) follows
+the equalization.  Equalization divides a first layer's bias by ``s_i``
+together with its weights but large biases remain, and they widen the
+activation ranges a per-tensor int8 scale must cover.  For a pair whose first
+layer had a BatchNorm folded into it, its pre-activation is taken to be
+``N(β, γ²)`` per channel (BN's ``β`` and ``|γ|``, divided by the equalization's
+``s_i``); ``c = max(0, β − 3γ)`` is then moved from the first layer's bias into
+the second's::
+
+    b1 ← b1 − c          b2 ← b2 + W2·c      (conv: W2 summed over kernel taps)
+
+which keeps the function wherever the pre-activation is at least ``c``
+(``ReLU(v − c) = ReLU(v) − c`` for ``v ≥ c``: 99.9% of a Gaussian) and, on the
+ops in between (identity, max / average pool), exactly.  A second conv with
+zero padding is left alone: its border outputs would see the padding, not
+``−c``, and move by ``W2·c`` over the padded taps (measured on a 3-block
+3×3-conv net with β up to 6: 3.5% max output change and per-tensor int8 SQNR
+41 → 27 dB, against 0.17% and 39 → 45 dB without padding).  So are pairs
+without a folded BN.  ``absorbed`` records ``c`` per first layer.
+
 The stage is data-free and goes in a recipe before ``ptq`` with per-tensor
 weights (per-channel weights gain little: each channel has its own scale)::
 
@@ -97,6 +117,8 @@ class Pair:
     second: nn.Module
     repeat: int = 1
     relu6: tuple[str, ...] = ()
+    #: product of the equalization scales applied to the shared channels (one per channel)
+    total_scale: np.ndarray | None = None
 
     def ranges(self, weights: dict[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """``(r1, r2)``: max |w| per output channel of ``first`` and per matching input channel of ``second``
@@ -108,6 +130,7 @@ class Pair:
 
     def scale(self, weights: dict[int, np.ndarray], biases: dict[int, np.ndarray], s: np.ndarray) -> None:
         """Divide output channel i of ``first`` by ``s[i]``, multiply input channel i of ``second`` by ``s[i]``."""
+        self.total_scale = s.copy() if self.total_scale is None else self.total_scale * s
         w1 = weights[id(self.first)]
         w1 /= s.reshape((-1,) + (1,) * (w1.ndim - 1))
         if id(self.first) in biases:
@@ -125,7 +148,7 @@ class Pair:
 
 
 class CLE(Quantizer):
-    """Cross-layer equalization (Nagel et al. 2019): a torch-side stage before ``ptq``."""
+    """Cross-layer equalization and high-bias absorption (Nagel et al. 2019): a torch-side stage before ``ptq``."""
 
     name = "cle"
     version = "1.0"
@@ -137,16 +160,19 @@ class CLE(Quantizer):
         max_sweeps: int = 100       # passes over all pairs at most
         tolerance: float = 1e-6     # stop when every scale of a sweep is within this of 1
         relu6: str = "skip"         # "skip": leave pairs across ReLU6; "relu": replace those ReLU6 by ReLU
+        absorb_high_bias: bool = True   # move c = max(0, β − 3γ) from the first layer's bias to the second's
 
         def __post_init__(self):
             check_range("cle", "max_sweeps", self.max_sweeps, 1)
             check_range("cle", "tolerance", self.tolerance, 0.0, 1.0, lo_open=True, hi_open=True)
             check_choice("cle", "relu6", self.relu6, ("skip", "relu"))
+            check_choice("cle", "absorb_high_bias", self.absorb_high_bias, (True, False))
 
     def apply(self, model: nn.Module, data: Iterable | None = None) -> nn.Module:
-        """Fold BN, then equalize every pair in place (``data`` is not used: the method is data-free)."""
+        """Fold BN, equalize every pair in place, then absorb high biases (``data`` is not used: the method
+        is data-free)."""
         model.eval()
-        fold_batch_norms(model)
+        stats = folded_bn_stats(model)
         pairs = find_pairs(model, allow_relu6=self.config.relu6 == "relu")
         #: what the last apply did: ReLU6 modules replaced, pairs equalized, sweeps made
         self.replaced_relu6 = [name for pair in pairs for name in pair.relu6]
@@ -154,7 +180,60 @@ class CLE(Quantizer):
             set_module(model, name, nn.ReLU())
         self.sweeps = equalize(pairs, self.config.max_sweeps, self.config.tolerance)
         self.pairs = [(p.first_name, p.second_name) for p in pairs]
+        #: c absorbed per first layer of a pair (float64)
+        self.absorbed = absorb_high_biases(pairs, stats) if self.config.absorb_high_bias else {}
         return model
+
+
+def folded_bn_stats(model: nn.Module) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Fold the BNs (:func:`fold_batch_norms`); return ``(β, |γ|)`` (float64) of each folded BN by the name of
+    the layer it went into: the mean and std of that layer's output as the BN assumed them."""
+    gm = trace(model)
+    before = {}
+    for node in gm.graph.nodes:
+        bn = module_of(gm, node)
+        prev = node.args[0] if node.args else None
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm) and isinstance(module_of(gm, prev), WEIGHTED):
+            beta = bn.bias.detach().double().numpy().copy() if bn.bias is not None else np.zeros(bn.num_features)
+            gamma = np.abs(bn.weight.detach().double().numpy()) if bn.weight is not None else np.ones_like(beta)
+            before[node.target] = (prev.target, beta, gamma)
+    return {before[bn][0]: before[bn][1:] for bn in fold_batch_norms(model)}
+
+
+def _zero_padded(layer: nn.Module) -> bool:
+    if isinstance(layer, nn.Linear):
+        return False
+    if layer.padding == "same":
+        return any(k > 1 for k in layer.kernel_size)
+    return layer.padding != "valid" and any(p > 0 for p in layer.padding)
+
+
+def absorb_high_biases(pairs: list[Pair], stats: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
+    """``b1 ← b1 − c``, ``b2 ← b2 + W2·c`` with ``c = max(0, β/S − 3γ/S)`` per shared channel (``S``: the
+    equalization's total scale) for every pair whose first layer has BN ``stats`` and whose second layer is
+    not a zero-padded conv; return ``c`` by first layer.
+
+    Runs after :func:`equalize`, on the equalized weights; the second layer gains a bias if it had none."""
+    absorbed = {}
+    for pair in pairs:
+        if pair.first_name not in stats or _zero_padded(pair.second):
+            continue
+        beta, gamma = stats[pair.first_name]
+        scale = pair.total_scale if pair.total_scale is not None else np.ones_like(beta)
+        c = np.maximum(0.0, (beta - 3 * gamma) / scale)
+        if not c.any():
+            continue
+        w2 = {id(pair.second): pair.second.weight.detach().double().numpy()}
+        view = pair._input_view(w2)                                   # [groups, out/g, in/g, rest]
+        delta = np.einsum("gojr,gj->go", view, c.reshape(view.shape[0], -1)).reshape(-1)
+        with torch.no_grad():
+            pair.first.bias.sub_(torch.from_numpy(c).to(pair.first.bias.dtype))
+            if pair.second.bias is None:
+                pair.second.bias = nn.Parameter(torch.from_numpy(delta).to(pair.second.weight.dtype))
+            else:
+                pair.second.bias.add_(torch.from_numpy(delta).to(pair.second.bias.dtype))
+        absorbed[pair.first_name] = c
+    return absorbed
 
 
 def equalize(pairs: list[Pair], max_sweeps: int = 100, tolerance: float = 1e-6) -> int:

@@ -5,7 +5,8 @@ A model binarized by ``xnor`` or ``bnn`` (their layers call
 layer specs (:mod:`.lowering`): binary convs/linears bit-packed along the
 input channels into uint64 words with a float scale per output channel, and
 the float layers around them (first conv, last linear, BatchNorm as
-scale + bias, pools).  The artifact is standalone source a firmware build can
+scale + bias, pools, and the activations between any layers: ReLU, PReLU,
+Hardtanh/ReLU6/clamp).  The artifact is standalone source a firmware build can
 take with any C99 compiler::
 
     model.c  model.h  weights.bin  ep_kernels.h  ep_isa.h  ep_*.c  layers.json

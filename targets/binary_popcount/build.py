@@ -271,12 +271,14 @@ _SIGNATURES = {
                    + [ctypes.c_int] * 5 + [ctypes.c_void_p] * 2),
     "ep_scale_i32_f32": (None, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
                                 ctypes.c_void_p, ctypes.c_void_p]),
+    "ep_clamp_f32": (None, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_float, ctypes.c_float, ctypes.c_void_p]),
+    "ep_relu_f32": (None, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]),
 }
 
 
 class KernelLibrary:
     """The compiled kernel library with numpy-level wrappers of its binary
-    kernels (used by tests and benchmarks; generated models call the C
+    kernels and of its clamp and ReLU (used by tests and benchmarks; generated models call the C
     functions directly).  Arrays follow the layouts of ``ep_kernels.h``.
     Safe to call from several threads: each has its own workspace."""
 
@@ -351,6 +353,21 @@ class KernelLibrary:
             out = np.empty(x.shape, dtype=np.float32)
         channels = x.shape[-1]
         self.lib.ep_scale_i32_f32(_ptr(x), x.size // channels, channels, _ptr(alpha), _ptr(out))
+        return out
+
+    def clamp(self, x: np.ndarray, lo: float, hi: float, out: np.ndarray | None = None) -> np.ndarray:
+        """float32 ``min(max(x, lo), hi)`` elementwise (``ep_clamp_f32``; bounds rounded to float32)."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if out is None:
+            out = np.empty(x.shape, dtype=np.float32)
+        self.lib.ep_clamp_f32(_ptr(x), x.size, float(np.float32(lo)), float(np.float32(hi)), _ptr(out))
+        return out
+
+    def relu(self, x: np.ndarray) -> np.ndarray:
+        """float32 ``max(x, 0)`` elementwise (``ep_relu_f32``; NaN stays NaN)."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = np.empty(x.shape, dtype=np.float32)
+        self.lib.ep_relu_f32(_ptr(x), x.size, _ptr(out))
         return out
 
 

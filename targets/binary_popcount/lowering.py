@@ -13,13 +13,24 @@ whatever modules built it, as long as it uses the SDK's binary ops
   is an integer;
 * a product with ``edgepack.mean_abs_window`` → :class:`MeanAbsScale` (XNOR-Net's K);
 * ``batch_norm`` and per-channel ``mul``/``add`` → :class:`ScaleBias`; float
-  conv/linear, pools, ReLU, PReLU, residual adds, flatten and global means →
-  their float specs; a ``hardtanh`` read only by binarize is dropped (it does
-  not change a sign).
+  conv/linear, pools, ReLU, PReLU (and ``leaky_relu``, a PReLU of one slope),
+  residual adds, flatten and global means → their float specs;
+* ``hardtanh`` (what ``nn.Hardtanh``, ``ReLU6`` and ``torch.clamp``/``clamp_min``/
+  ``clamp_max`` with number bounds capture as) → :class:`Clamp`, on any float
+  activation: BinaryNet's activation between layers (BN → Hardtanh), before a
+  float layer or a pool, or as the output.  One read only by binarize whose
+  bounds keep every sign (``lo < 0 <= hi``, e.g. the ±1 clip of the
+  straight-through estimator) is dropped instead: it cannot change a sign.
 
-A conv/linear with binary weights on real-valued input (a ``bwn`` layer) is
-refused: the kernels XNOR two packed operands.  So is a model without any
-binary layer.
+All of these take float activations, wherever they sit between layers; only
+binary convs/linears read binarized ones.  Refused, each naming the node: a
+conv/linear with binary weights on real-valued input (a ``bwn`` layer: the
+kernels XNOR two packed operands); any other layer on the output of
+``edgepack.binarize`` (a clamp there is told to move before the binarize); a
+clamp with tensor bounds (``torch.clamp(x, min=t)``: the kernel takes one pair of
+numbers per tensor) or a NaN bound; any op not listed here (the refusal lists
+what runs); and a model without any binary layer (a ConfigError saying to apply
+xnor or bnn).
 """
 
 from __future__ import annotations
@@ -40,6 +51,7 @@ from .specs import (
     BinaryConv,
     BinaryLayer,
     BinaryLinear,
+    Clamp,
     Flatten,
     FloatConv,
     FloatLinear,
@@ -210,12 +222,20 @@ class _Lowerer:
         self.windows[node.name] = (x[1], tuple(kernel), tuple(stride), tuple(padding), tuple(dilation))
 
     def hardtanh(self, node: Node) -> None:
+        """hardtanh / relu6 / clamp: dropped where only binarize reads it and it keeps every sign, else a Clamp."""
+        lo, hi = float(node.attrs["min"]), float(node.attrs["max"])
+        if math.isnan(lo) or math.isnan(hi):
+            raise self.fail(node, f"clamp bounds must be numbers (-inf/inf for no bound), got min={lo}, max={hi}")
+        if node.inputs[0] in self.index and isinstance(self.specs[self.index[node.inputs[0]]], Sign):
+            raise self.fail(node, "it clamps binarized (±1) activations, the output of edgepack.binarize, which only "
+                                  "a binary conv or linear reads here; clamp before the binarize instead (there a "
+                                  "clamp with min < 0 <= max changes no sign and is dropped)")
         users = self.g.users(node.name)
-        if not (node.attrs["min"] < 0 <= node.attrs["max"] and users
-                and all(u.source == BINARIZE_OP for u in users) and node.name not in self.g.outputs):
-            raise self.fail(node, "hardtanh only runs here right before edgepack.binarize (where it cannot change "
-                                  "a sign); use relu or remove it")
-        self.index[node.name] = self.src(node)
+        if (lo < 0 <= hi and users and all(u.source == BINARIZE_OP for u in users)
+                and node.name not in self.g.outputs):
+            self.index[node.name] = self.src(node)      # sign(clamp(x)) == sign(x): nothing to run
+            return
+        self.index[node.name] = self.emit(Clamp.between(lo, hi, src=self.src(node)), node)
 
     # -- elementwise -----------------------------------------------------------------------
     def mul(self, node: Node) -> None:
@@ -288,6 +308,14 @@ class _Lowerer:
     def prelu(self, node: Node) -> None:
         self.index[node.name] = self.emit(PReLU(self.const(node, 1).reshape(-1), src=self.src(node)), node)
 
+    def tensor_clamp(self, node: Node) -> None:
+        raise self.fail(node, "clamp runs here with number bounds, one min and max for the whole tensor; these "
+                              "bounds are tensors: pass numbers (torch.clamp(x, -1.0, 1.0), nn.Hardtanh, nn.ReLU6)")
+
+    def leaky_relu(self, node: Node) -> None:
+        slope = np.array([node.attrs["slope"]], np.float32)
+        self.index[node.name] = self.emit(PReLU(slope, src=self.src(node)), node)
+
     # -- pools and shapes ------------------------------------------------------------------
     def _window(self, node: Node) -> tuple[int, int, int]:
         a = node.attrs
@@ -327,11 +355,14 @@ _HANDLERS: dict[str, Callable[[_Lowerer, Node], None]] = {
     BINARIZE_OP: _Lowerer.binarize, MEAN_ABS_WINDOW_OP: _Lowerer.mean_abs_window,
     "conv": _Lowerer.conv, "linear": _Lowerer.linear, "batch_norm": _Lowerer.batch_norm,
     "mul": _Lowerer.mul, "add": _Lowerer.add, "relu": _Lowerer.relu, "prelu": _Lowerer.prelu,
-    "hardtanh": _Lowerer.hardtanh, "max_pool2d": _Lowerer.max_pool2d, "avg_pool2d": _Lowerer.avg_pool2d,
+    "leaky_relu": _Lowerer.leaky_relu, "hardtanh": _Lowerer.hardtanh, "max_pool2d": _Lowerer.max_pool2d,
+    "avg_pool2d": _Lowerer.avg_pool2d,
     "mean": _Lowerer.mean, "reshape": _Lowerer.reshape,
+    **{f"aten.{op}.Tensor": _Lowerer.tensor_clamp for op in ("clamp", "clamp_min", "clamp_max")},
 }
-_SUPPORTED = ("binary-popcount runs: edgepack.binarize, conv, linear, batch_norm, relu, prelu, max_pool2d, "
-              "avg_pool2d, global mean, flatten, residual add, per-channel mul/add, XNOR-Net's K")
+_SUPPORTED = ("binary-popcount runs: edgepack.binarize, conv, linear, batch_norm, relu, prelu, leaky_relu, "
+              "hardtanh/relu6/clamp with number bounds, max_pool2d, avg_pool2d, global mean, flatten, residual add, "
+              "per-channel mul/add, XNOR-Net's K")
 
 
 def _row_magnitude(w: np.ndarray) -> np.ndarray | None:

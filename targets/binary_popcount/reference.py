@@ -143,6 +143,11 @@ def relu(x: np.ndarray) -> np.ndarray:
     return np.maximum(x, np.float32(0))
 
 
+def clamp(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """``min(max(x, lo), hi)`` (torch.clamp's order: ``lo > hi`` gives ``hi``); NaN stays NaN."""
+    return np.minimum(np.maximum(np.asarray(x, np.float32), np.float32(lo)), np.float32(hi))
+
+
 def prelu(x: np.ndarray, slopes: np.ndarray) -> np.ndarray:
     """x where x >= 0, else slope * x (one slope, or one per last-axis channel)."""
     return np.where(x >= 0, x, x * np.asarray(slopes, np.float32)).astype(np.float32)

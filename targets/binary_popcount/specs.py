@@ -593,6 +593,50 @@ class ReLU(LayerSpec):
 
 
 @dataclass(eq=False)
+class Clamp(LayerSpec):
+    """``min(max(x, lo), hi)`` elementwise with one pair of bounds for the whole
+    tensor, ``bounds = [lo, hi]`` (float32; ``-inf``/``inf`` for no bound): what
+    hardtanh, ReLU6 and torch.clamp with number bounds compute, in torch.clamp's
+    order (``lo > hi`` gives ``hi``).  A NaN input stays NaN, as in torch; NaN
+    bounds are refused.  The bounds live in weights.bin, like every other float
+    of a layer, so layers.json carries only integers."""
+
+    STORED = {"bounds": Stored("<f4", 1)}
+
+    bounds: np.ndarray
+    src: int | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.bounds.shape != (2,) or np.isnan(self.bounds).any():
+            raise ConfigError(f"Clamp.bounds must be [lo, hi], two numbers (-inf/inf for no bound), got "
+                              f"{self.bounds.tolist()}")
+
+    @classmethod
+    def between(cls, lo: float, hi: float, src: int | None = None) -> Clamp:
+        return cls(np.array([lo, hi], np.float32), src)
+
+    @property
+    def lo(self) -> float:
+        return float(self.bounds[0])
+
+    @property
+    def hi(self) -> float:
+        return float(self.bounds[1])
+
+    def infer(self, ctx):
+        ctx.need_float()
+        return ctx.input
+
+    def emit(self, c):
+        bounds = c.array("bounds")
+        return [f"ep_clamp_f32({c.src}, {c.input.size}, {bounds}[0], {bounds}[1], {c.dst});"], None
+
+    def reference(self, x, tensors, popcounts):
+        return ref.clamp(x, self.bounds[0], self.bounds[1])
+
+
+@dataclass(eq=False)
 class PReLU(LayerSpec):
     """x if x >= 0 else slope * x, with one slope or one per channel."""
 
@@ -704,8 +748,8 @@ class FloatLinear(LayerSpec):
 
 #: every layer kind by its name, the ``type`` of a layer in an artifact's layers.json
 LAYER_KINDS: dict[str, type[LayerSpec]] = {cls.__name__: cls for cls in (
-    InputSpec, FloatConv, BinaryConv, BinaryLinear, ScaleBias, MeanAbsScale, Sign, MaxPool, AvgPool, ReLU, PReLU,
-    Add, GlobalAvgPool, Flatten, FloatLinear)}
+    InputSpec, FloatConv, BinaryConv, BinaryLinear, ScaleBias, MeanAbsScale, Sign, MaxPool, AvgPool, ReLU, Clamp,
+    PReLU, Add, GlobalAvgPool, Flatten, FloatLinear)}
 
 # ---------------------------------------------------------------------------
 # Networks

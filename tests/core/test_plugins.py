@@ -83,7 +83,7 @@ def test_hook_register_runners(example_plugin):
 def test_hook_register_optimizers(example_plugin):
     assert _registered_via_hook("register_optimizers", "optimizer", "adamw")
     assert _registered_via_hook("register_optimizers", "optimizer", "lion")
-    assert p.names("optimizer") == ["adam", "adamw", "lion", "sgd"]
+    assert p.names("optimizer") == ["adam", "adam8bit", "adamw", "lion", "sgd"]
     assert p.get("optimizer", "sgd").__module__ == "plugins.optim.sgd"
 
 

@@ -74,7 +74,7 @@ def recorder():
 
 
 def test_train_config_validates_optimizer_and_its_options():
-    with pytest.raises(ConfigError, match="adma.*valid: adam, adamw, sgd"):
+    with pytest.raises(ConfigError, match="adma.*valid: adam, adam8bit, adamw, sgd"):
         TrainConfig(optimizer="adma")
     with pytest.raises(ConfigError, match="momentm"):
         TrainConfig(optimizer="sgd", optimizer_options={"momentm": 0.5})

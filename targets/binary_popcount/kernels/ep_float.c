@@ -75,7 +75,21 @@ void ep_scale_bias_f32(const float *x, size_t rows, int channels,
 }
 
 void ep_relu_f32(const float *x, size_t n, float *out) {
-    for (size_t i = 0; i < n; ++i) out[i] = x[i] > 0.0f ? x[i] : 0.0f;
+    /* x < 0, not x > 0: a NaN stays NaN, as in torch.relu and the reference */
+    for (size_t i = 0; i < n; ++i) out[i] = x[i] < 0.0f ? 0.0f : x[i];
+}
+
+void ep_clamp_f32(const float *x, size_t n, float lo, float hi, float *out) {
+    size_t i = 0;
+#if defined(EP_ISA_NEON)
+    /* FMAX/FMIN (not FMAXNM/FMINNM): a NaN operand gives NaN, as below */
+    const float32x4_t vlo = vdupq_n_f32(lo), vhi = vdupq_n_f32(hi);
+    for (; i + 4 <= n; i += 4) vst1q_f32(out + i, vminq_f32(vmaxq_f32(vld1q_f32(x + i), vlo), vhi));
+#endif
+    for (; i < n; ++i) {
+        const float v = x[i] < lo ? lo : x[i];   /* NaN compares false: it stays NaN */
+        out[i] = v > hi ? hi : v;
+    }
 }
 
 void ep_prelu_f32(const float *x, size_t rows, int channels,

@@ -74,6 +74,11 @@ void ep_linear_f32(const float *x, int batch, int in, const float *weight,
 void ep_scale_bias_f32(const float *x, size_t rows, int channels,
                        const float *scale, const float *bias, float *out);
 void ep_relu_f32(const float *x, size_t n, float *out);
+/* out[i] = min(max(x[i], lo), hi), torch.clamp's order: lo > hi gives hi
+ * everywhere, a NaN x stays NaN (on every path), and infinite bounds are no
+ * bound.  Between +0.0 and -0.0 either may come out (the NEON path's FMAX
+ * prefers +0.0); they compare equal and binarize alike. */
+void ep_clamp_f32(const float *x, size_t n, float lo, float hi, float *out);
 /* n_slopes is 1 (shared slope) or channels. */
 void ep_prelu_f32(const float *x, size_t rows, int channels,
                   const float *slopes, int n_slopes, float *out);

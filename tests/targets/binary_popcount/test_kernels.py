@@ -162,6 +162,54 @@ def test_kernel_scale(kernels):
     np.testing.assert_array_equal(kernels.scale(acc, alpha), acc * alpha)
 
 
+#: (lo, hi) of the clamp kernel tests: hardtanh, ReLU6, one-sided clamps, a point, and lo > hi (torch: all hi)
+CLAMP_BOUNDS = [(-1.0, 1.0), (0.0, 6.0), (-np.inf, 0.5), (0.0, np.inf), (-np.inf, np.inf), (3.0, 3.0), (2.0, 1.0)]
+
+
+def clamp_edges(lo, hi):
+    """The bounds, the floats next to them, zeros, infinities, NaNs, then a random fill: 203 floats,
+    so the NEON path runs whole vectors and a 3-float tail."""
+    near = [v for b in map(np.float32, (lo, hi)) if np.isfinite(b)
+            for v in (b, np.nextafter(b, np.float32(-np.inf)), np.nextafter(b, np.float32(np.inf)))]
+    edge = np.array(near + [0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan, 1e-45, -1e-45, 3.4e38, -3.4e38], np.float32)
+    fill = np.random.default_rng(0).standard_normal(203 - edge.size).astype(np.float32) * 4
+    return np.concatenate([edge, fill])
+
+
+@pytest.mark.parametrize("lo,hi", CLAMP_BOUNDS)
+def test_kernel_clamp_equals_numpy_and_torch_on_edge_values(kernels, lo, hi):
+    x = clamp_edges(lo, hi)
+    got, want = kernels.clamp(x, lo, hi), ref.clamp(x, lo, hi)
+    # NaN stays NaN (every path, as torch.clamp); exactly lo / hi are kept; +0.0 and -0.0 compare equal
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(x))
+    np.testing.assert_array_equal(got, torch.clamp(torch.from_numpy(x), lo, hi).numpy())
+    assert got.dtype == np.float32 and (np.nanmin(got) >= min(lo, hi)) and (np.nanmax(got) <= hi)
+    if lo <= hi:
+        inside = (x >= lo) & (x <= hi)
+        assert np.array_equal(got[inside], x[inside])          # a value on a bound, or within, passes unchanged
+
+
+def test_kernel_relu_keeps_nan_as_torch_and_the_reference_do(kernels):
+    x = clamp_edges(0.0, np.inf)
+    got = kernels.relu(x)
+    np.testing.assert_array_equal(got, ref.relu(x))
+    np.testing.assert_array_equal(got, torch.relu(torch.from_numpy(x)).numpy())
+    assert np.isnan(got).sum() == 2
+
+
+def test_clamp_spec_checks_its_bounds():
+    assert sp.Clamp.between(-np.inf, 6).bounds.tolist() == [-np.inf, 6.0]
+    for bad in ([np.nan, 1.0], [0.0, np.nan], [1.0], [0.0, 1.0, 2.0]):
+        with pytest.raises(ConfigError, match=r"Clamp.bounds must be \[lo, hi\]"):
+            sp.Clamp(np.array(bad, np.float32))
+    with pytest.raises(ConfigError, match="needs a float input"):
+        sp.infer_shapes([sp.InputSpec((1, 64)), sp.Sign(), sp.Clamp.between(-1, 1)])
+    row = sp.layer_profile([sp.InputSpec((2, 5)), sp.Clamp.between(0, 6)])[1]
+    assert row["op"] == "Clamp" and row["param_bytes"] == 8 and row["macs"] == row["bops"] == 0
+    assert row["input_shape"] == row["output_shape"] == [2, 5]
+
+
 # --------------------------------------------------------------------------- generated network
 
 
@@ -207,6 +255,7 @@ def network(rng):
         sp.Flatten(),                                                            # 23
         sp.FloatLinear(rng.standard_normal((10, 70)) * 0.1),                     # 24
         sp.Add(other=21),                                                        # 25
+        sp.Clamp.between(-2.0, 2.0),                                             # 26 hardtanh(-2, 2)
     ]
 
 
