@@ -153,6 +153,10 @@ def deploy(model, target: str, example_inputs, calibration: Iterable | None = No
     tgt.check(graph)
     t = phase("capture", t)
 
+    for q in quantizers if calibration is None else ():      # a quantizer that makes its own (data-free)
+        calibration = q.calibration_data(packed_model, example_inputs)
+        if calibration is not None:
+            break
     if calibration is None and quantizers and not any(q.requires_calibration for q in quantizers):
         calibration = [example_inputs]
     batches = None

@@ -134,6 +134,12 @@ class Quantizer(Method):
         """Observe ``batches`` flowing through ``graph``; return the quantization plan."""
         raise NotImplementedError(f"quantizer {self.name!r} does not calibrate graphs")
 
+    def calibration_data(self, model: "torch.nn.Module", example_inputs: tuple) -> list[tuple] | None:
+        """Calibration batches this quantizer makes itself from the (compressed) torch model when the
+        caller passes none (``data-free`` synthesises them from BatchNorm statistics); ``None``: it
+        makes none."""
+        return None
+
     def refine(self, graph: "Graph", batches: Sequence[tuple], plan: "QuantPlan") -> "QuantPlan":
         """As a later graph-side stage of a recipe: refine the ``plan`` of the stages before
         (default: calibrate, and this stage's specs win where both have one)."""
