@@ -9,8 +9,10 @@ differentiated as the function of W it is.  The first conv and the last linear
 layer stay full precision (``keep_first_last``).  The binary layers carry the hint
 ``Hint(codebook=2, per_channel=True)`` (weights ±α, α per filter).
 
-BWN layers keep float activations, so the ``binary-popcount`` target (XNOR +
-popcount on both operands) refuses them and says to use ``xnor`` or ``bnn``.
+BWN layers keep float activations: the ``binary-popcount`` target ships them as
+packed sign bits with a float α per filter and computes sign-selected sums of the
+float inputs (its ``BwnConv`` / ``BwnLinear`` kernels), 1/32 of the fp32 weight
+bytes plus α and bias.
 
 >>> from plugins.quantize.bwn import BWN
 >>> BWN(epochs=2).layer_info().binary_activations

@@ -49,7 +49,6 @@ from sdk.base import Quantizer
 from sdk.calibrate import activation_ranges, weight_specs
 from sdk.config import Config, check_choice, check_range
 from sdk.encoding import weight_spec
-from sdk.errors import ConfigError
 from sdk.quant import QuantPlan, QuantSpec
 
 #: the fraction bits a format may have: 2^-26 is the smallest activation scale arm-int8 writes
@@ -113,14 +112,14 @@ class DynamicFixedPoint(Quantizer):
 
     def weight_spec(self, w: np.ndarray, hint=None, name: str = "weight") -> QuantSpec:
         """Power-of-two spec of one weight tensor ``[out, ...]``: per layer (or per output channel),
-        narrow grid; a sparsity or bit-width hint is honoured, shared values (codebooks) refused."""
+        narrow grid; a sparsity or bit-width hint is honoured, shared values (codebooks) keep their exact codes."""
         cfg = self.config
         base = weight_spec(w, hint, granularity="per-channel" if cfg.per_channel else "per-tensor",
                            scheme="symmetric", bits=None if cfg.weight_bits == 8 else cfg.weight_bits)
         if base.codebook is not None or base.index_bits is not None:
-            raise ConfigError(f"dynamic-fixed-point: weight {name} holds shared values "
-                              f"({getattr(hint, 'source', '') or 'a training stage'}), which have no fixed-point "
-                              "format; deploy it with ptq")
+            # shared values a training stage fixed (a codebook, binary or ternary weights) keep their exact
+            # codes on the codebook's own step, as ptq ships them: a power of two would not hold them
+            return base
         flat = np.abs(w.reshape(w.shape[0], -1).astype(np.float64))
         amax = flat.max(1) if cfg.per_channel else flat.max()
         return fixed_point_spec(amax, base.code_bits, narrow=True, axis=base.axis, bits=base.bits,

@@ -15,8 +15,9 @@ take with any C99 compiler::
 vector path (AVX-512 VPOPCNTDQ, AVX2, NEON, portable C) is picked from the
 compiler's target flags.  ``layers.json`` describes the layers and where their
 arrays lie in ``weights.bin``.  ``bwn`` layers (binary weights, float
-activations) are refused with a message to use ``xnor`` or ``bnn``; the kernels
-XNOR two packed operands.
+activations) run as :class:`.specs.BwnConv`/:class:`.specs.BwnLinear`: their
+signs packed one bit per weight along the outputs, each output a sequential sum
+of the inputs added or subtracted by the weight's sign, times α, plus the bias.
 
 The C files are shipped for firmware builds; edgepack itself never compiles or
 loads anything an artifact contains.  Its runners (:mod:`.runners`) read
@@ -78,14 +79,14 @@ class BinaryPopcount(Target):
 
     def check_plan(self, graph, plan):
         """The core's rows (which refuse a plan this target cannot ship), with each binary
-        layer's weight said as the lowering stores it: 1-bit signs packed in uint64 words,
-        plus its float32 scales."""
+        layer's weight said as the lowering stores it: 1-bit signs packed in uint64 words
+        (in bytes along the outputs for bwn layers), plus its float32 scales."""
         from .lowering import lower
-        from .specs import BinaryLayer
+        from .specs import BinaryLayer, BinaryWeightLayer
 
         low, binary = lower(graph, self.name), {}
         for spec, name in zip(low.specs, low.names, strict=True):
-            if isinstance(spec, BinaryLayer):
+            if isinstance(spec, (BinaryLayer, BinaryWeightLayer)):
                 node, alpha = graph.node(name), spec.alpha
                 scale = "float32 scale per output channel" if (alpha != alpha[0]).any() else f"scale {alpha[0]:g}"
                 binary[node.inputs[1]] = {"layer": node.module or node.name, "tensor": node.inputs[1],
@@ -96,7 +97,7 @@ class BinaryPopcount(Target):
     def cost(self, graph, plan, encodings=None):
         """One row per lowered layer, as :func:`sdk.cost.layer_costs` gives them: binary layers
         in format ``binary`` (their XNOR-popcount ``bops``, packed weights and scales), the rest
-        float32; weight bytes are those the layer's arrays take in ``weights.bin``.  The lowering
+        float32 (bwn layers too: their ``macs`` are the sign-selected float adds); weight bytes are those the layer's arrays take in ``weights.bin``.  The lowering
         knows how every weight is stored, so ``encodings`` is not needed."""
         from sdk.cost import roofline
 

@@ -273,6 +273,10 @@ _SIGNATURES = {
                                 ctypes.c_void_p, ctypes.c_void_p]),
     "ep_clamp_f32": (None, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_float, ctypes.c_float, ctypes.c_void_p]),
     "ep_relu_f32": (None, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]),
+    "ep_bwn_conv2d_f32": (None, [ctypes.c_void_p] + [ctypes.c_int] * 4 + [ctypes.c_void_p] * 3
+                          + [ctypes.c_int] * 5 + [ctypes.c_void_p]),
+    "ep_bwn_linear_f32": (None, [ctypes.c_void_p, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 3
+                          + [ctypes.c_int, ctypes.c_void_p]),
 }
 
 
@@ -361,6 +365,40 @@ class KernelLibrary:
         if out is None:
             out = np.empty(x.shape, dtype=np.float32)
         self.lib.ep_clamp_f32(_ptr(x), x.size, float(np.float32(lo)), float(np.float32(hi)), _ptr(out))
+        return out
+
+    def bwn_conv2d(self, x: np.ndarray, signs: np.ndarray, alpha: np.ndarray, bias: np.ndarray | None = None,
+                   stride: int = 1, padding: int = 0) -> np.ndarray:
+        """float32 NHWC binary-weight conv of float ``x [N, H, W, C]`` with signs packed
+        ``[k, k, C, ceil(O/8)]`` (``ep_bwn_conv2d_f32``); returns ``[N, OH, OW, O]``."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        signs = np.ascontiguousarray(signs, dtype=np.uint8)
+        alpha = np.ascontiguousarray(alpha, dtype=np.float32)
+        n, h, w, c = x.shape
+        k, k2, wc, ob = signs.shape
+        o = alpha.shape[0]
+        if k != k2 or wc != c or ob != -(-o // 8):
+            raise ValueError(f"signs {signs.shape} do not fit {c} channels and {o} outputs")
+        bias = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
+        oh, ow = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
+        out = np.empty((n, oh, ow, o), dtype=np.float32)
+        self.lib.ep_bwn_conv2d_f32(_ptr(x), n, h, w, c, _ptr(signs), _ptr(alpha),
+                                   None if bias is None else _ptr(bias), o, k, k, stride, padding, _ptr(out))
+        return out
+
+    def bwn_linear(self, x: np.ndarray, signs: np.ndarray, alpha: np.ndarray,
+                   bias: np.ndarray | None = None) -> np.ndarray:
+        """float32 ``[N, O]`` binary-weight linear of ``x [N, I]``, signs packed ``[I, ceil(O/8)]``."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        signs = np.ascontiguousarray(signs, dtype=np.uint8)
+        alpha = np.ascontiguousarray(alpha, dtype=np.float32)
+        (n, f), o = x.shape, alpha.shape[0]
+        if signs.shape != (f, -(-o // 8)):
+            raise ValueError(f"signs {signs.shape} do not fit {f} features and {o} outputs")
+        bias = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
+        out = np.empty((n, o), dtype=np.float32)
+        self.lib.ep_bwn_linear_f32(_ptr(x), n, f, _ptr(signs), _ptr(alpha), None if bias is None else _ptr(bias),
+                                   o, _ptr(out))
         return out
 
     def relu(self, x: np.ndarray) -> np.ndarray:

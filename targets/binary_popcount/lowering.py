@@ -11,6 +11,11 @@ whatever modules built it, as long as it uses the SDK's binary ops
   ``alpha = s``; a multiplication by a per-channel constant right after it
   (the layer's α) folds into ``alpha``, exactly, since the product before it
   is an integer;
+* a ``conv``/``linear`` on a real-valued (not binarized) activation whose
+  constant weight has one magnitude per output channel (a ``bwn`` layer:
+  ``α·sign(W)`` on float input) → :class:`BwnConv`/:class:`BwnLinear`, the
+  signs packed one bit per weight; the per-channel ``mul`` (α) and then ``add``
+  (the bias) right after it fold into its ``alpha`` and ``bias``;
 * a product with ``edgepack.mean_abs_window`` → :class:`MeanAbsScale` (XNOR-Net's K);
 * ``batch_norm`` and per-channel ``mul``/``add`` → :class:`ScaleBias`; float
   conv/linear, pools, ReLU, PReLU (and ``leaky_relu``, a PReLU of one slope),
@@ -23,14 +28,12 @@ whatever modules built it, as long as it uses the SDK's binary ops
   straight-through estimator) is dropped instead: it cannot change a sign.
 
 All of these take float activations, wherever they sit between layers; only
-binary convs/linears read binarized ones.  Refused, each naming the node: a
-conv/linear with binary weights on real-valued input (a ``bwn`` layer: the
-kernels XNOR two packed operands); any other layer on the output of
+binary convs/linears read binarized ones.  Refused, each naming the node: any other layer on the output of
 ``edgepack.binarize`` (a clamp there is told to move before the binarize); a
 clamp with tensor bounds (``torch.clamp(x, min=t)``: the kernel takes one pair of
 numbers per tensor) or a NaN bound; any op not listed here (the refusal lists
 what runs); and a model without any binary layer (a ConfigError saying to apply
-xnor or bnn).
+xnor, bnn or bwn).
 """
 
 from __future__ import annotations
@@ -51,6 +54,9 @@ from .specs import (
     BinaryConv,
     BinaryLayer,
     BinaryLinear,
+    BinaryWeightLayer,
+    BwnConv,
+    BwnLinear,
     Clamp,
     Flatten,
     FloatConv,
@@ -66,7 +72,7 @@ from .specs import (
     layer_profile,
 )
 
-APPLY_HINT = ("apply the xnor or bnn quantizer in the recipe, e.g. "
+APPLY_HINT = ("apply the xnor or bnn quantizer (or bwn: binary weights, float activations) in the recipe, e.g. "
               "recipe={'stages': [{'method': 'xnor'}]} with data=(x, y) training batches")
 
 
@@ -93,7 +99,7 @@ class _Lowerer:
         self.modules: list[str] = []
         self.index: dict[str, int] = {}            # graph value -> spec producing it
         self.windows: dict[str, tuple] = {}        # mean_abs_window node -> (x, kernel, stride, padding, dilation)
-        self.fp32_weights: dict[int, int] = {}     # binary spec -> weights of the float layer it replaces
+        self.fp32_weights: dict[int, int] = {}     # binary / bwn spec -> weights of the float layer it replaces
 
     def fail(self, node: Node, hint: str) -> UnsupportedOpError:
         where = f" (module {node.module})" if node.module else ""
@@ -148,7 +154,7 @@ class _Lowerer:
         if self.index.get(out) != len(self.specs) - 1:
             raise UnsupportedOpError("output", out, self.target, "the model output must be its last computed "
                                      "activation")
-        if not any(isinstance(s, BinaryLayer) for s in self.specs):
+        if not any(isinstance(s, (BinaryLayer, BinaryWeightLayer)) for s in self.specs):
             raise ConfigError(f"target {self.target!r} found no binarized layer in the model: {APPLY_HINT}")
         return Lowered(self.specs, self.names, self._profile())
 
@@ -164,6 +170,12 @@ class _Lowerer:
                 row["params"] = self.fp32_weights[i] + spec.alpha.size
                 row["fp32_bytes"] = 4 * self.fp32_weights[i]
                 row["fp32_macs"] = row["bops"]
+            elif isinstance(spec, BinaryWeightLayer):
+                extra = spec.alpha.size + (0 if spec.bias is None else spec.bias.size)
+                row["params"] = self.fp32_weights[i] + extra
+                # the float layer it replaces: fp32 weights, and the bias it folded in
+                row["fp32_bytes"] = 4 * (self.fp32_weights[i] + (0 if spec.bias is None else spec.bias.size))
+                row["fp32_macs"] = row["macs"]
             else:
                 row["fp32_bytes"] = row["bytes"]
                 row["fp32_macs"] = row["macs"]
@@ -171,7 +183,7 @@ class _Lowerer:
         return rows
 
     # -- weighted layers -------------------------------------------------------------------
-    def _weighted(self, node: Node, make_binary: Callable, make_float: Callable) -> None:
+    def _weighted(self, node: Node, make_binary: Callable, make_bwn: Callable, make_float: Callable) -> None:
         w = self.const(node, 1)
         bias = self.const(node, 2) if len(node.inputs) > 2 else None
         src = self.src(node, packed=True)
@@ -186,10 +198,11 @@ class _Lowerer:
                 idx = self.emit(ScaleBias(np.ones_like(bias), bias, src=idx), node, "/bias")
         else:
             if magnitude is not None and w[0].size > 1 and magnitude.any():
-                raise self.fail(node, "binary weights on real-valued input (a bwn layer): the popcount kernels "
-                                      "need binary activations too; apply xnor or bnn instead of bwn, or exclude "
-                                      "this layer from binarization")
-            idx = self.emit(make_float(w, bias, src), node)
+                # binary weights on real-valued input (a bwn layer): sign-selected float adds
+                idx = self.emit(make_bwn(w, magnitude, bias, src), node)
+                self.fp32_weights[idx] = w.size
+            else:
+                idx = self.emit(make_float(w, bias, src), node)
         self.index[node.name] = idx
 
     def conv(self, node: Node) -> None:
@@ -204,12 +217,14 @@ class _Lowerer:
                                   f"dilation {a['dilation']}, groups {a['groups']}: change the layer")
         stride, pad = a["stride"][0], a["padding"][0]
         self._weighted(node, lambda w, m, s: BinaryConv.from_float(w, m, stride, pad, src=s),
+                       lambda w, m, b, s: BwnConv.from_float(w, m, b, stride, pad, src=s),
                        lambda w, b, s: FloatConv(w, b, stride, pad, src=s))
 
     def linear(self, node: Node) -> None:
         if len(self.g.shape(node.inputs[0])) != 2:
             raise self.fail(node, "linear layers take (N, features) input here; flatten before them")
         self._weighted(node, lambda w, m, s: BinaryLinear.from_float(w, m, src=s),
+                       lambda w, m, b, s: BwnLinear.from_float(w, m, b, src=s),
                        lambda w, b, s: FloatLinear(w, b, src=s))
 
     # -- binary-network ops ----------------------------------------------------------------
@@ -265,6 +280,11 @@ class _Lowerer:
                 spec.alpha = scale          # α · (integer product): the same single rounding either way
                 self.index[node.name] = src
                 return
+            if (isinstance(spec, BinaryWeightLayer) and np.all(spec.alpha == 1) and spec.bias is None
+                    and len(self.g.users(node.inputs[vi])) == 1):
+                spec.alpha = scale          # α · (float sum): the kernel's one product, as torch's mul
+                self.index[node.name] = src
+                return
             self._scale_bias(node, src, scale=scale)
             return
         raise self.fail(node, "the product of two activations only runs as XNOR-Net's y * K; " + _SUPPORTED)
@@ -276,7 +296,13 @@ class _Lowerer:
         a, b = node.inputs
         if self.g.is_const(a) or self.g.is_const(b):
             ci, vi = (0, 1) if self.g.is_const(a) else (1, 0)
-            self._scale_bias(node, self.src(node, vi), bias=self._per_channel(node, self.const(node, ci)))
+            src, bias = self.src(node, vi), self._per_channel(node, self.const(node, ci))
+            spec = self.specs[src]
+            if isinstance(spec, BinaryWeightLayer) and spec.bias is None and len(self.g.users(node.inputs[vi])) == 1:
+                spec.bias = bias            # α · sum + bias: the kernel's one add, as torch's
+                self.index[node.name] = src
+                return
+            self._scale_bias(node, src, bias=bias)
             return
         if self.g.shape(a) != self.g.shape(b):
             raise self.fail(node, f"residual adds need equal shapes, got {self.g.shape(a)} and {self.g.shape(b)}")

@@ -90,3 +90,26 @@ def pack_linear_weight(weight: np.ndarray) -> np.ndarray:
     if weight.ndim != 2:
         raise ValueError(f"linear weight must be [O, I], got shape {weight.shape}")
     return pack_bits(weight, axis=-1)
+
+
+def sign_bytes(n: int) -> int:
+    """Number of bytes that hold ``n`` signs packed 8 to a byte (the BWN layers' rows)."""
+    return -(-int(n) // 8)
+
+
+def pack_output_signs(weight: np.ndarray) -> np.ndarray:
+    """The signs of a BWN weight, one bit per weight packed along the outputs into
+    uint8 (bit ``o % 8`` of byte ``o // 8`` set for -1, unused high bits 0): a conv
+    ``[O, C, kh, kw]`` becomes ``[kh, kw, C, ceil(O/8)]``, a linear ``[O, I]``
+    ``[I, ceil(O/8)]``, the float kernels' layouts with the output innermost."""
+    weight = np.asarray(weight)
+    if weight.ndim not in (2, 4):
+        raise ValueError(f"weight must be [O, I] or [O, C, kh, kw], got shape {weight.shape}")
+    moved = np.transpose(weight, (2, 3, 1, 0) if weight.ndim == 4 else (1, 0))
+    return np.ascontiguousarray(np.packbits(moved < 0, axis=-1, bitorder="little"))
+
+
+def unpack_output_signs(packed: np.ndarray, outputs: int) -> np.ndarray:
+    """Inverse of :func:`pack_output_signs` as float32 +-1, outputs last (``[..., O]``)."""
+    bits = np.unpackbits(np.asarray(packed, np.uint8), axis=-1, count=outputs, bitorder="little")
+    return np.where(bits.astype(bool), np.float32(-1), np.float32(1))

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .packing import pack_bits
+from .packing import pack_bits, unpack_output_signs
 
 if TYPE_CHECKING:
     from .specs import LayerSpec
@@ -136,6 +136,48 @@ def mean_abs_scale(x: np.ndarray, other: np.ndarray, kernel: int = 1, stride: in
             s = s + a[:, ky:ky + stride * oh:stride, kx:kx + stride * ow:stride][:, :oh, :ow]
     out = (x * (s / np.float32(kernel * kernel))[..., None]).astype(np.float32)
     return out[:, 0, 0, :] if flat else out
+
+
+def _bwn_finish(acc: np.ndarray, alpha: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+    out = np.asarray(alpha, np.float32) * acc
+    return out if bias is None else (out + np.asarray(bias, np.float32)).astype(np.float32)
+
+
+def bwn_conv2d(x: np.ndarray, signs: np.ndarray, alpha: np.ndarray, bias: np.ndarray | None = None,
+               stride: int = 1, padding: int = 0) -> np.ndarray:
+    """NHWC binary-weight conv of float ``x [N, H, W, C]``: ``alpha[o] * sum s x (+ bias[o])`` with
+    the signs ``s`` packed ``[k, k, C, ceil(O/8)]`` (:func:`.packing.pack_output_signs`), zero padded.
+
+    Like :func:`mean_abs_scale` it sums in the C runtime's order on purpose, in float32: per
+    output, tap by tap (padded taps skipped), then channel by channel, each value added with
+    its sign, so the two agree bit for bit on the same input."""
+    x = np.asarray(x, np.float32)
+    n, h, w, c = x.shape
+    o = np.asarray(alpha).shape[0]
+    s = unpack_output_signs(signs, o)                       # [k, k, C, O]
+    k = s.shape[0]
+    oh, ow = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
+    acc = np.zeros((n, oh, ow, o), np.float32)
+    for ky in range(k):
+        iy, vy = _tap_indices(h, oh, ky, stride, padding)
+        for kx in range(k):
+            ix, vx = _tap_indices(w, ow, kx, stride, padding)
+            valid = (vy[:, None] & vx[None, :])[None, :, :, None]
+            rows = x[:, iy][:, :, ix]                        # [N, OH, OW, C]
+            for ci in range(c):
+                acc = np.where(valid, acc + rows[..., ci:ci + 1] * s[ky, kx, ci], acc)
+    return _bwn_finish(acc, alpha, bias)
+
+
+def bwn_linear(x: np.ndarray, signs: np.ndarray, alpha: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    """Binary-weight linear of float ``x [N, I]``, signs packed ``[I, ceil(O/8)]``; summed
+    feature by feature in float32, the C runtime's order (see :func:`bwn_conv2d`)."""
+    x = np.asarray(x, np.float32)
+    s = unpack_output_signs(signs, np.asarray(alpha).shape[0])   # [I, O]
+    acc = np.zeros((x.shape[0], s.shape[1]), np.float32)
+    for i in range(x.shape[1]):
+        acc = acc + x[:, i:i + 1] * s[i]
+    return _bwn_finish(acc, alpha, bias)
 
 
 def relu(x: np.ndarray) -> np.ndarray:

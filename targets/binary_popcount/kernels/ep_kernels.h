@@ -65,6 +65,21 @@ void ep_bconv2d(const uint64_t *x, int batch, int h, int w, int c,
 void ep_scale_i32_f32(const int32_t *x, size_t rows, int channels,
                       const float *alpha, float *out);
 
+/* Number of bytes that hold `bits` signs packed 8 to a byte (ep_bwn_*). */
+#define EP_BYTES8(bits) (((bits) + 7) / 8)
+
+/* Binary-weight (BWN) layers on float activations: out[o] = alpha[o] *
+ * sum_k s[k][o] x[k] (+ bias[o] unless bias is NULL), s = +-1, each sum
+ * sequential over the taps (ky, kx; padded ones skipped) and then channels.
+ * signs: one bit per weight packed along the outputs, bit o % 8 of byte o / 8
+ * set for -1; [kh][kw][c][EP_BYTES8(o)] for the conv (NHWC in and out),
+ * [in][EP_BYTES8(out_features)] for the linear. */
+void ep_bwn_conv2d_f32(const float *x, int batch, int h, int w, int c,
+                       const uint8_t *signs, const float *alpha, const float *bias,
+                       int o, int kh, int kw, int stride, int pad, float *out);
+void ep_bwn_linear_f32(const float *x, int batch, int in, const uint8_t *signs,
+                       const float *alpha, const float *bias, int out_features, float *out);
+
 /* Full-precision layers (the first and last layers of a BNN, shortcuts). */
 void ep_conv2d_f32(const float *x, int batch, int h, int w, int c,
                    const float *weight, const float *bias, int o, int kh,

@@ -429,7 +429,9 @@ def test_every_layer_type_round_trips_through_layers_json():
              sp.AvgPool(2, stride=1, padding=1), sp.Add(other=9, src=9), sp.GlobalAvgPool(src=8), sp.Flatten(),
              sp.FloatLinear(rng.standard_normal((70, 16))), sp.Sign(),
              sp.BinaryLinear.from_float(rng.standard_normal((5, 70))), sp.FloatLinear(rng.standard_normal((3, 5))),
-             sp.Clamp.between(-np.inf, 0.5)]
+             sp.Clamp.between(-np.inf, 0.5),
+             sp.BwnLinear.from_float(rng.standard_normal((13, 3)), bias=rng.standard_normal(13)), sp.ReLU(src=9),
+             sp.BwnConv.from_float(rng.standard_normal((11, 16, 3, 3)), stride=2, padding=1)]
     assert {type(s).__name__ for s in specs} == set(sp.LAYER_KINDS)
     names = [f"layer{i}" for i in range(len(specs))]
     back, back_names = load_specs(dump_specs(specs, names), blob.write_weights_bin(specs))

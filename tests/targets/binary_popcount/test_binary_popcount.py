@@ -325,13 +325,83 @@ def test_float_model_gets_told_to_binarize(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_bwn_layers_are_refused_with_what_to_use(tmp_path):
+BWN_RECIPE = {"stages": [{"method": "bwn", "config": {"epochs": 1, "max_steps": 2, "progress": False}}]}
+
+
+@pytest.fixture(scope="module")
+def bwn_art(tmp_path_factory):
+    """LeNet (64 channels) after bwn (binary weights, float activations), deployed."""
+    torch.manual_seed(3)
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    data = [(x[i:i + 8], y[i:i + 8]) for i in (0, 8)]
     model = LeNet(width=64)
+    bwn = sdk.compress(model, BWN_RECIPE, data=data)
+    root = tmp_path_factory.mktemp("bwn")
+    art = sdk.deploy(bwn, "binary-popcount", (x[:1],), output=root / "a", progress=False)
+    return {"model": model, "bwn": bwn, "data": data, "art": art, "root": root, "x": torch.randn(6, 1, 8, 8)}
+
+
+def test_bwn_network_deploys_as_binary_weight_layers(bwn_art):
+    art, bwn = bwn_art["art"], bwn_art["bwn"]
+    ops = [(r["module"], r["op"]) for r in art.profile["layers"]]
+    assert [o for o in ops if "Bwn" in o[1]] == [("features.4", "conv->BwnConv"), ("classifier.1", "linear->BwnLinear")]
+    assert not any(o.startswith(("mul->", "add->")) for _, o in ops)   # α and the bias folded into the layers
+    assert art.manifest["binary_layers"] == []                # no popcount product to compare bit for bit
+    specs, _ = artifact_specs(art)
+    conv = next(s for s in specs if isinstance(s, sp.BwnConv))
+    layer = bwn.features[4]
+    np.testing.assert_array_equal(conv.alpha, layer.alpha().detach().numpy())
+    np.testing.assert_array_equal(conv.bias, layer.bias.detach().numpy())
+    rep = art.verify(bwn, inputs=list(bwn_art["x"][:, None]), runners=["host", "reference"])
+    assert rep.passed, str(rep)
+
+
+def test_bwn_deploy_with_the_recipe_equals_compress_then_deploy(bwn_art):
+    again = sdk.deploy(bwn_art["model"], "binary-popcount", (bwn_art["x"][:1],), recipe=BWN_RECIPE,
+                       data=bwn_art["data"], output=bwn_art["root"] / "recipe", progress=False)
+    assert again.file("weights.bin").read_bytes() == bwn_art["art"].file("weights.bin").read_bytes()
+    assert again.verify(bwn_art["bwn"], runners=["host", "reference"]).passed
+
+
+def test_bwn_c_and_numpy_agree_and_match_torch(bwn_art):
+    art, x = bwn_art["art"], bwn_art["x"]
+    for i in range(len(x)):
+        host, = art.run(x[i:i + 1])
+        reference, = art.run(x[i:i + 1], runner="reference")
+        with torch.no_grad():
+            want = bwn_art["bwn"](x[i:i + 1]).numpy()
+        # the bwn layers sum in one order in C and numpy (bit for bit on one input); the float
+        # conv and linears around them do not, so the outputs agree to float32 rounding
+        assert np.abs(host - reference).max() <= 1e-5 * np.abs(reference).max()
+        assert np.abs(host - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_bwn_packed_weights_are_1_bit(bwn_art):
+    art = bwn_art["art"]
+    rows = [r for r in art.profile["layers"] if "Bwn" in r["op"]]
+    conv, fc = rows
+    # signs: 1 bit a weight, packed along the outputs; then α and the bias, float32 per output
+    assert conv["bytes"] == 3 * 3 * 64 * (128 // 8) + 2 * 4 * 128 and conv["fp32_bytes"] == 4 * (128 * 64 * 9 + 128)
+    assert fc["bytes"] == 512 * (64 // 8) + 2 * 4 * 64 and fc["fp32_bytes"] == 4 * (64 * 512 + 64)
+    assert conv["macs"] == 4 * 4 * 128 * 64 * 9 and conv["bops"] == 0
+    assert sum(r["bytes"] for r in rows) <= (1 / 32 + 1 / 24) * sum(r["fp32_bytes"] for r in rows)
+    layers = {layer["name"]: layer for layer in __import__("json").loads(art.file("layers.json").read_bytes())["layers"]}
+    signs = sum(int(np.prod(layers[r["name"]]["arrays"]["weight"]["shape"])) for r in rows)
+    assert signs * 32 == 4 * (128 * 64 * 9 + 64 * 512)        # exactly 1/32 of the fp32 weights
+
+
+def test_bwn_layer_with_odd_outputs_and_no_bias_lowers_and_verifies(tmp_path):
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 13, 3, stride=2, padding=1, bias=False),
+                          nn.Flatten(), nn.Linear(13 * 9, 11), nn.ReLU(), nn.Linear(11, 3))
     binarize_model(model, BWN)
-    with pytest.raises(UnsupportedOpError, match="apply xnor or bnn instead of bwn") as exc:
-        sdk.deploy(model.eval(), "binary-popcount", (torch.randn(1, 1, 8, 8),), output=tmp_path / "o", progress=False)
-    assert exc.value.op == "conv" and exc.value.target == "binary-popcount" and "features.4" in str(exc.value)
-    assert list(tmp_path.iterdir()) == []
+    art = sdk.deploy(model.eval(), "binary-popcount", (torch.randn(2, 3, 6, 6),), output=tmp_path / "a", progress=False)
+    assert [r["op"] for r in art.profile["layers"]] == ["conv->FloatConv", "relu->ReLU", "conv->BwnConv",
+                                                        "reshape->Flatten", "linear->BwnLinear", "relu->ReLU",
+                                                        "linear->FloatLinear"]
+    specs, _ = artifact_specs(art)
+    assert next(s for s in specs if isinstance(s, sp.BwnConv)).bias is None
+    assert art.verify(model, inputs=[torch.randn(2, 3, 6, 6) for _ in range(3)]).passed
 
 
 class _Odd(nn.Module):

@@ -162,6 +162,85 @@ def test_kernel_scale(kernels):
     np.testing.assert_array_equal(kernels.scale(acc, alpha), acc * alpha)
 
 
+#: (batch, h, w, channels, outputs, kernel, stride, pad) of the bwn conv tests: outputs that fill whole
+#: bytes and NEON vectors, and ones that leave a tail
+BWN_CONVS = [(2, 7, 6, 5, 13, 3, 2, 1), (1, 4, 4, 64, 128, 3, 1, 1), (1, 5, 5, 3, 8, 1, 1, 0), (2, 6, 6, 9, 3, 3, 1, 0)]
+
+
+def _torch_bwn(x_nhwc, weight, alpha, bias, stride=1, pad=0):
+    """float64 torch of alpha * (x conv sign(W)) + bias, NHWC; a 2-D x is a linear."""
+    s = torch.from_numpy(np.where(weight < 0, -1.0, 1.0))
+    x = torch.from_numpy(x_nhwc.astype(np.float64))
+    y = (torch.nn.functional.conv2d(x.permute(0, 3, 1, 2), s, None, stride, pad).permute(0, 2, 3, 1)
+         if x.ndim == 4 else x @ s.T)
+    y = y * torch.from_numpy(alpha.astype(np.float64))
+    return (y if bias is None else y + torch.from_numpy(bias.astype(np.float64))).numpy()
+
+
+@pytest.mark.parametrize("n,h,w,c,o,k,stride,pad", BWN_CONVS)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_kernel_bwn_conv_matches_reference_and_torch(kernels, n, h, w, c, o, k, stride, pad, with_bias):
+    rng = np.random.default_rng(n * h * c * o + with_bias)
+    x = rng.standard_normal((n, h, w, c)).astype(np.float32)
+    weight = rng.standard_normal((o, c, k, k))
+    spec = sp.BwnConv.from_float(weight, bias=rng.standard_normal(o) if with_bias else None, stride=stride,
+                                 padding=pad)
+    assert spec.weight.shape == (k, k, c, -(-o // 8)) and spec.weight.dtype == np.uint8
+    got = kernels.bwn_conv2d(x, spec.weight, spec.alpha, spec.bias, stride, pad)
+    want = ref.bwn_conv2d(x, spec.weight, spec.alpha, spec.bias, stride, pad)
+    np.testing.assert_array_equal(got, want)          # one summation order, every vector path
+    exact = _torch_bwn(x, weight, spec.alpha, spec.bias, stride, pad)
+    assert np.abs(got - exact).max() <= 1e-5 * np.abs(exact).max()
+
+
+@pytest.mark.parametrize("n,f,o", [(3, 70, 9), (1, 512, 64), (2, 1, 17)])
+def test_kernel_bwn_linear_matches_reference_and_torch(kernels, n, f, o):
+    rng = np.random.default_rng(n + f + o)
+    x = rng.standard_normal((n, f)).astype(np.float32)
+    weight = rng.standard_normal((o, f))
+    spec = sp.BwnLinear.from_float(weight, bias=rng.standard_normal(o))
+    got = kernels.bwn_linear(x, spec.weight, spec.alpha, spec.bias)
+    np.testing.assert_array_equal(got, ref.bwn_linear(x, spec.weight, spec.alpha, spec.bias))
+    exact = _torch_bwn(x, weight, spec.alpha, spec.bias)
+    assert np.abs(got - exact).max() <= 1e-5 * np.abs(exact).max()
+
+
+def test_bwn_signs_are_one_bit_per_weight_along_the_outputs():
+    w = np.ones((10, 3))
+    w[9, 2] = w[0, 0] = -2.0
+    packed = packing.pack_output_signs(w)
+    assert packed.shape == (3, 2) and packed.dtype == np.uint8
+    assert packed.tolist() == [[1, 0], [0, 0], [0, 2]]        # bit o % 8 of byte o // 8; high bits 0
+    np.testing.assert_array_equal(packing.unpack_output_signs(packed, 10), np.where(w.T < 0, -1, 1))
+    with pytest.raises(ConfigError, match="bytes of signs"):
+        sp.BwnLinear(packed, np.ones(17, np.float32))
+    with pytest.raises(ConfigError, match="bias must have 10"):
+        sp.BwnLinear(packed, np.ones(10, np.float32), np.ones(3, np.float32))
+    with pytest.raises(ConfigError, match="float input"):
+        sp.infer_shapes([sp.InputSpec((1, 3)), sp.Sign(), sp.BwnLinear(packed, np.ones(10, np.float32))])
+    with pytest.raises(ConfigError, match="channels"):
+        sp.infer_shapes([sp.InputSpec((1, 4)), sp.BwnLinear(packed, np.ones(10, np.float32))])
+    row = sp.layer_profile([sp.InputSpec((2, 3)), sp.BwnLinear(packed, np.ones(10, np.float32))])[1]
+    assert row["param_bytes"] == 6 + 40 and row["macs"] == 2 * 10 * 3 and row["bops"] == 0
+
+
+def test_generated_network_with_bwn_layers_matches_reference(cache_dir):
+    rng = np.random.default_rng(3)
+    specs = [sp.InputSpec((2, 5, 9, 9)),
+             sp.BwnConv.from_float(rng.standard_normal((24, 5, 3, 3)), bias=rng.standard_normal(24), padding=1),
+             sp.ReLU(),
+             sp.BwnConv.from_float(rng.standard_normal((13, 24, 3, 3)), stride=2, padding=1),
+             sp.Flatten(),
+             sp.BwnLinear.from_float(rng.standard_normal((10, 13 * 25)), bias=rng.standard_normal(10)),
+             sp.Sign(), sp.BinaryLinear.from_float(rng.standard_normal((6, 10)))]
+    model = build.compile_model(specs, cache_dir=cache_dir)
+    x = rng.standard_normal((2, 5, 9, 9)).astype(np.float32)
+    out, (acc,) = model.run_debug(x)
+    ref_out, (ref_acc,) = ref.run_reference(specs, x)
+    np.testing.assert_array_equal(out, ref_out)         # same order in C and numpy: bit for bit
+    np.testing.assert_array_equal(acc, ref_acc)
+
+
 #: (lo, hi) of the clamp kernel tests: hardtanh, ReLU6, one-sided clamps, a point, and lo > hi (torch: all hi)
 CLAMP_BOUNDS = [(-1.0, 1.0), (0.0, 6.0), (-np.inf, 0.5), (0.0, np.inf), (-np.inf, np.inf), (3.0, 3.0), (2.0, 1.0)]
 
