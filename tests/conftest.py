@@ -14,6 +14,22 @@ EXAMPLE_PLUGIN = ROOT / "examples" / "plugin_example"
 
 
 @pytest.fixture(scope="session")
+def emu():
+    """The installed aarch64 emulator (installs it on first use: downloads packages); skips the
+    test when qemu-aarch64 is missing."""
+    import time
+
+    from sdk import emulator
+
+    if emulator.qemu_binary() is None:
+        pytest.skip("qemu-aarch64 is not installed: `apt-get install qemu-user` (make test does it as root)")
+    t0 = time.perf_counter()
+    installed = emulator.install(progress=False)
+    print(f"\nemulator ready in {time.perf_counter() - t0:.1f} s: {installed.root}")
+    return installed
+
+
+@pytest.fixture(scope="session")
 def digits():
     """scikit-learn's digits: (x_train, y_train, x_test, y_test) as float tensors in [0, 1], 1x8x8."""
     from sklearn.datasets import load_digits

@@ -44,17 +44,6 @@ def deploy(name, tmp_path, target="arm-int8", **kwargs):
     return model, x, art
 
 
-@pytest.fixture(scope="session")
-def emu():
-    """The installed emulator (installs it on first use: downloads packages)."""
-    if emulator.qemu_binary() is None:
-        pytest.skip("qemu-aarch64 is not installed: `apt-get install qemu-user` (make test does it as root)")
-    t0 = time.perf_counter()
-    installed = emulator.install(progress=False)
-    print(f"\nemulator ready in {time.perf_counter() - t0:.1f} s: {installed.root}")
-    return installed
-
-
 # -- without the emulator ----------------------------------------------------------
 
 

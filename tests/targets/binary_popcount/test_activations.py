@@ -12,7 +12,6 @@ NEON build gives the host's outputs; what stays refused says why.
 """
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -21,11 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import sdk
-from sdk import emulator
 from sdk.binary import BinaryInfo, binarize, binarize_model
 from sdk.errors import ArtifactError, UnsupportedOpError
-from targets.binary_popcount import binary_layer_agreement, blob, build
-from targets.binary_popcount import reference as ref
+from targets.binary_popcount import binary_layer_agreement, blob
 from targets.binary_popcount import specs as sp
 from targets.binary_popcount.runners import artifact_specs, dump_specs, load_specs
 
@@ -233,17 +230,6 @@ def test_what_is_still_refused_says_precisely_why(middle, op, node, hint, tmp_pa
 
 
 # --------------------------------------------------------------------------- the NEON build under qemu-aarch64
-
-
-@pytest.fixture(scope="session")
-def emu():
-    """The installed emulator (installs it on first use: downloads packages)."""
-    if emulator.qemu_binary() is None:
-        pytest.skip("qemu-aarch64 is not installed: `apt-get install qemu-user` (make test does it as root)")
-    t0 = time.perf_counter()
-    installed = emulator.install(progress=False)
-    print(f"\nemulator ready in {time.perf_counter() - t0:.1f} s: {installed.root}")
-    return installed
 
 
 @pytest.mark.emulation
