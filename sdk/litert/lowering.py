@@ -219,9 +219,11 @@ def _sparse_path(op: str, dtype: str, mode: str = "float") -> bool:
 
 
 def _worth_sparse(w: np.ndarray, item: float = 1.0) -> bool:
-    """Whether ``w`` has zeros enough that sparse storage could pay (each kept value costs at least one
-    index byte more)."""
-    return np.count_nonzero(w) * (item + 1) < w.size * item
+    """Whether ``w`` (``item`` bytes a value) has zeros enough that sparse storage could pay: each
+    kept value costs at least one index byte more.  An all-zero weight never pays: LiteRT reads an
+    empty buffer as "no data", not as no values."""
+    nnz = np.count_nonzero(w)
+    return 0 < nnz and nnz * (item + 1) < w.size * item
 
 
 @dataclasses.dataclass
@@ -707,10 +709,7 @@ class _Lowerer:
         item = 0.5 if dtype == "int4" else np.dtype(dtype).itemsize
         dense_bytes = int(math.ceil(arr.size * item))
         quant = {} if scale is None else {"scale": scale, "zero_point": 0, "axis": axis}
-        nnz = np.count_nonzero(arr)
-        # every stored value costs at least one index byte too: no saving unless nnz·(item + 1) < dense
-        # (an all-zero weight stays dense: LiteRT reads an empty buffer as "no data", not as no values)
-        if self.sparsity == "auto" and _sparse_path(op, dtype, mode) and 0 < nnz and nnz * (item + 1) < dense_bytes:
+        if self.sparsity == "auto" and _sparse_path(op, dtype, mode) and _worth_sparse(arr, item):
             values, sp = sparse_encode(arr)
             nbytes = sparse_bytes(values, sp, item)
             if nbytes < dense_bytes:
