@@ -1,11 +1,13 @@
 """Binary-popcount kernels against PyTorch fp32 on this CPU, one thread each.
 
-Two figures of the README's performance table:
+Figures of the README's performance table:
 
 * binary GEMM, M = N = K = 1024 (bits), against ``torch.mm`` in fp32;
 * binary 3x3 conv, 256 -> 256 channels, 14x14, stride 1, padding 1, timed
   from float NHWC activations to float output (bitpack + conv + alpha
-  scaling), against ``torch.nn.functional.conv2d`` in fp32 (NCHW).
+  scaling), against ``torch.nn.functional.conv2d`` in fp32 (NCHW);
+* the same conv bit-serial, 2-bit weights x 2-bit activations (and 1 x 2),
+  as a generated model from float NCHW input (activation planes included).
 
 "Effective MACs/s" counts one binary multiply-accumulate per bit, the same
 count as the float op it replaces.  The two sides are timed alternately in
@@ -85,6 +87,32 @@ def bench_conv(lib: build.KernelLibrary, channels: int, size: int, repeats: int)
             "speedup": tf / tb}
 
 
+def bench_bitserial(channels: int, size: int, weight_bits: int, act_bits: int, repeats: int) -> dict:
+    """A generated two-layer model: float NCHW input -> k-bit activation planes -> bit-serial 3x3 conv
+    -> float NHWC output, one ``edgepack_model_run`` call, against torch's fp32 conv."""
+    from targets.binary_popcount import specs as sp
+
+    rng = np.random.default_rng(2)
+    n = 2 ** weight_bits - 1
+    w = ((2 * rng.integers(0, n + 1, (channels, channels, 3, 3)) - n) / n).astype(np.float32)
+    specs = [sp.InputSpec((1, channels, size, size)),
+             sp.BitPlanes(np.array([float(2 ** act_bits - 1)], np.float32), act_bits),
+             sp.BitSerialConv.from_planes(*packing.weight_planes(w), stride=1, padding=1)]
+    model = build.compile_model(specs)
+    x = rng.uniform(0, 1, (1, channels, size, size)).astype(np.float32)
+    xt, wt = torch.from_numpy(x), torch.from_numpy(w)
+    tb, tf = side_by_side(lambda: model.run(x), lambda: torch.nn.functional.conv2d(xt, wt, padding=1), repeats)
+    macs = size * size * channels * channels * 9
+    return {"shape": {"in_channels": channels, "out_channels": channels, "hw": [size, size], "kernel": 3,
+                      "stride": 1, "padding": 1},
+            "weight_bits": weight_bits, "activation_bits": act_bits,
+            "includes": "float NCHW -> NHWC -> k-bit planes -> bit-serial conv (one binary conv of every "
+                        "plane pair + integer combine) -> alpha scale, one generated-model call",
+            "bitserial_us": tb * 1e6, "torch_fp32_us": tf * 1e6,
+            "bitserial_gmacs_per_s": macs / tb / 1e9, "torch_fp32_gmacs_per_s": macs / tf / 1e9,
+            "speedup": tf / tb}
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -110,6 +138,8 @@ def main(argv=None) -> dict:
         "repeats": args.repeats, "statistic": "median",
         "gemm": bench_gemm(lib, 1024, args.repeats),
         "conv3x3": bench_conv(lib, 256, 14, args.repeats * 5),
+        "bitserial_conv3x3_w2a2": bench_bitserial(256, 14, 2, 2, args.repeats * 5),
+        "bitserial_conv3x3_w1a2": bench_bitserial(256, 14, 1, 2, args.repeats * 5),
     }
     text = json.dumps(result, indent=2)
     print(text)

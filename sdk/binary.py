@@ -14,6 +14,12 @@ bwn     x        mean |W|            1                                Rastegari 
 xnor    sign(x)  mean |W|            mean |x| over the window         Rastegari et al. 2016, "XNOR-Net", §3.2
 ======  =======  ==================  ===============================  ==========================================
 
+Variants of A(x), chosen by :class:`BinaryInfo`: ``sign="approx"`` keeps the forward
+sign with Bi-Real Net's ApproxSign gradient (:func:`approx_sign`);
+``learned_threshold`` is ReActNet's RSign, ``sign(x − t)`` with ``t`` learned per
+input channel; ``order = k > 1`` replaces sign(x) by HORQ's order-k residual
+binarization ``Σ_j β_j H_j`` (:func:`residual_sign`).
+
 ``sign`` maps x >= 0 to +1 and x < 0 to −1: a binary format has no 0 (``torch.sign``
 would give one), and this is the bit convention of the popcount kernels
 (``targets/binary_popcount/packing.py``).  Its gradient is BinaryNet's
@@ -46,7 +52,7 @@ True
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +92,117 @@ def _binarize_backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
 binarize.register_autograd(_binarize_backward, setup_context=_binarize_setup)
 
 
+@torch.library.custom_op("edgepack::approx_sign", mutates_args=())
+def approx_sign(x: torch.Tensor) -> torch.Tensor:
+    """:func:`binarize`'s forward with Bi-Real Net's ApproxSign gradient (Liu et al. 2018,
+    eq. 4): the derivative of the piecewise quadratic that approximates sign,
+    ``2 + 2x`` on ``[-1, 0)``, ``2 - 2x`` on ``[0, 1)``, 0 elsewhere.  Deploys exactly
+    like ``edgepack::binarize``.
+
+    >>> x = torch.tensor([-2.0, -0.5, 0.0, 0.5], requires_grad=True)
+    >>> approx_sign(x).sum().backward(); x.grad.tolist()
+    [0.0, 1.0, 2.0, 1.0]
+    """
+    return torch.where(x < 0, -1.0, 1.0).to(x.dtype)
+
+
+approx_sign.register_fake(_binarize_fake)
+
+
+def _approx_sign_backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+    (x,) = ctx.saved_tensors
+    slope = torch.where(x < 0, 2 + 2 * x, 2 - 2 * x)
+    return grad * torch.where(x.abs() < 1, slope, torch.zeros_like(x)).to(grad.dtype)
+
+
+approx_sign.register_autograd(_approx_sign_backward, setup_context=_binarize_setup)
+
+
+@torch.library.custom_op("edgepack::quantize_uniform", mutates_args=())
+def quantize_uniform(x: torch.Tensor, bits: int, inv_step: float) -> torch.Tensor:
+    """Unsigned ``bits``-bit activations: ``q / inv_step`` with
+    ``q = round(clamp(x · inv_step, 0, 2^bits − 1))`` (round half to even), the
+    codes ``binary-popcount`` packs as bit planes (DoReFa's ``quantize_k(clip(x, 0, 1))``
+    is ``inv_step = 2^k − 1``).  Gradient: straight through strictly inside the range
+    (as hardtanh's), 0 where the clamp saturates.
+
+    >>> quantize_uniform(torch.tensor([-1.0, 0.2, 0.5, 2.0]), 2, 3.0).mul(3).tolist()
+    [0.0, 1.0, 2.0, 3.0]
+    """
+    if not 1 <= bits <= 8 or not inv_step > 0:
+        raise ConfigError(f"quantize_uniform needs 1 <= bits <= 8 and inv_step > 0, got {bits}, {inv_step}")
+    q = torch.round(torch.clamp(x * inv_step, 0, 2 ** bits - 1))
+    return q / inv_step
+
+
+@quantize_uniform.register_fake
+def _quantize_uniform_fake(x: torch.Tensor, bits: int, inv_step: float) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def _quantize_uniform_setup(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    x, bits, inv_step = inputs
+    ctx.save_for_backward(x)
+    ctx.top = (2 ** bits - 1) / inv_step
+
+
+def _quantize_uniform_backward(ctx: Any, grad: torch.Tensor) -> tuple:
+    (x,) = ctx.saved_tensors
+    return grad * ((x > 0) & (x < ctx.top)).to(grad.dtype), None, None
+
+
+quantize_uniform.register_autograd(_quantize_uniform_backward, setup_context=_quantize_uniform_setup)
+
+
+def _residual_planes(x: torch.Tensor, order: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """HORQ's residual binarization of each sample: ``(H, β)`` with ``H[j]`` the ±1 planes
+    ``(order, *x.shape)`` and ``β[j]`` ``(order, N)``."""
+    r, planes, betas = x, [], []
+    dims = tuple(range(1, x.ndim))
+    for _ in range(order):
+        beta = r.abs().mean(dims)
+        h = torch.where(r < 0, -1.0, 1.0).to(x.dtype)
+        planes.append(h)
+        betas.append(beta)
+        r = r - beta.view(-1, *(1,) * (x.ndim - 1)) * h
+    return torch.stack(planes), torch.stack(betas)
+
+
+@torch.library.custom_op("edgepack::residual_sign", mutates_args=())
+def residual_sign(x: torch.Tensor, order: int) -> torch.Tensor:
+    """Order-``order`` residual binarization (HORQ, Li et al. 2017): ``Σ_j β_j H_j``
+    with ``H_1 = sign(x)``, ``β_1 = mean |x|`` over each sample, ``R_1 = x − β_1 H_1``,
+    then the same on ``R_1`` and so on; sign as in :func:`binarize` (0 is +1).
+    Gradient: BinaryNet's straight-through estimator, ``grad · 1_{|x| <= 1}``.
+    ``binary-popcount`` packs the ``order`` planes and multiplies by the βs after the
+    popcounts.
+
+    >>> residual_sign(torch.tensor([[1.0, -3.0]]), 2).tolist()
+    [[1.0, -3.0]]
+    """
+    if not 1 <= order <= 8:
+        raise ConfigError(f"residual_sign needs 1 <= order <= 8, got {order}")
+    h, beta = _residual_planes(x, order)
+    return (h * beta.view(order, -1, *(1,) * (x.ndim - 1))).sum(0)
+
+
+@residual_sign.register_fake
+def _residual_sign_fake(x: torch.Tensor, order: int) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def _residual_sign_setup(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    ctx.save_for_backward(inputs[0])
+
+
+def _residual_sign_backward(ctx: Any, grad: torch.Tensor) -> tuple:
+    (x,) = ctx.saved_tensors
+    return grad * (x.abs() <= 1).to(grad.dtype), None
+
+
+residual_sign.register_autograd(_residual_sign_backward, setup_context=_residual_sign_setup)
+
+
 def _window_mean_abs(x: torch.Tensor, kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int],
                      dilation: Sequence[int]) -> torch.Tensor:
     a = x.abs().mean(1, keepdim=True)
@@ -113,6 +230,9 @@ mean_abs_window.register_fake(_window_mean_abs)
 
 #: how the captured graph names the ops (``sdk.graph.Node.source``)
 BINARIZE_OP = str(torch.ops.edgepack.binarize.default)
+APPROX_SIGN_OP = str(torch.ops.edgepack.approx_sign.default)
+QUANTIZE_UNIFORM_OP = str(torch.ops.edgepack.quantize_uniform.default)
+RESIDUAL_SIGN_OP = str(torch.ops.edgepack.residual_sign.default)
 MEAN_ABS_WINDOW_OP = str(torch.ops.edgepack.mean_abs_window.default)
 
 
@@ -128,6 +248,18 @@ class BinaryInfo:
     binary_activations: bool    # sign(x) on the input
     scale_activations: bool     # K, the window mean of |x|
     input_bn: bool = True       # BatchNorm on the input before the sign
+    sign: str = "ste"           # the activations' sign: "ste" (binarize) or "approx" (Bi-Real's approx_sign)
+    order: int = 1              # > 1: HORQ's residual binarization of the activations (residual_sign)
+    learned_threshold: bool = False     # ReActNet's RSign: sign(x − t) with t learned per input channel
+
+    def __post_init__(self):
+        if self.sign not in ("ste", "approx"):
+            raise ConfigError(f"BinaryInfo.sign must be 'ste' or 'approx', got {self.sign!r}")
+        if not 1 <= self.order <= 8:
+            raise ConfigError(f"BinaryInfo.order must be 1..8, got {self.order}")
+        if (self.order > 1 or self.learned_threshold or self.sign != "ste") and not self.binary_activations:
+            raise ConfigError("sign, order and learned_threshold describe binary activations; "
+                              "set binary_activations=True")
 
 
 class _BinaryLayer(QuantizedModule):
@@ -148,6 +280,7 @@ class _BinaryLayer(QuantizedModule):
         self.weight = nn.Parameter(layer.weight.detach().clone())
         self.bias = nn.Parameter(layer.bias.detach().clone()) if layer.bias is not None else None
         self.input_bn = bn(channels) if info.binary_activations and info.input_bn else None
+        self.threshold = nn.Parameter(torch.zeros(channels)) if info.learned_threshold else None
 
     def alpha(self) -> torch.Tensor:
         """α = mean |W| of each output filter (XNOR-Net eq. 4)."""
@@ -162,7 +295,7 @@ class _BinaryLayer(QuantizedModule):
         info = self.binary_info
         if self.input_bn is not None:
             x = self.input_bn(x)
-        y = self._product(binarize(x) if info.binary_activations else x, binarize(self.weight))
+        y = self._product(self.binarize_input(x) if info.binary_activations else x, binarize(self.weight))
         per_channel = (1, -1) + (1,) * (y.ndim - 2)
         if info.scale_weights:
             y = y * self.alpha().view(per_channel)
@@ -171,6 +304,15 @@ class _BinaryLayer(QuantizedModule):
         if self.bias is not None:
             y = y + self.bias.view(per_channel)
         return y
+
+    def binarize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The binary activations: sign(x) (or sign(x − t), RSign), or HORQ's residual planes' sum."""
+        info = self.binary_info
+        if self.threshold is not None:
+            x = x - self.threshold.view((1, -1) + (1,) * (x.ndim - 2))
+        if info.order > 1:
+            return residual_sign(x, info.order)
+        return approx_sign(x) if info.sign == "approx" else binarize(x)
 
     def _product(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -253,6 +395,88 @@ def binarize_model(model: nn.Module, info: BinaryInfo, *, keep_first_last: bool 
     done = quantize_layers(model, info.method, lambda name, layer: binary_layer(name, layer, info),
                            keep_first_last=keep_first_last, exclude=exclude, types=BINARY_LAYER_TYPES)
     return list(done)
+
+
+# -- real-valued shortcuts around binary layers (Bi-Real Net, ReActNet) ----------------------
+
+
+def _shortcut(layer: nn.Module, downsample: bool) -> tuple[str, nn.Module | None]:
+    """The real-valued path around the binary twin of the float ``layer``: the identity when the
+    layer keeps the shape (a "same" conv with stride 1 and as many outputs as inputs, a square
+    linear), Bi-Real's ``AvgPool(stride) → float 1x1 conv → BN`` for a "same" conv that changes
+    the stride or the channels (``downsample``), none otherwise."""
+    if isinstance(layer, nn.Linear):
+        return ("identity", nn.Identity()) if layer.in_features == layer.out_features else ("none", None)
+    k, s, p, d = layer.kernel_size, layer.stride, layer.padding, layer.dilation
+    # "same" padding: the output is ceil(input / stride), what a stride-s average pool gives on multiples of s
+    if not all(2 * p[i] == d[i] * (k[i] - 1) for i in range(2)):
+        return "none", None
+    if s == (1, 1) and layer.in_channels == layer.out_channels:
+        return "identity", nn.Identity()
+    if not downsample:
+        return "none", None
+    pool = [nn.AvgPool2d(s, s)] if s != (1, 1) else []
+    return "downsample", nn.Sequential(*pool, nn.Conv2d(layer.in_channels, layer.out_channels, 1, bias=False),
+                                       nn.BatchNorm2d(layer.out_channels))
+
+
+class ShortcutLayer:
+    """Mixin of a binary layer in a Bi-Real block: ``after(BN_out(binary(x)) + shortcut(x))``."""
+
+    def __init__(self, layer: nn.Module, info: BinaryInfo, *, shortcut: bool, downsample: bool, output_bn: bool,
+                 after: Callable[[int], nn.Module] | None):
+        super().__init__(layer, info)
+        out = self.weight.shape[0]
+        self.output_bn = (nn.BatchNorm2d if self.weight.ndim == 4 else nn.BatchNorm1d)(out) if output_bn else None
+        self.shortcut_kind, self.shortcut = _shortcut(layer, downsample) if shortcut else ("none", None)
+        self.after = after(out) if after is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        if self.output_bn is not None:
+            y = self.output_bn(y)
+        if self.shortcut is not None:
+            r = self.shortcut(x)
+            if r.shape != y.shape:
+                raise InputError(f"{self.binary_info.method}: the {self.shortcut_kind} shortcut gives shape "
+                                 f"{tuple(r.shape)}, the binary layer {tuple(y.shape)}: the feature map's height and "
+                                 "width must be multiples of the stride (or pass downsample=False, or exclude "
+                                 "the layer)")
+            y = y + r
+        return y if self.after is None else self.after(y)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, shortcut={self.shortcut_kind}"
+
+
+class ShortcutConv2d(ShortcutLayer, BinaryConv2d):
+    """A binary ``Conv2d`` in a Bi-Real block (:func:`shortcut_layer`)."""
+
+
+class ShortcutLinear(ShortcutLayer, BinaryLinear):
+    """A binary ``Linear`` in a Bi-Real block (:func:`shortcut_layer`)."""
+
+
+def shortcut_layer(name: str, layer: nn.Module, info: BinaryInfo, *, shortcut: bool = True, downsample: bool = True,
+                   output_bn: bool = True, after: Callable[[int], nn.Module] | None = None) -> ShortcutLayer:
+    """The binary twin of the float ``Conv2d``/``Linear`` ``layer`` (module ``name``) in a block
+    ``after(BN_out(binary(x)) + shortcut(x))``; ``after(channels)`` makes a module run on the sum
+    (ReActNet's RPReLU), ``None`` for none.
+
+    >>> block = shortcut_layer("c", nn.Conv2d(8, 8, 3, padding=1), BinaryInfo("bireal", True, True, False))
+    >>> block.shortcut_kind, tuple(block(torch.randn(2, 8, 5, 5)).shape)
+    ('identity', (2, 8, 5, 5))
+    """
+    cls = ShortcutConv2d if isinstance(layer, nn.Conv2d) else ShortcutLinear
+    try:
+        return cls(layer, info, shortcut=shortcut, downsample=downsample, output_bn=output_bn, after=after)
+    except ConfigError as exc:
+        raise ConfigError(f"layer {name}: {exc}; add it to exclude to keep it float") from None
+
+
+def shortcuts(model: nn.Module) -> dict[str, str]:
+    """``{module name: shortcut kind}`` of the blocks in ``model``: ``identity``, ``downsample`` or ``none``."""
+    return {n: m.shortcut_kind for n, m in model.named_modules() if isinstance(m, ShortcutLayer)}
 
 
 # -- the quantizers' common part ---------------------------------------------------------------

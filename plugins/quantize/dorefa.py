@@ -46,10 +46,10 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sdk import hookimpl
+from sdk.binary import quantize_uniform
 from sdk.config import check_choice
 from sdk.encoding import Hint
 from sdk.errors import ConfigError
@@ -90,8 +90,9 @@ def dorefa_activation(x: torch.Tensor, k: int) -> torch.Tensor:
     >>> dorefa_activation(torch.tensor([-1.0, 0.4, 3.0]), 1).tolist()
     [0.0, 0.0, 1.0]
     """
-    # hardtanh, not clamp: the targets' canonical op set knows it
-    return quantize_k(F.hardtanh(x, 0.0, 1.0), k)
+    # one op, edgepack::quantize_uniform (round(clamp(n·x, 0, n)) / n, the same values and
+    # gradient): binary-popcount packs its codes as bit planes
+    return quantize_uniform(x, k, float(2 ** k - 1))
 
 
 class DoReFaWeight(WeightQuant):

@@ -1,6 +1,6 @@
 """Target ``binary-popcount``: binary networks as C99 source running XNOR + popcount kernels.
 
-A model binarized by ``xnor`` or ``bnn`` (their layers call
+A model binarized by ``xnor``, ``bnn``, ``bireal``, ``reactnet`` or ``horq`` (their layers call
 ``edgepack::binarize`` on activations and hold ±1 weights) lowers to a list of
 layer specs (:mod:`.lowering`): binary convs/linears bit-packed along the
 input channels into uint64 words with a float scale per output channel, and
@@ -18,6 +18,15 @@ arrays lie in ``weights.bin``.  ``bwn`` layers (binary weights, float
 activations) run as :class:`.specs.BwnConv`/:class:`.specs.BwnLinear`: their
 signs packed one bit per weight along the outputs, each output a sequential sum
 of the inputs added or subtracted by the weight's sign, times α, plus the bias.
+
+Low-bit networks run bit-serially (``kernels/ep_bitserial.c``): k-bit weights
+(``ternary``, ``dorefa``; any grid :func:`.packing.weight_planes` recognises) are
+packed as k ±1 planes with integer coefficients, k-bit activations
+(``edgepack::quantize_uniform``, DoReFa) and HORQ's residual planes
+(``edgepack::residual_sign``) as k ±1 planes, and one XNOR-popcount convolution
+multiplies every pair of planes before integer weights combine them
+(:class:`.specs.BitSerialConv`).  Low-bit weights on float activations run one
+sign-selected sum per plane (:class:`.specs.PlaneWeightConv`).
 
 The C files are shipped for firmware builds; edgepack itself never compiles or
 loads anything an artifact contains.  Its runners (:mod:`.runners`) read
@@ -65,7 +74,7 @@ class BinaryPopcount(Target):
 
     # "binary" is descriptive: the graph holds binarized weights as float ±α constants (no plan
     # spec asks for it), which the lowering packs to bits; check_plan and cost say so per layer
-    carries = (Carries("binary", bits=(1,)), Carries("float32"))
+    carries = (Carries("binary", bits=(1, 2, 3, 4, 5, 6, 7, 8)), Carries("float32"))
     device = ARM_A76
 
     @dataclasses.dataclass(frozen=True)
@@ -82,15 +91,18 @@ class BinaryPopcount(Target):
         layer's weight said as the lowering stores it: 1-bit signs packed in uint64 words
         (in bytes along the outputs for bwn layers), plus its float32 scales."""
         from .lowering import lower
-        from .specs import BinaryLayer, BinaryWeightLayer
+        from .specs import BinaryLayer, BinaryWeightLayer, BitSerialLayer, PlaneWeightLayer
 
         low, binary = lower(graph, self.name), {}
         for spec, name in zip(low.specs, low.names, strict=True):
             if isinstance(spec, (BinaryLayer, BinaryWeightLayer)):
-                node, alpha = graph.node(name), spec.alpha
+                node, alpha = graph.node(name), (spec.alpha if spec.alpha.ndim == 1 else spec.alpha[-1])
+                planes = spec.planes if isinstance(spec, (BitSerialLayer, PlaneWeightLayer)) else 1
                 scale = "float32 scale per output channel" if (alpha != alpha[0]).any() else f"scale {alpha[0]:g}"
+                what = "1-bit signs" if planes == 1 else f"{planes} bit planes of signs"
                 binary[node.inputs[1]] = {"layer": node.module or node.name, "tensor": node.inputs[1],
-                                          "planned": f"binary (1-bit signs, {scale})", "bits": 1, "stored_bits": 1}
+                                          "planned": f"binary ({what}, {scale})", "bits": planes,
+                                          "stored_bits": planes}
         rows = [binary.pop(r["tensor"], r) for r in super().check_plan(graph, plan)]
         return rows + list(binary.values())       # binary layers without a hint (built by hand)
 

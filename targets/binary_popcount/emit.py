@@ -16,6 +16,7 @@ True
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from .blob import WEIGHTS_MAGIC, weight_layout
@@ -94,19 +95,21 @@ class _Program:
         last[n - 1] = n  # the result is copied out after the last layer
         buffers = [(info.nbytes, i, last[i]) for i, info in enumerate(self.infos)]
         self.binary = [i for i, s in enumerate(self.specs) if isinstance(s, BinaryLayer)]
+        self.results = {i: math.prod(self.specs[i].results(self.infos[source_index(self.specs, i)], self.infos[i]))
+                        for i in self.binary}
         for i in self.binary:
-            buffers.append((self.infos[i].size * 4, i, i))
+            buffers.append((self.results[i] * 4, i, i))
         offsets, self.arena_bytes = _plan_arena(buffers)
         self.tensor_offsets = offsets[:n]
         self.scratch_offsets = dict(zip(self.binary, offsets[n:], strict=True))
         self.debug_offsets, pos = {}, 0
         for i in self.binary:
             self.debug_offsets[i] = pos
-            pos += self.infos[i].size
+            pos += self.results[i]
         self.debug_size = pos
 
     def tensor(self, i: int) -> str:
-        ctype = "uint64_t" if self.infos[i].kind == "packed" else "float"
+        ctype = "uint64_t" if self.infos[i].binary else "float"
         return f"(({ctype} *)(arena + {self.tensor_offsets[i]}))"
 
     def model_h(self) -> str:

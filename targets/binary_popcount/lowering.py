@@ -4,7 +4,16 @@ Which layers are binary is read from the graph itself, so a model lowers
 whatever modules built it, as long as it uses the SDK's binary ops
 (:mod:`sdk.binary`):
 
-* ``edgepack.binarize`` of an activation → :class:`Sign` (binarize and pack);
+* ``edgepack.binarize`` or ``edgepack.approx_sign`` of an activation → :class:`Sign`
+  (binarize and pack); a per-channel shift right before it (``x − t``, ReActNet's
+  RSign) becomes the Sign's threshold;
+* ``edgepack.quantize_uniform`` (k-bit activations, DoReFa) → :class:`BitPlanes`,
+  ``edgepack.residual_sign`` (HORQ) → :class:`ResidualSign`: k packed ±1 planes;
+* a ``conv``/``linear`` on bit planes or residual planes, or on a Sign with
+  low-bit weights, whose constant weight lies on a low-bit grid
+  (:func:`.packing.weight_planes`: ±α, ternary {−α, 0, α}, odd multiples of a
+  step as DoReFa's k-bit weights, one scale per layer or per output) →
+  :class:`BitSerialConv`/:class:`BitSerialLinear`;
 * a ``conv``/``linear`` that reads a Sign and whose constant weight has one
   magnitude per output channel (±1 from the binary layers, ±s after
   ``fold_batch_norm``) → :class:`BinaryConv`/:class:`BinaryLinear` with
@@ -15,7 +24,13 @@ whatever modules built it, as long as it uses the SDK's binary ops
   constant weight has one magnitude per output channel (a ``bwn`` layer:
   ``α·sign(W)`` on float input) → :class:`BwnConv`/:class:`BwnLinear`, the
   signs packed one bit per weight; the per-channel ``mul`` (α) and then ``add``
-  (the bias) right after it fold into its ``alpha`` and ``bias``;
+  (the bias) right after it fold into its ``alpha`` and ``bias``; one whose
+  weight is on a low-bit grid with more levels (ternary, k-bit) →
+  :class:`PlaneWeightConv`/:class:`PlaneWeightLinear`, one sign-selected sum
+  per plane;
+* a float conv whose weight is at most 256 distinct k×k kernels on a 6-bit grid
+  (``kernel-codebook``) → :class:`CodebookConv` (indices + codebook), where that
+  stores fewer bytes and decodes to the weight bit for bit;
 * a product with ``edgepack.mean_abs_window`` → :class:`MeanAbsScale` (XNOR-Net's K);
 * ``batch_norm`` and per-channel ``mul``/``add`` → :class:`ScaleBias`; float
   conv/linear, pools, ReLU, PReLU (and ``leaky_relu``, a PReLU of one slope),
@@ -28,8 +43,10 @@ whatever modules built it, as long as it uses the SDK's binary ops
   straight-through estimator) is dropped instead: it cannot change a sign.
 
 All of these take float activations, wherever they sit between layers; only
-binary convs/linears read binarized ones.  Refused, each naming the node: any other layer on the output of
-``edgepack.binarize`` (a clamp there is told to move before the binarize); a
+binary and bit-serial convs/linears read binarized or bit-plane ones.  Refused, each
+naming the node: any other layer on the output of ``edgepack.binarize``,
+``quantize_uniform`` or ``residual_sign`` (a clamp there is told to move before the
+binarize); a conv/linear on such activations whose weights are on no low-bit grid; a
 clamp with tensor bounds (``torch.clamp(x, min=t)``: the kernel takes one pair of
 numbers per tensor) or a NaN bound; any op not listed here (the refusal lists
 what runs); and a model without any binary layer (a ConfigError saying to apply
@@ -44,20 +61,25 @@ from typing import Any, Callable
 
 import numpy as np
 
-from sdk.binary import BINARIZE_OP, MEAN_ABS_WINDOW_OP
+from sdk.binary import APPROX_SIGN_OP, BINARIZE_OP, MEAN_ABS_WINDOW_OP, QUANTIZE_UNIFORM_OP, RESIDUAL_SIGN_OP
 from sdk.errors import ConfigError, UnsupportedOpError
 from sdk.graph import Graph, Node
 
+from .packing import weight_planes
 from .specs import (
     Add,
     AvgPool,
     BinaryConv,
     BinaryLayer,
     BinaryLinear,
+    BitPlanes,
+    BitSerialConv,
+    BitSerialLinear,
     BinaryWeightLayer,
     BwnConv,
     BwnLinear,
     Clamp,
+    CodebookConv,
     Flatten,
     FloatConv,
     FloatLinear,
@@ -65,14 +87,18 @@ from .specs import (
     InputSpec,
     MaxPool,
     MeanAbsScale,
+    PlaneWeightConv,
+    PlaneWeightLinear,
     PReLU,
     ReLU,
+    ResidualSign,
     ScaleBias,
     Sign,
     layer_profile,
 )
 
-APPLY_HINT = ("apply the xnor or bnn quantizer (or bwn: binary weights, float activations) in the recipe, e.g. "
+APPLY_HINT = ("apply a binary or low-bit quantizer in the recipe (xnor, bnn, bireal, reactnet, horq; bwn, "
+              "ternary, dorefa, kernel-codebook for float activations), e.g. "
               "recipe={'stages': [{'method': 'xnor'}]} with data=(x, y) training batches")
 
 
@@ -128,10 +154,11 @@ class _Lowerer:
         if name not in self.index:
             raise self.fail(node, f"input {name!r} is not an activation this target computes")
         idx = self.index[name]
-        if isinstance(self.specs[idx], Sign) and not packed:
-            raise self.fail(node, "it reads binarized activations (the output of edgepack.binarize); only a conv "
-                                  "or linear with binary weights can, so binarize its weights too (bnn/xnor) "
-                                  "or remove the sign before it")
+        if isinstance(self.specs[idx], _BINARY_ACTIVATIONS) and not packed:
+            what = _ACTIVATION_NAMES[type(self.specs[idx])]
+            raise self.fail(node, f"it reads {what}; only a conv or linear with binary or low-bit weights can, so "
+                                  "quantize its weights too (bnn/xnor/dorefa) or remove the activation quantizer "
+                                  "before it")
         return idx
 
     # -- driver ----------------------------------------------------------------------------
@@ -154,7 +181,7 @@ class _Lowerer:
         if self.index.get(out) != len(self.specs) - 1:
             raise UnsupportedOpError("output", out, self.target, "the model output must be its last computed "
                                      "activation")
-        if not any(isinstance(s, (BinaryLayer, BinaryWeightLayer)) for s in self.specs):
+        if not any(isinstance(s, (BinaryLayer, BinaryWeightLayer, CodebookConv)) for s in self.specs):
             raise ConfigError(f"target {self.target!r} found no binarized layer in the model: {APPLY_HINT}")
         return Lowered(self.specs, self.names, self._profile())
 
@@ -176,6 +203,12 @@ class _Lowerer:
                 # the float layer it replaces: fp32 weights, and the bias it folded in
                 row["fp32_bytes"] = 4 * (self.fp32_weights[i] + (0 if spec.bias is None else spec.bias.size))
                 row["fp32_macs"] = row["macs"]
+            elif isinstance(spec, CodebookConv):
+                # the float conv it replaces; its weights cost the indices, the codebook and its scale
+                row["params"] = spec.weights + (0 if spec.bias is None else spec.bias.size)
+                row["fp32_bytes"] = 4 * row["params"]
+                row["fp32_macs"] = row["macs"]
+                row["bits_per_weight"] = round(8 * spec.weight_bytes / spec.weights, 4)
             else:
                 row["fp32_bytes"] = row["bytes"]
                 row["fp32_macs"] = row["macs"]
@@ -183,26 +216,47 @@ class _Lowerer:
         return rows
 
     # -- weighted layers -------------------------------------------------------------------
-    def _weighted(self, node: Node, make_binary: Callable, make_bwn: Callable, make_float: Callable) -> None:
+    def _weighted(self, node: Node, make: dict[str, Callable]) -> None:
+        """A conv or linear: binary (±α weights on a Sign), bit-serial (low-bit weights on
+        binary, bit-plane or residual activations), bwn (±α on float), plane-weight
+        (low-bit weights on float) or float; ``make[kind]`` builds the spec."""
         w = self.const(node, 1)
         bias = self.const(node, 2) if len(node.inputs) > 2 else None
         src = self.src(node, packed=True)
+        act = self.specs[src]
         magnitude = _row_magnitude(w)
-        if isinstance(self.specs[src], Sign):
-            if magnitude is None:
-                raise self.fail(node, "its input is binarized but its weights are not (one magnitude per output "
-                                      "channel); binarize the weights too: apply bnn or xnor")
-            idx = self.emit(make_binary(w, magnitude, src), node)
+        if isinstance(act, _BINARY_ACTIVATIONS):
+            if isinstance(act, Sign) and magnitude is not None:
+                idx = self.emit(make["binary"](w, magnitude, src), node)
+            else:
+                planes = weight_planes(w)
+                if planes is None:
+                    raise self.fail(node, f"its input is {_ACTIVATION_NAMES[type(act)]} but its weights are on no "
+                                          "low-bit grid (±α per output channel, {−α, 0, α}, or odd multiples of one "
+                                          "step: bnn, xnor, ternary, dorefa); quantize the weights too")
+                signs, coefficients, alpha = planes
+                if isinstance(act, BitPlanes):       # a = q / inv_step, and the kernel's acc is 2 Σ m q
+                    alpha = (alpha * (np.float32(0.5) / act.inv_step[0])).astype(np.float32)
+                idx = self.emit(make["bitserial"](signs, coefficients, alpha, src), node)
             self.fp32_weights[idx] = w.size
             if bias is not None:
                 idx = self.emit(ScaleBias(np.ones_like(bias), bias, src=idx), node, "/bias")
         else:
+            planes = None if magnitude is not None or w[0].size == 1 else weight_planes(w)
             if magnitude is not None and w[0].size > 1 and magnitude.any():
                 # binary weights on real-valued input (a bwn layer): sign-selected float adds
-                idx = self.emit(make_bwn(w, magnitude, bias, src), node)
+                idx = self.emit(make["bwn"](w, magnitude, bias, src), node)
+                self.fp32_weights[idx] = w.size
+            elif planes is not None:
+                # low-bit weights (ternary, k-bit) on real-valued input: one sign-selected sum per plane
+                idx = self.emit(make["planes"](*planes, bias, src), node)
                 self.fp32_weights[idx] = w.size
             else:
-                idx = self.emit(make_float(w, bias, src), node)
+                spec = make["float"](w, bias, src)
+                if isinstance(spec, FloatConv):
+                    # few distinct k×k kernels on a 6-bit grid (kernel-codebook): indices + codebook, if smaller
+                    spec = CodebookConv.from_shared_kernels(w, bias, spec.stride, spec.padding, src) or spec
+                idx = self.emit(spec, node)
         self.index[node.name] = idx
 
     def conv(self, node: Node) -> None:
@@ -215,21 +269,46 @@ class _Lowerer:
             raise self.fail(node, f"the kernels take square kernels with one stride and one padding, no dilation, "
                                   f"groups=1; got kernel {k}, stride {a['stride']}, padding {a['padding']}, "
                                   f"dilation {a['dilation']}, groups {a['groups']}: change the layer")
-        stride, pad = a["stride"][0], a["padding"][0]
-        self._weighted(node, lambda w, m, s: BinaryConv.from_float(w, m, stride, pad, src=s),
-                       lambda w, m, b, s: BwnConv.from_float(w, m, b, stride, pad, src=s),
-                       lambda w, b, s: FloatConv(w, b, stride, pad, src=s))
+        st, pad = a["stride"][0], a["padding"][0]
+        self._weighted(node, {
+            "binary": lambda w, m, s: BinaryConv.from_float(w, m, st, pad, src=s),
+            "bitserial": lambda p, c, al, s: BitSerialConv.from_planes(p, c, al, st, pad, src=s),
+            "bwn": lambda w, m, b, s: BwnConv.from_float(w, m, b, st, pad, src=s),
+            "planes": lambda p, c, al, b, s: PlaneWeightConv.from_planes(p, c, al, b, st, pad, src=s),
+            "float": lambda w, b, s: FloatConv(w, b, st, pad, src=s)})
 
     def linear(self, node: Node) -> None:
         if len(self.g.shape(node.inputs[0])) != 2:
             raise self.fail(node, "linear layers take (N, features) input here; flatten before them")
-        self._weighted(node, lambda w, m, s: BinaryLinear.from_float(w, m, src=s),
-                       lambda w, m, b, s: BwnLinear.from_float(w, m, b, src=s),
-                       lambda w, b, s: FloatLinear(w, b, src=s))
+        self._weighted(node, {
+            "binary": lambda w, m, s: BinaryLinear.from_float(w, m, src=s),
+            "bitserial": lambda p, c, al, s: BitSerialLinear.from_planes(p, c, al, src=s),
+            "bwn": lambda w, m, b, s: BwnLinear.from_float(w, m, b, src=s),
+            "planes": lambda p, c, al, b, s: PlaneWeightLinear.from_planes(p, c, al, b, src=s),
+            "float": lambda w, b, s: FloatLinear(w, b, src=s)})
 
     # -- binary-network ops ----------------------------------------------------------------
     def binarize(self, node: Node) -> None:
-        self.index[node.name] = self.emit(Sign(src=self.src(node)), node)
+        """binarize / approx_sign (one forward): a Sign; a per-channel shift just before it that
+        nothing else reads (ReActNet's RSign, ``sign(x − t)``) becomes the Sign's threshold."""
+        src = self.src(node)
+        spec, producer = self.specs[src], node.inputs[0]
+        if (isinstance(spec, ScaleBias) and np.all(spec.scale == 1) and src == len(self.specs) - 1
+                and len(self.g.users(producer)) == 1 and producer not in self.g.outputs):
+            # x + b < 0  ⟺  x < −b exactly in IEEE arithmetic (a nonzero difference never rounds to 0)
+            self.specs.pop(), self.names.pop(), self.ops.pop(), self.modules.pop()
+            self.index[node.name] = self.emit(Sign(threshold=-spec.bias, src=spec.src), node)
+            return
+        self.index[node.name] = self.emit(Sign(src=src), node)
+
+    def quantize_uniform(self, node: Node) -> None:
+        _, args, _ = node.call
+        bits, inv_step = int(args[1]), float(args[2])
+        self.index[node.name] = self.emit(BitPlanes(np.array([inv_step], np.float32), bits, src=self.src(node)), node)
+
+    def residual_sign(self, node: Node) -> None:
+        _, args, _ = node.call
+        self.index[node.name] = self.emit(ResidualSign(int(args[1]), src=self.src(node)), node)
 
     def mean_abs_window(self, node: Node) -> None:
         _, args, _ = node.call
@@ -246,7 +325,7 @@ class _Lowerer:
                                   "a binary conv or linear reads here; clamp before the binarize instead (there a "
                                   "clamp with min < 0 <= max changes no sign and is dropped)")
         users = self.g.users(node.name)
-        if (lo < 0 <= hi and users and all(u.source == BINARIZE_OP for u in users)
+        if (lo < 0 <= hi and users and all(u.source in (BINARIZE_OP, APPROX_SIGN_OP) for u in users)
                 and node.name not in self.g.outputs):
             self.index[node.name] = self.src(node)      # sign(clamp(x)) == sign(x): nothing to run
             return
@@ -267,7 +346,7 @@ class _Lowerer:
                                       f"kernel {kernel}, stride {stride}, padding {padding}, dilation {dilation}")
             geometry = (kernel[0], stride[0], padding[0]) if kernel else (1, 1, 0)
             other = self.index.get(x)
-            if other is None or isinstance(self.specs[other], Sign):
+            if other is None or isinstance(self.specs[other], _BINARY_ACTIVATIONS):
                 raise self.fail(node, "K must be computed from a real-valued activation")
             self.index[node.name] = self.emit(MeanAbsScale(other, *geometry, src=self.src(node, yi)), node)
             return
@@ -307,6 +386,16 @@ class _Lowerer:
         if self.g.shape(a) != self.g.shape(b):
             raise self.fail(node, f"residual adds need equal shapes, got {self.g.shape(a)} and {self.g.shape(b)}")
         self.index[node.name] = self.emit(Add(other=self.src(node, 1), src=self.src(node, 0)), node)
+
+    def sub(self, node: Node) -> None:
+        """``x − c`` for a number or per-channel constant ``c``: a ScaleBias with bias ``−c``."""
+        if "scalar" in node.attrs:
+            self._scale_bias(node, self.src(node), bias=-node.attrs["scalar"])
+            return
+        a, b = node.inputs
+        if not self.g.is_const(b) or self.g.is_const(a):
+            raise self.fail(node, "only activation − constant runs here (a per-channel shift)")
+        self._scale_bias(node, self.src(node), bias=-self._per_channel(node, self.const(node, 1)))
 
     def _per_channel(self, node: Node, value: np.ndarray) -> np.ndarray:
         channels = node.shape[1]
@@ -378,9 +467,10 @@ class _Lowerer:
 
 
 _HANDLERS: dict[str, Callable[[_Lowerer, Node], None]] = {
-    BINARIZE_OP: _Lowerer.binarize, MEAN_ABS_WINDOW_OP: _Lowerer.mean_abs_window,
+    BINARIZE_OP: _Lowerer.binarize, APPROX_SIGN_OP: _Lowerer.binarize,
+    QUANTIZE_UNIFORM_OP: _Lowerer.quantize_uniform, RESIDUAL_SIGN_OP: _Lowerer.residual_sign, MEAN_ABS_WINDOW_OP: _Lowerer.mean_abs_window,
     "conv": _Lowerer.conv, "linear": _Lowerer.linear, "batch_norm": _Lowerer.batch_norm,
-    "mul": _Lowerer.mul, "add": _Lowerer.add, "relu": _Lowerer.relu, "prelu": _Lowerer.prelu,
+    "mul": _Lowerer.mul, "add": _Lowerer.add, "sub": _Lowerer.sub, "relu": _Lowerer.relu, "prelu": _Lowerer.prelu,
     "leaky_relu": _Lowerer.leaky_relu, "hardtanh": _Lowerer.hardtanh, "max_pool2d": _Lowerer.max_pool2d,
     "avg_pool2d": _Lowerer.avg_pool2d,
     "mean": _Lowerer.mean, "reshape": _Lowerer.reshape,
@@ -389,6 +479,13 @@ _HANDLERS: dict[str, Callable[[_Lowerer, Node], None]] = {
 _SUPPORTED = ("binary-popcount runs: edgepack.binarize, conv, linear, batch_norm, relu, prelu, leaky_relu, "
               "hardtanh/relu6/clamp with number bounds, max_pool2d, avg_pool2d, global mean, flatten, residual add, "
               "per-channel mul/add, XNOR-Net's K")
+
+
+#: the activations only binary and bit-serial layers read, and how errors name them
+_BINARY_ACTIVATIONS = (Sign, BitPlanes, ResidualSign)
+_ACTIVATION_NAMES = {Sign: "binarized activations (the output of edgepack.binarize)",
+                     BitPlanes: "k-bit activations (the output of edgepack.quantize_uniform)",
+                     ResidualSign: "residual-binarized activations (the output of edgepack.residual_sign)"}
 
 
 def _row_magnitude(w: np.ndarray) -> np.ndarray | None:

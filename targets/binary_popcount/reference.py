@@ -16,11 +16,11 @@ here.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
-from .packing import pack_bits, unpack_output_signs
+from .packing import pack_bits, pack_code_planes, unpack_output_signs
 
 if TYPE_CHECKING:
     from .specs import LayerSpec
@@ -75,6 +75,75 @@ def binary_conv2d(x: np.ndarray, weight: np.ndarray, in_channels: int, stride: i
             valid = (vy[:, None] & vx[None, :])[None, :, :, None]
             out += np.where(valid, dots, 0).astype(np.int32)
     return out
+
+
+class Planes(NamedTuple):
+    """A bit-plane tensor: ``kind`` "planes" (unsigned codes) or "residual" (HORQ), ``words``
+    the packed ±1 planes ``[P, N, H, W, Cw]`` (``[P, N, Fw]`` for 2-D tensors), ``betas`` the
+    residual planes' float32 scales ``[P, N]`` (None for codes)."""
+
+    kind: str
+    words: np.ndarray
+    betas: np.ndarray | None = None
+
+
+def bit_planes(x: np.ndarray, bits: int, inv_step: float) -> Planes:
+    """Unsigned codes ``round(clamp(x · inv_step, 0, 2^bits − 1))`` (half to even, NaN → 0)
+    of ``x [..., C]`` as ``bits`` packed ±1 planes."""
+    v = np.asarray(x, np.float32) * np.float32(inv_step)
+    v = np.minimum(np.where(v > 0, v, np.float32(0)), np.float32(2 ** bits - 1))
+    return Planes("planes", pack_code_planes(np.rint(v).astype(np.int64), bits))
+
+
+def residual_planes(x: np.ndarray, order: int) -> Planes:
+    """HORQ's residual binarization of each sample of ``x [N, ...]``: ``R = x``, then per plane
+    ``β = Σ|R| / count`` (summed in order, in float32, as the C runtime does), the plane
+    ``sign(R)``, and ``R −= β · sign(R)``."""
+    x = np.asarray(x, np.float32)
+    words, betas = [], np.zeros((order, x.shape[0]), np.float32)
+    r = x.copy()
+    for j in range(order):
+        for n in range(x.shape[0]):
+            betas[j, n] = np.cumsum(np.abs(r[n]).ravel(), dtype=np.float32)[-1] / np.float32(r[n].size)
+        neg = r < 0
+        words.append(pack_bits(neg))
+        beta = betas[j].reshape((-1,) + (1,) * (x.ndim - 1))
+        r = np.where(neg, r + beta, r - beta).astype(np.float32)
+    return Planes("residual", np.stack(words), betas)
+
+
+def bitserial_conv2d(x: np.ndarray | Planes, weight: np.ndarray, coefficients: np.ndarray, in_channels: int,
+                     stride: int = 1, padding: int = 0) -> np.ndarray:
+    """The integer result of a bit-serial conv: weight planes ``[P, O, k, k, Cw]`` with integer
+    ``coefficients [P]`` on a packed sign tensor (``Σ_i c_i P_i``), on unsigned code planes
+    (``Σ_i c_i (Σ_j 2^j P_ij + (2^k − 1) Z_i)``, twice the code product: ``Z_i`` is the weight
+    sum over the taps that are not padding) or on residual planes (one ``Σ_i c_i P_ij`` per
+    plane, stacked first).  ``P_ij`` is :func:`binary_conv2d` of activation plane j with weight
+    plane i, computed here tap by tap; int32."""
+    coefficients = np.asarray(coefficients, np.int64)
+
+    def product(act: np.ndarray) -> np.ndarray:
+        return sum(c * binary_conv2d(act, weight[i], in_channels, stride, padding).astype(np.int64)
+                   for i, c in enumerate(coefficients))
+
+    if not isinstance(x, Planes):
+        return product(x).astype(np.int32)
+    if x.kind == "residual":
+        return np.stack([product(plane) for plane in x.words]).astype(np.int32)
+    bits = x.words.shape[0]
+    acc = (2 ** bits - 1) * product(np.zeros_like(x.words[0][:1]))       # the all-(+1) image: Σ c_i Z_i
+    for j, plane in enumerate(x.words):
+        acc = acc + (product(plane) << j)
+    return acc.astype(np.int32)
+
+
+def residual_scale(acc: np.ndarray, betas: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """``alpha[o] · Σ_j β_j[n] · acc[j, n, ..., o]``, summed in j order in float32 (the C epilogue)."""
+    betas = np.asarray(betas, np.float32)
+    s = np.zeros(acc.shape[1:], np.float32)
+    for j in range(acc.shape[0]):
+        s = s + betas[j].reshape((-1,) + (1,) * (acc.ndim - 2)) * acc[j].astype(np.float32)
+    return (np.asarray(alpha, np.float32) * s).astype(np.float32)
 
 
 def _im2col(x: np.ndarray, k: int, stride: int, pad: int) -> np.ndarray:

@@ -56,11 +56,19 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """A tensor between layers: ``kind`` is "float" or "packed"; ``shape`` is
-    logical (torch order)."""
+    """A tensor between layers: ``kind`` is "float", "packed" (one ±1 plane, the
+    output of :class:`Sign`), "planes" (``planes`` ±1 planes of unsigned codes,
+    :class:`BitPlanes`) or "residual" (``planes`` ±1 planes and their
+    per-sample scales, :class:`ResidualSign`); ``shape`` is logical (torch order)."""
 
     kind: str
     shape: tuple[int, ...]
+    planes: int = 1
+
+    @property
+    def binary(self) -> bool:
+        """Bit-packed: what only binary and bit-serial layers read."""
+        return self.kind != "float"
 
     @property
     def channels(self) -> int:
@@ -85,9 +93,18 @@ class TensorInfo:
         return n, h, w, c
 
     @property
+    def plane_words(self) -> int:
+        """uint64 words of one plane."""
+        return self.rows * words(self.channels)
+
+    @property
     def nbytes(self) -> int:
         if self.kind == "packed":
-            return self.rows * words(self.channels) * 8
+            return self.plane_words * 8
+        if self.kind == "planes":
+            return self.planes * self.plane_words * 8
+        if self.kind == "residual":   # the planes, then float32 betas [planes][N]
+            return self.planes * self.plane_words * 8 + self.planes * self.shape[0] * 4
         return self.size * 4
 
 
@@ -259,6 +276,218 @@ class FloatConv(LayerSpec):
         return ref.conv2d(x, self.weight, self.bias, self.stride, self.padding)
 
 
+#: the width of a codebook value's code in :class:`CodebookConv` (Kernel Quantization's 6 bits)
+CODEBOOK_CODE_BITS = 6
+
+
+def _pack_fields(values: np.ndarray, width: int) -> np.ndarray:
+    """Unsigned ``width``-bit fields as one bit stream in uint8 bytes: field ``i`` takes bits
+    ``[i·width, (i+1)·width)``, least significant first, stream bit ``b`` being bit ``b % 8``
+    of byte ``b // 8``; the last byte is zero padded.
+
+    >>> _pack_fields(np.array([1, 2, 3]), 4).tolist()   # 0x21, 0x03
+    [33, 3]
+    """
+    v = np.asarray(values, np.uint64).reshape(-1)
+    bits = ((v[:, None] >> np.arange(width, dtype=np.uint64)) & np.uint64(1)).astype(np.uint8)
+    return np.packbits(bits.reshape(-1), bitorder="little")
+
+
+def _unpack_fields(stream: np.ndarray, width: int, count: int) -> np.ndarray:
+    """The first ``count`` fields of :func:`_pack_fields`'s stream, int64."""
+    bits = np.unpackbits(np.asarray(stream, np.uint8), count=count * width, bitorder="little")
+    return (bits.reshape(count, width).astype(np.int64) << np.arange(width)).sum(1)
+
+
+def _grid(values: np.ndarray) -> tuple[np.float32, np.ndarray] | None:
+    """``(scale, codes)`` with ``float32(scale) * codes == values`` exactly, the codes integers of
+    :data:`CODEBOOK_CODE_BITS` two's complement bits; None when no such grid holds ``values``.
+
+    The scale is ``max |v| / m`` for the code ``m`` of the largest magnitude (or a float32
+    neighbour of it: the quantizer rounded ``m · scale`` once), so only those are tried."""
+    values = np.asarray(values, np.float32)
+    top = float(np.abs(values).max(initial=0))
+    if top == 0:
+        return np.float32(1), np.zeros(values.shape, np.int64)
+    lim = 2 ** (CODEBOOK_CODE_BITS - 1)
+    for m in range(1, lim + 1):
+        s0 = np.float32(top / m)
+        for s in (s0, np.nextafter(s0, np.float32(np.inf)), np.nextafter(s0, np.float32(0))):
+            codes = np.rint(values / s)
+            if codes.min() >= -lim and codes.max() < lim and np.array_equal(s * codes.astype(np.float32), values):
+                return s, codes.astype(np.int64)
+    return None
+
+
+# Inlined into model.c (the C_HELPER mechanism, like MeanAbsScale's): decoding the kernel
+# codebook is this layer kind's own business; the conv is the library's float kernel.
+_CODEBOOK_CONV_C = """
+/* Field i of a bit stream: bits [i*width, (i+1)*width), least significant first, stream bit b
+ * being bit b % 8 of byte b / 8.  width <= 8, so a field spans at most two bytes. */
+static unsigned codebook_field(const uint8_t *stream, size_t i, int width) {
+    const size_t bit = i * (size_t)width;
+    const int shift = (int)(bit & 7);
+    unsigned v = (unsigned)stream[bit >> 3] >> shift;
+    if (shift + width > 8) v |= (unsigned)stream[(bit >> 3) + 1] << (8 - shift);
+    return v & ((1u << width) - 1u);
+}
+
+/* Kernel-codebook conv: kernel (oc, ci) is codebook entry indices[oc * c + ci] (index_bits
+ * wide), each entry k*k 6-bit two's complement codes (ky, kx order) times scale[0].  The weight
+ * is decoded into w, [k][k][c][o] as ep_conv2d_f32 takes it (k*k*c*o floats), then convolved. */
+static void codebook_conv2d_f32(const float *x, int batch, int h, int wd, int c, const uint8_t *indices,
+                                int index_bits, const uint8_t *codes, const float *scale, const float *bias,
+                                int o, int k, int stride, int pad, float *out, float *w) {
+    const size_t taps = (size_t)k * k;
+    for (int oc = 0; oc < o; ++oc)
+        for (int ci = 0; ci < c; ++ci) {
+            const size_t entry = codebook_field(indices, (size_t)oc * c + ci, index_bits);
+            for (size_t t = 0; t < taps; ++t) {
+                const int q = (int)codebook_field(codes, entry * taps + t, 6);
+                w[(t * c + ci) * o + oc] = scale[0] * (float)(q >= 32 ? q - 64 : q);
+            }
+        }
+    ep_conv2d_f32(x, batch, h, wd, c, w, bias, o, k, k, stride, pad, out);
+}
+"""
+
+
+@dataclass(eq=False)
+class CodebookConv(LayerSpec):
+    """Kernel-codebook conv (Kernel Quantization, Yu et al. 2020) on a float tensor: each of the
+    ``O·C`` k×k kernels is one of ``entries`` codebook kernels, whose values are 6-bit codes on
+    one grid, ``scale · code``.
+
+    ``indices``: the entry of kernel ``(o, c)`` at field ``o·C + c``, ``index_bits`` wide;
+    ``codes``: entry ``e``'s k×k codes (ky, kx order) at fields ``e·k² ..``, 6-bit two's
+    complement; both uint8 bit streams (:func:`_pack_fields`).  ``scale``: float32 ``[1]``.
+    model.c decodes the weight into the workspace and runs ``ep_conv2d_f32``; the reference
+    decodes it (:meth:`weight`) and runs FloatConv's conv, so the two agree to float rounding.
+    """
+
+    C_HELPER = _CODEBOOK_CONV_C
+    STORED = {"indices": Stored("|u1", 1), "codes": Stored("|u1", 1), "scale": Stored("<f4", 1),
+              "bias": Stored("<f4", 1)}
+    #: most weights a layer may decode (the workspace holds them as float32)
+    MAX_WEIGHTS = 1 << 27
+
+    indices: np.ndarray
+    codes: np.ndarray
+    scale: np.ndarray
+    out_channels: int
+    in_channels: int
+    kernel: int
+    entries: int
+    index_bits: int
+    bias: np.ndarray | None = None
+    stride: int = 1
+    padding: int = 0
+    src: int | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        o, c, k, e, b = self.out_channels, self.in_channels, self.kernel, self.entries, self.index_bits
+        if min(o, c, k) < 1 or not 1 <= b <= 8 or not 1 <= e <= 2 ** b or o * c * k * k > self.MAX_WEIGHTS:
+            raise ConfigError(f"CodebookConv needs positive channels and kernel, at most {self.MAX_WEIGHTS} weights, "
+                              f"index_bits 1 to 8 and 1 to 2^index_bits entries; got out_channels {o}, in_channels "
+                              f"{c}, kernel {k}, index_bits {b}, entries {e}")
+        sizes = {"indices": -(-o * c * b // 8), "codes": -(-e * k * k * CODEBOOK_CODE_BITS // 8), "scale": 1}
+        for name, size in sizes.items():
+            if getattr(self, name).shape != (size,):
+                raise ConfigError(f"CodebookConv.{name} must have {size} entries, got shape "
+                                  f"{getattr(self, name).shape}")
+        if self.bias is not None and self.bias.shape != (o,):
+            raise ConfigError(f"CodebookConv.bias must have {o} entries")
+        # the C decoder reads codebook entry index[i] unchecked: an index past the codebook is refused here
+        top = int(self.index().max())
+        if top >= e:
+            raise ConfigError(f"CodebookConv.indices name entries up to {top}, the codebook has {e}")
+
+    @classmethod
+    def from_codebook(cls, index, codes, scale, bias=None, stride: int = 1, padding: int = 0,
+                      src: int | None = None) -> CodebookConv:
+        """From ``index`` (int ``[O, C]``), ``codes`` (int ``[entries, k, k]`` in [-32, 31]) and ``scale``.
+
+        >>> spec = CodebookConv.from_codebook(np.zeros((4, 2), int), np.ones((1, 3, 3), int), 0.5)
+        >>> spec.index_bits, spec.weight()[3, 1].tolist()
+        (1, [[0.5, 0.5, 0.5], [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]])
+        """
+        index, codes = np.asarray(index), np.asarray(codes)
+        lim = 2 ** (CODEBOOK_CODE_BITS - 1)
+        if codes.ndim != 3 or codes.shape[1] != codes.shape[2] or codes.min() < -lim or codes.max() >= lim:
+            raise ConfigError(f"CodebookConv codes must be [entries, k, k] integers in [{-lim}, {lim - 1}], got shape "
+                              f"{codes.shape}, range [{codes.min()}, {codes.max()}]")
+        entries, k, _ = codes.shape
+        bits = max(1, math.ceil(math.log2(entries)))
+        packed_codes = _pack_fields(codes.astype(np.int64) & (2 * lim - 1), CODEBOOK_CODE_BITS)
+        return cls(_pack_fields(index, bits), packed_codes, np.asarray([scale], np.float32), index.shape[0],
+                   index.shape[1], k, entries, bits, bias, stride, padding, src)
+
+    @classmethod
+    def from_shared_kernels(cls, weight, bias=None, stride: int = 1, padding: int = 0,
+                            src: int | None = None) -> CodebookConv | None:
+        """The codebook form of a real ``[O, C, k, k]`` weight, or None where it has none that pays:
+        more than 256 distinct kernels, values on no 6-bit grid (:func:`_grid`), or indices and
+        codebook no smaller than the float32 weight.  The decoded weight equals ``weight`` exactly."""
+        weight = np.asarray(weight, np.float32)
+        o, c, k, _ = weight.shape
+        values, inverse = np.unique(weight, return_inverse=True)
+        found = _grid(values) if values.size <= 2 ** CODEBOOK_CODE_BITS else None
+        if found is None:
+            return None
+        scale, value_codes = found
+        kernels = value_codes[inverse.reshape(-1)].reshape(o * c, k * k)
+        entries, index = np.unique(kernels, axis=0, return_inverse=True)
+        if len(entries) > 256:
+            return None
+        spec = cls.from_codebook(index.reshape(o, c), entries.reshape(-1, k, k), scale, bias, stride, padding, src)
+        return spec if spec.weight_bytes < weight.nbytes else None
+
+    @property
+    def weights(self) -> int:
+        """Weights of the conv: ``O·C·k·k``."""
+        return self.out_channels * self.in_channels * self.kernel ** 2
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the indices, the codebook and its scale (the bias aside)."""
+        return self.indices.nbytes + self.codes.nbytes + self.scale.nbytes
+
+    def index(self) -> np.ndarray:
+        """The entry of each kernel, int64 ``[O, C]``."""
+        n = self.out_channels * self.in_channels
+        return _unpack_fields(self.indices, self.index_bits, n).reshape(self.out_channels, self.in_channels)
+
+    def codebook(self) -> np.ndarray:
+        """The codes of the entries, int64 ``[entries, k, k]`` in [-32, 31]."""
+        k, lim = self.kernel, 2 ** (CODEBOOK_CODE_BITS - 1)
+        u = _unpack_fields(self.codes, CODEBOOK_CODE_BITS, self.entries * k * k)
+        return np.where(u >= lim, u - 2 * lim, u).reshape(self.entries, k, k)
+
+    def weight(self) -> np.ndarray:
+        """The decoded float32 weight ``[O, C, k, k]``: ``scale · codebook[index]``."""
+        return self.scale[0] * self.codebook()[self.index()].astype(np.float32)
+
+    def infer(self, ctx):
+        ctx.need("float", 4)
+        ctx.channels(self.in_channels, "weight")
+        oh, ow = ctx.window(ctx.input, self.kernel, self.stride, self.padding)
+        return TensorInfo("float", (ctx.input.shape[0], self.out_channels, oh, ow))
+
+    def cost(self, out):
+        return out.size * self.in_channels * self.kernel ** 2, 0
+
+    def emit(self, c):
+        n, h, w, ch = c.input.nhwc
+        return [f"codebook_conv2d_f32({c.src}, {n}, {h}, {w}, {ch}, {c.array('indices', 'uint8_t')}, "
+                f"{self.index_bits}, {c.array('codes', 'uint8_t')}, {c.array('scale')}, {c.array('bias')}, "
+                f"{self.out_channels}, {self.kernel}, {self.stride}, {self.padding}, {c.dst}, (float *)work);"], \
+            f"(size_t){self.weights} * sizeof(float)"
+
+    def reference(self, x, tensors, popcounts):
+        return ref.conv2d(x, self.weight(), self.bias, self.stride, self.padding)
+
+
 class BinaryLayer(LayerSpec):
     """A conv or linear on a packed tensor: the int32 ±1 product, times ``alpha[o]``.
 
@@ -267,6 +496,11 @@ class BinaryLayer(LayerSpec):
     ``binary_outputs`` and to :func:`.reference.run_reference`'s popcounts, which
     must agree bit for bit.
     """
+
+    def results(self, inp: TensorInfo, out: TensorInfo) -> tuple[int, ...]:
+        """Shape of the int32 result (``binary_outputs``, the reference's popcounts): NHWC
+        ``(N, OH, OW, O)`` or ``(N, O)``."""
+        return (out.shape[0], out.shape[2], out.shape[3], out.shape[1]) if len(out.shape) == 4 else out.shape
 
     def _check_alpha(self) -> None:
         if self.alpha.shape != (self.weight.shape[0],):
@@ -405,6 +639,169 @@ class BinaryLinear(BinaryLayer):
         return ref.binary_gemm(x, self.weight, self.in_features)
 
 
+class BitSerialLayer(BinaryLayer):
+    """A conv or linear with k-bit weights on a packed, bit-plane or residual tensor
+    (``kernels/ep_bitserial.c``): ``weight`` holds P packed ±1 planes, the weight codes are
+    ``Σ_p coefficients[p] · plane_p``, and one binary convolution multiplies every activation
+    plane by every weight plane before the planes are combined in integers.  Output
+    ``alpha[o] · acc`` (on bit planes ``acc`` is twice the code product: the lowering folds the
+    activation step and the 1/2 into ``alpha``), on residual planes ``alpha[o] · Σ_j β_j acc_j``.
+    """
+
+    def _check_planes(self, cw: int) -> None:
+        name = type(self).__name__
+        if self.weight.shape[-1] != cw:
+            raise ConfigError(f"{name}.weight must pack {cw} words per row, got shape {self.weight.shape}")
+        if self.coefficients.shape != (self.weight.shape[0],):
+            raise ConfigError(f"{name}.coefficients must have one entry per weight plane ({self.weight.shape[0]})")
+        if self.alpha.shape != (self.weight.shape[1],):
+            raise ConfigError(f"{name}.alpha must have {self.weight.shape[1]} entries")
+
+    @property
+    def planes(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def outputs(self) -> int:
+        return self.weight.shape[1]
+
+    def _check_input(self, ctx: InferContext, ndim: int, reduce: int) -> None:
+        t = ctx.input
+        if not t.binary or len(t.shape) != ndim:
+            raise ctx.error(f"needs a {ndim}-D packed, bit-plane or residual input, got {t.kind} {t.shape}")
+        # |acc| <= Σ|c| · (2^k − 1 + Σ 2^j) · reduce must fit int32
+        a = 2 * (2 ** t.planes - 1) if t.kind == "planes" else 1
+        if int(np.abs(self.coefficients).sum()) * a * reduce >= 2 ** 31:
+            raise ctx.error("the bit-serial product could overflow int32: fewer bits or a smaller layer")
+
+    def results(self, inp, out):
+        shape = super().results(inp, out)
+        return (inp.planes,) + shape if inp.kind == "residual" else shape
+
+    def _geometry(self, c: LayerCode) -> tuple[int, int, int, int, int, int, int]:
+        """``(n, h, w, ch, k, stride, pad)`` of the product as a conv."""
+        raise NotImplementedError
+
+    def emit(self, c):
+        t = c.input
+        kind = {"packed": 0, "planes": 1, "residual": 2}[t.kind]
+        n, h, w, ch, k, st, pad = self._geometry(c)
+        args = f"{kind}, {t.planes}, {n}, {h}, {w}, {ch}"
+        geometry = f"{self.planes}, {self.outputs}, {k}, {st}, {pad}"
+        results = math.prod(self.results(t, c.output))
+        lines = [f"ep_bitserial_conv2d({c.src}, {args}, {c.array('weight', 'uint64_t')}, {self.planes}, "
+                 f"{c.array('coefficients', 'int32_t')}, {self.outputs}, {k}, {st}, {pad}, {c.acc}, work);",
+                 f"if (binary_outputs) memcpy(binary_outputs + {c.debug_offset}, {c.acc}, {results * 4});"]
+        rows = c.output.rows
+        if t.kind == "residual":
+            betas = f"((const float *)({c.src} + {t.planes * t.plane_words}))"
+            lines.append(f"ep_residual_scale_f32({c.acc}, {t.planes}, {n}, {rows // n}, {self.outputs}, {betas}, "
+                         f"{c.array('alpha')}, {c.dst});")
+        else:
+            lines.append(f"ep_scale_i32_f32({c.acc}, {rows}, {self.outputs}, {c.array('alpha')}, {c.dst});")
+        return lines, f"ep_bitserial_conv2d_workspace_bytes({args}, {geometry})"
+
+    def c_product(self, c):
+        raise NotImplementedError("BitSerialLayer.emit writes its own product")
+
+    def reference(self, x, tensors, popcounts):
+        acc = self.popcount(x)
+        popcounts.append(acc)
+        if isinstance(x, ref.Planes) and x.kind == "residual":
+            return ref.residual_scale(acc, x.betas, self.alpha)
+        return acc.astype(np.float32) * self.alpha
+
+
+@dataclass(eq=False)
+class BitSerialConv(BitSerialLayer):
+    """Bit-serial conv; ``weight`` packed ``[P, O, k, k, ceil(C/64)]`` uint64, ``coefficients``
+    int32 ``[P]``, ``alpha`` float32 ``[O]``; zero padded."""
+
+    STORED = {"weight": Stored("<u8", 5), "coefficients": Stored("<i4", 1), "alpha": Stored("<f4", 1)}
+
+    weight: np.ndarray
+    coefficients: np.ndarray
+    alpha: np.ndarray
+    in_channels: int
+    stride: int = 1
+    padding: int = 0
+    src: int | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._check_planes(words(self.in_channels))
+
+    @classmethod
+    def from_planes(cls, signs, coefficients, alpha, stride: int = 1, padding: int = 0,
+                    src: int | None = None) -> BitSerialConv:
+        """From ±1 planes ``[P, O, C, k, k]`` (:func:`.packing.weight_planes`)."""
+        signs = np.asarray(signs)
+        return cls(np.stack([pack_conv_weight(p) for p in signs]), coefficients, alpha, signs.shape[2], stride,
+                   padding, src)
+
+    def infer(self, ctx):
+        k = self.weight.shape[2]
+        self._check_input(ctx, 4, self.in_channels * k * k)
+        ctx.channels(self.in_channels, "weight")
+        if self.weight.shape[3] != k:
+            raise ctx.error("only square kernels are supported")
+        oh, ow = ctx.window(ctx.input, k, self.stride, self.padding)
+        return TensorInfo("float", (ctx.input.shape[0], self.outputs, oh, ow))
+
+    def cost(self, out):
+        return 0, out.size * self.in_channels * self.weight.shape[2] ** 2 * self.planes
+
+    def _geometry(self, c):
+        n, h, w, ch = c.input.nhwc
+        return n, h, w, ch, self.weight.shape[2], self.stride, self.padding
+
+    def popcount(self, x):
+        return ref.bitserial_conv2d(x, self.weight, self.coefficients, self.in_channels, self.stride, self.padding)
+
+
+@dataclass(eq=False)
+class BitSerialLinear(BitSerialLayer):
+    """Bit-serial fully connected layer; ``weight`` packed ``[P, O, ceil(F/64)]`` uint64."""
+
+    STORED = {"weight": Stored("<u8", 3), "coefficients": Stored("<i4", 1), "alpha": Stored("<f4", 1)}
+
+    weight: np.ndarray
+    coefficients: np.ndarray
+    alpha: np.ndarray
+    in_features: int
+    src: int | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._check_planes(words(self.in_features))
+
+    @classmethod
+    def from_planes(cls, signs, coefficients, alpha, src: int | None = None) -> BitSerialLinear:
+        """From ±1 planes ``[P, O, F]``."""
+        signs = np.asarray(signs)
+        return cls(np.stack([pack_linear_weight(p) for p in signs]), coefficients, alpha, signs.shape[2], src)
+
+    def infer(self, ctx):
+        self._check_input(ctx, 2, self.in_features)
+        ctx.channels(self.in_features, "weight")
+        return TensorInfo("float", (ctx.input.shape[0], self.outputs))
+
+    def cost(self, out):
+        return 0, out.shape[0] * self.outputs * self.in_features * self.planes
+
+    def _geometry(self, c):
+        n, f = c.input.shape
+        return n, 1, 1, f, 1, 1, 0
+
+    def popcount(self, x):
+        if isinstance(x, ref.Planes):
+            x = x._replace(words=x.words[:, :, None, None, :])
+        else:
+            x = x[:, None, None, :]
+        acc = ref.bitserial_conv2d(x, self.weight[:, :, None, None, :], self.coefficients, self.in_features)
+        return acc.reshape(acc.shape[:-3] + acc.shape[-1:])
+
+
 class BinaryWeightLayer(LayerSpec):
     """A conv or linear with binary weights on a FLOAT tensor (a ``bwn`` layer,
     XNOR-Net §3.1): ``alpha[o] * sum_k s[k][o] x[k] (+ bias[o])`` with ``s = ±1``.
@@ -415,6 +812,10 @@ class BinaryWeightLayer(LayerSpec):
     not a popcount, so it has no int32 result in ``binary_outputs``; C and
     :mod:`.reference` sum in one order and agree bit for bit on one input.
     """
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._check()
 
     @property
     def outputs(self) -> int:
@@ -442,10 +843,6 @@ class BwnConv(BinaryWeightLayer):
     stride: int = 1
     padding: int = 0
     src: int | None = None
-
-    def __post_init__(self):
-        super().__post_init__()
-        self._check()
 
     @classmethod
     def from_float(cls, weight, alpha=None, bias=None, stride: int = 1, padding: int = 0,
@@ -492,10 +889,6 @@ class BwnLinear(BinaryWeightLayer):
     bias: np.ndarray | None = None
     src: int | None = None
 
-    def __post_init__(self):
-        super().__post_init__()
-        self._check()
-
     @classmethod
     def from_float(cls, weight, alpha=None, bias=None, src: int | None = None) -> BwnLinear:
         """From a real ``[O, I]`` weight (alpha defaults to mean |W| per row)."""
@@ -519,6 +912,133 @@ class BwnLinear(BinaryWeightLayer):
     def reference(self, x, tensors, popcounts):
         return ref.bwn_linear(x, self.weight, self.alpha, self.bias)
 
+
+class PlaneWeightLayer(BinaryWeightLayer):
+    """A conv or linear with k-bit weights (P ±1 planes, :func:`.packing.weight_planes`) on a
+    FLOAT tensor: one sign-selected sum per plane (the bwn kernels), added in plane order:
+    ``Σ_p alpha[p, o] · Σ_k s_p[k][o] x[k] (+ bias[o] with plane 0)``; ``alpha[p]`` is the
+    layer scale times the plane's coefficient.  Ternary weights ship as two planes."""
+
+    @property
+    def outputs(self) -> int:
+        return self.alpha.shape[1]
+
+    @property
+    def planes(self) -> int:
+        return self.alpha.shape[0]
+
+    def _check(self) -> None:
+        name, o = type(self).__name__, self.outputs
+        if self.weight.shape[0] != self.planes or self.weight.shape[-1] != sign_bytes(o):
+            raise ConfigError(f"{name}.weight must hold {self.planes} planes of {sign_bytes(o)} bytes of signs "
+                              f"per row, got shape {self.weight.shape}")
+        if self.bias is not None and self.bias.shape != (o,):
+            raise ConfigError(f"{name}.bias must have {o} entries")
+
+    def _plane_call(self, c: LayerCode, p: int, bias: str, dst: str) -> str:
+        raise NotImplementedError
+
+    def emit(self, c):
+        size = c.output.size
+        lines = [self._plane_call(c, 0, c.array("bias"), c.dst)]
+        for p in range(1, self.planes):
+            lines += [self._plane_call(c, p, "NULL", "(float *)work"),
+                      f"ep_add_f32({c.dst}, (const float *)work, {size}, {c.dst});"]
+        return lines, (f"(size_t){size} * sizeof(float)" if self.planes > 1 else None)
+
+    def _plane_reference(self, x: np.ndarray, p: int, bias: np.ndarray | None) -> np.ndarray:
+        raise NotImplementedError
+
+    def reference(self, x, tensors, popcounts):
+        out = self._plane_reference(x, 0, self.bias)
+        for p in range(1, self.planes):
+            out = (out + self._plane_reference(x, p, None)).astype(np.float32)
+        return out
+
+    @staticmethod
+    def _plane_scales(coefficients, alpha) -> np.ndarray:
+        return (np.asarray(coefficients, np.float32)[:, None] * np.asarray(alpha, np.float32)[None, :])
+
+
+@dataclass(eq=False)
+class PlaneWeightConv(PlaneWeightLayer):
+    """k-bit-weight conv on a float NHWC tensor; ``weight`` packed ``[P, k, k, C, ceil(O/8)]``
+    uint8, ``alpha`` ``[P, O]``; zero padded."""
+
+    STORED = {"weight": Stored("|u1", 5), "alpha": Stored("<f4", 2), "bias": Stored("<f4", 1)}
+
+    weight: np.ndarray
+    alpha: np.ndarray
+    bias: np.ndarray | None = None
+    stride: int = 1
+    padding: int = 0
+    src: int | None = None
+
+    @classmethod
+    def from_planes(cls, signs, coefficients, alpha, bias=None, stride: int = 1, padding: int = 0,
+                    src: int | None = None) -> PlaneWeightConv:
+        """From ±1 planes ``[P, O, C, k, k]``."""
+        return cls(np.stack([pack_output_signs(p) for p in np.asarray(signs)]), cls._plane_scales(coefficients, alpha),
+                   bias, stride, padding, src)
+
+    def infer(self, ctx):
+        ctx.need("float", 4)
+        _, kh, kw, c, _ = self.weight.shape
+        ctx.channels(c, "weight")
+        if kh != kw:
+            raise ctx.error("only square kernels are supported")
+        oh, ow = ctx.window(ctx.input, kh, self.stride, self.padding)
+        return TensorInfo("float", (ctx.input.shape[0], self.outputs, oh, ow))
+
+    def cost(self, out):
+        _, kh, kw, c, _ = self.weight.shape
+        return out.size * kh * kw * c * self.planes, 0
+
+    def _plane_call(self, c, p, bias, dst):
+        n, h, w, ch = c.input.nhwc
+        k, plane = self.weight.shape[1], math.prod(self.weight.shape[1:])
+        return (f"ep_bwn_conv2d_f32({c.src}, {n}, {h}, {w}, {ch}, {c.array('weight', 'uint8_t')} + {p * plane}, "
+                f"{c.array('alpha')} + {p * self.outputs}, {bias}, {self.outputs}, {k}, {k}, {self.stride}, "
+                f"{self.padding}, {dst});")
+
+    def _plane_reference(self, x, p, bias):
+        return ref.bwn_conv2d(x, self.weight[p], self.alpha[p], bias, self.stride, self.padding)
+
+
+@dataclass(eq=False)
+class PlaneWeightLinear(PlaneWeightLayer):
+    """k-bit-weight fully connected layer on a float ``(N, F)`` tensor; ``weight`` packed
+    ``[P, F, ceil(O/8)]`` uint8, ``alpha`` ``[P, O]``."""
+
+    STORED = {"weight": Stored("|u1", 3), "alpha": Stored("<f4", 2), "bias": Stored("<f4", 1)}
+
+    weight: np.ndarray
+    alpha: np.ndarray
+    bias: np.ndarray | None = None
+    src: int | None = None
+
+    @classmethod
+    def from_planes(cls, signs, coefficients, alpha, bias=None, src: int | None = None) -> PlaneWeightLinear:
+        """From ±1 planes ``[P, O, F]``."""
+        return cls(np.stack([pack_output_signs(p) for p in np.asarray(signs)]), cls._plane_scales(coefficients, alpha),
+                   bias, src)
+
+    def infer(self, ctx):
+        ctx.need("float", 2)
+        ctx.channels(self.weight.shape[1], "weight")
+        return TensorInfo("float", (ctx.input.shape[0], self.outputs))
+
+    def cost(self, out):
+        return out.shape[0] * self.outputs * self.weight.shape[1] * self.planes, 0
+
+    def _plane_call(self, c, p, bias, dst):
+        n, f = c.input.shape
+        plane = math.prod(self.weight.shape[1:])
+        return (f"ep_bwn_linear_f32({c.src}, {n}, {f}, {c.array('weight', 'uint8_t')} + {p * plane}, "
+                f"{c.array('alpha')} + {p * self.outputs}, {bias}, {self.outputs}, {dst});")
+
+    def _plane_reference(self, x, p, bias):
+        return ref.bwn_linear(x, self.weight[p], self.alpha[p], bias)
 
 @dataclass(eq=False)
 class ScaleBias(LayerSpec):
@@ -642,6 +1162,65 @@ class Sign(LayerSpec):
 
     def reference(self, x, tensors, popcounts):
         return ref.sign_pack(x, self.threshold)
+
+
+@dataclass(eq=False)
+class BitPlanes(LayerSpec):
+    """Unsigned ``bits``-bit activation codes ``round(clamp(x · inv_step, 0, 2^bits − 1))``
+    (what ``edgepack::quantize_uniform`` computes; NaN gives 0), packed as ``bits`` ±1 planes
+    for the bit-serial layers.  ``inv_step`` is one float32 in weights.bin."""
+
+    STORED = {"inv_step": Stored("<f4", 1)}
+
+    inv_step: np.ndarray
+    bits: int
+    src: int | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 1 <= self.bits <= 8 or self.inv_step.shape != (1,) or not self.inv_step[0] > 0:
+            raise ConfigError(f"BitPlanes needs 1 <= bits <= 8 and one positive inv_step, got {self.bits}, "
+                              f"{self.inv_step.tolist()}")
+
+    def infer(self, ctx):
+        ctx.need_float()
+        return TensorInfo("planes", ctx.input.shape, self.bits)
+
+    def emit(self, c):
+        t = c.input
+        return [f"ep_bitplanes_f32({c.src}, {t.rows}, {t.channels}, {self.bits}, {c.array('inv_step')}[0], "
+                f"{c.dst});"], None
+
+    def reference(self, x, tensors, popcounts):
+        return ref.bit_planes(x, self.bits, self.inv_step[0])
+
+
+@dataclass(eq=False)
+class ResidualSign(LayerSpec):
+    """HORQ's order-``order`` residual binarization of each sample (``edgepack::residual_sign``):
+    ``order`` packed ±1 planes and their float32 scales β, which the bit-serial layer reading
+    them applies after its popcounts."""
+
+    order: int
+    src: int | None = None
+
+    def __post_init__(self):
+        if not 1 <= self.order <= 8:
+            raise ConfigError(f"ResidualSign.order must be 1..8, got {self.order}")
+
+    def infer(self, ctx):
+        ctx.need_float()
+        return TensorInfo("residual", ctx.input.shape, self.order)
+
+    def emit(self, c):
+        t, out = c.input, c.output
+        n = t.shape[0]
+        betas = f"((float *)({c.dst} + {out.planes * out.plane_words}))"
+        return [f"ep_residual_planes_f32({c.src}, {n}, {t.rows // n}, {t.channels}, {self.order}, {c.dst}, "
+                f"{betas}, (float *)work);"], f"(size_t){t.size // n} * sizeof(float)"
+
+    def reference(self, x, tensors, popcounts):
+        return ref.residual_planes(x, self.order)
 
 
 @dataclass(eq=False)
@@ -863,7 +1442,8 @@ class FloatLinear(LayerSpec):
 
 #: every layer kind by its name, the ``type`` of a layer in an artifact's layers.json
 LAYER_KINDS: dict[str, type[LayerSpec]] = {cls.__name__: cls for cls in (
-    InputSpec, FloatConv, BinaryConv, BinaryLinear, BwnConv, BwnLinear, ScaleBias, MeanAbsScale, Sign, MaxPool,
+    InputSpec, FloatConv, BinaryConv, BinaryLinear, BitSerialConv, BitSerialLinear, BitPlanes, ResidualSign,
+    CodebookConv, BwnConv, BwnLinear, PlaneWeightConv, PlaneWeightLinear, ScaleBias, MeanAbsScale, Sign, MaxPool,
     AvgPool, ReLU, Clamp, PReLU, Add, GlobalAvgPool, Flatten, FloatLinear)}
 
 # ---------------------------------------------------------------------------
@@ -916,12 +1496,8 @@ def binary_output_shapes(specs: Sequence[LayerSpec]) -> list[tuple[int, ...]]:
     """Shapes of the int32 results of the binary layers, in layer order:
     NHWC ``(N, OH, OW, O)`` for convs, ``(N, O)`` for linears."""
     infos = infer_shapes(specs)
-    shapes = []
-    for spec, info in zip(specs, infos, strict=True):
-        if isinstance(spec, BinaryLayer):
-            shape = info.shape
-            shapes.append((shape[0], shape[2], shape[3], shape[1]) if len(shape) == 4 else shape)
-    return shapes
+    return [spec.results(infos[source_index(specs, i)], infos[i])
+            for i, spec in enumerate(specs) if isinstance(spec, BinaryLayer)]
 
 
 def layer_profile(specs: Sequence[LayerSpec]) -> list[dict]:
@@ -932,6 +1508,8 @@ def layer_profile(specs: Sequence[LayerSpec]) -> list[dict]:
     for i, spec in enumerate(specs):
         out = infos[i]
         macs, bops = spec.cost(out)
+        if isinstance(spec, BitSerialLayer):      # one binary product per pair of planes
+            bops *= infos[source_index(specs, i)].planes
         row = {"index": i, "op": type(spec).__name__, "output_shape": list(out.shape), "output_kind": out.kind,
                "param_bytes": sum(a.nbytes for _, a in spec.arrays()), "macs": macs, "bops": bops}
         if i:

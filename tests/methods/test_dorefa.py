@@ -114,7 +114,7 @@ def test_weights_only_cnn_deploys_to_arm_fp32(small_cnn, digits):
 
 def test_dorefa_activations_have_no_arm_fp32_lowering(small_cnn, digits):
     model = DoReFa(progress=False).apply(copy.deepcopy(small_cnn))
-    with pytest.raises(UnsupportedOpError, match="aten.round"):
+    with pytest.raises(UnsupportedOpError, match="quantize_uniform"):
         sdk.deploy(model, "arm-fp32", (digits[2][:1],), progress=False)
 
 

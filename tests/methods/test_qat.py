@@ -14,37 +14,15 @@ from torch import nn
 import sdk
 from plugins.quantize.qat import (QAT, FoldedLayer, fake_quant, fake_quant_weight, range_qparams,
                                   simulate)
-from quant_helpers import run_artifact, sqnr_db
+from quant_helpers import (QAT_STAGE, DWNet, check_learned_ranges, check_matches_simulation,  # noqa: F401
+                           dw_float, run_artifact, sqnr_db)
 from sdk.encoding import Hint, hints_of, weight_spec
 from sdk.errors import ConfigError, InputError
 from sdk.graph import capture
-from sdk.litert.flatbuffer import read_model
 from sdk.quant import QuantSpec
-from sdk.trainer import evaluate, make_loader
+from sdk.trainer import make_loader
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: one thread is faster
-
-SKEW = 200.0      # function-preserving rescale of half the depthwise channels (see dw_float)
-QAT_STAGE = {"method": "qat", "config": {"epochs": 3, "lr": 1e-3, "freeze_bn_after": 20, "progress": False}}
-
-
-class DWNet(nn.Module):
-    """A narrow depthwise-separable net (MobileNet's block at width 8) on 1×8×8 digits."""
-
-    def __init__(self, width=8):
-        super().__init__()
-        self.c1, self.b1, self.r1 = nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
-        self.dw = nn.Conv2d(width, width, 3, padding=1, groups=width, bias=False)
-        self.b2, self.r2 = nn.BatchNorm2d(width), nn.ReLU()
-        self.pw, self.b3, self.r3 = nn.Conv2d(width, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
-        self.flat, self.fc = nn.Flatten(), nn.Linear(width * 64, 10)
-
-    def forward(self, x):
-        x = self.r1(self.b1(self.c1(x)))
-        x = self.r2(self.b2(self.dw(x)))
-        x = self.r3(self.b3(self.pw(x)))
-        return self.fc(self.flat(x))
-
 
 # -- the quantizers' arithmetic -------------------------------------------------------------
 
@@ -150,26 +128,6 @@ def test_functional_activations_keep_the_pre_activation_range(small_cnn, digits)
 # -- digits: PTQ loses on a depthwise net, QAT recovers; the artifact is the QAT model -------
 
 @pytest.fixture(scope="module")
-def dw_float(digits, one_thread):
-    """A float DWNet trained on digits.  Half of the depthwise channels are then rescaled by SKEW
-    (their BN γ, β ×SKEW, the pointwise weights reading them ÷SKEW): the same function in float, but
-    the inter-channel range imbalance of depthwise layers that per-tensor int8 activations lose."""
-    from examples import digits as D
-
-    xtr, ytr, xte, yte = digits
-    torch.manual_seed(0)
-    model = D.train(DWNet(), xtr, ytr.long(), epochs=6, progress=False)
-    with torch.no_grad():
-        f = torch.ones(8)
-        f[::2] = SKEW
-        model.b2.weight.mul_(f)
-        model.b2.bias.mul_(f)
-        model.pw.weight.div_(f.reshape(1, -1, 1, 1))
-    data = list(make_loader(xtr, ytr, batch_size=64, seed=0))
-    return model, data, xte, yte.long(), evaluate(model, [(xte, yte.long())])
-
-
-@pytest.fixture(scope="module")
 def dw_results(dw_float):
     model, data, xte, yte, float_acc = dw_float
     cal = [(x,) for x, _ in data[:8]]
@@ -216,26 +174,9 @@ def test_baked_model_is_plain_layers_on_the_int8_grid(dw_results):
 def test_the_artifact_uses_the_learned_ranges(dw_results):
     """Every graph value with a learned range carries exactly its int8 scale and zero point in the
     .tflite (no recalibration); the input's observed [0, 1] equals the learned input range."""
-    q, art = dw_results["model"], dw_results["art"]
-    graph = capture(q, (dw_results["x"][:1],))
-    tensors = {t.name.decode(): t.quantization for t in
-               read_model(art.file("model.tflite").read_bytes()).subgraphs[0].tensors}
-    learned = {n: h.range for n, h in graph.hints.items() if h.range is not None}
-    assert len(learned) == 4
-    for name, rng in list(learned.items()) + [("x/quantized", q.qat_input_range)]:
-        s, z = range_qparams(*rng)
-        assert (float(tensors[name].scale[0]), int(tensors[name].zeroPoint[0])) == (np.float32(s), z), name
+    check_learned_ranges(dw_results["model"], dw_results["art"], dw_results["x"])
 
 
 def test_the_artifact_matches_the_torch_qat_simulation(dw_results):
     r = dw_results
-    agree = float((r["qat_out"].argmax(1) == r["sim"].argmax(1)).mean())
-    sqnr = sqnr_db(r["sim"].astype(np.float64), r["qat_out"])
-    print(f"artifact vs torch QAT simulation: top-1 agreement {agree:.4f}, SQNR {sqnr:.1f} dB")
-    assert agree >= 0.98 and sqnr >= 30.0, (agree, sqnr)
-    x = r["x"]
-    with simulate(r["model"]):
-        rep = r["art"].verify(r["model"], inputs=[x[i:i + 1] for i in range(64)], runners=["host", "reference"],
-                              repeats=1)
-    assert rep.bit_exact_ratio["host"] == 1.0 and rep.max_lsb["host"] == 0, str(rep)
-    assert rep.top1_agreement["reference"] >= 0.98, str(rep)
+    check_matches_simulation(r["model"], r["art"], r["x"], r["qat_out"], r["sim"], "QAT")

@@ -61,6 +61,32 @@ void ep_bconv2d(const uint64_t *x, int batch, int h, int w, int c,
                 const uint64_t *weight, int o, int kh, int kw, int stride,
                 int pad, int32_t *out, void *work);
 
+/* Bit-serial k-bit layers (ep_bitserial.c).  Unsigned codes
+ * q = round(clamp(x * inv_step, 0, 2^bits - 1)) (half to even; NaN gives 0) of
+ * rows x[rows][channels] as `bits` packed +-1 planes out[bits][rows][EP_WORDS(channels)]
+ * (a set bit j of q packs as +1). */
+void ep_bitplanes_f32(const float *x, size_t rows, int channels, int bits, float inv_step, uint64_t *out);
+/* HORQ's residual binarization of each of `batch` samples of per_sample rows:
+ * R = x; for each plane j: betas[j][n] = sum |R| / count (summed in order),
+ * plane j = sign(R) packed, R -= betas[j][n] * sign(R).  out[order][batch *
+ * per_sample][EP_WORDS(channels)]; work: per_sample * channels floats. */
+void ep_residual_planes_f32(const float *x, int batch, size_t per_sample, int channels, int order,
+                            uint64_t *out, float *betas, float *work);
+/* Bit-serial conv (a linear layer is the 1x1 conv of a 1x1 image): weights
+ * [w_planes][o][k][k][EP_WORDS(c)] packed +-1 planes with integer coefficients
+ * coef[w_planes]; x: kind 0, one sign plane [batch][h][w][cw]; kind 1,
+ * ep_bitplanes_f32's a_planes planes; kind 2, the planes of
+ * ep_residual_planes_f32.  acc: int32 [batch][oh][ow][o] (kind 1: twice the
+ * code product), for kind 2 one such result per plane. */
+size_t ep_bitserial_conv2d_workspace_bytes(int kind, int a_planes, int batch, int h, int w, int c,
+                                           int w_planes, int o, int k, int stride, int pad);
+void ep_bitserial_conv2d(const uint64_t *x, int kind, int a_planes, int batch, int h, int w, int c,
+                         const uint64_t *weight, int w_planes, const int32_t *coef, int o, int k,
+                         int stride, int pad, int32_t *acc, void *work);
+/* out[n][r][oc] = alpha[oc] * sum_j betas[j][n] * acc[j][n][r][oc], summed in j order. */
+void ep_residual_scale_f32(const int32_t *acc, int order, int batch, size_t rows_per_sample, int o,
+                           const float *betas, const float *alpha, float *out);
+
 /* out[r][ch] = alpha[ch] * x[r][ch]: the float output of a binary layer. */
 void ep_scale_i32_f32(const int32_t *x, size_t rows, int channels,
                       const float *alpha, float *out);

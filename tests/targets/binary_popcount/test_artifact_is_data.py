@@ -28,7 +28,7 @@ import torch
 import sdk
 from examples.models import LeNet
 from sdk.errors import ArtifactError, InputError, ToolchainError
-from targets.binary_popcount import binary_layer_agreement, blob, build, emit
+from targets.binary_popcount import binary_layer_agreement, blob, build, emit, packing
 from targets.binary_popcount import reference as ref
 from targets.binary_popcount import specs as sp
 from targets.binary_popcount.runners import artifact_specs, dump_specs, load_specs
@@ -432,6 +432,18 @@ def test_every_layer_type_round_trips_through_layers_json():
              sp.Clamp.between(-np.inf, 0.5),
              sp.BwnLinear.from_float(rng.standard_normal((13, 3)), bias=rng.standard_normal(13)), sp.ReLU(src=9),
              sp.BwnConv.from_float(rng.standard_normal((11, 16, 3, 3)), stride=2, padding=1)]
+    n = len(specs)
+    grid = packing.weight_planes(((2 * rng.integers(0, 4, (6, 70, 3, 3)) - 3) / 3).astype(np.float32))
+    three = packing.weight_planes(rng.integers(-1, 2, (5, 70, 3, 3)).astype(np.float32))
+    specs += [sp.BitPlanes(np.array([3.0], np.float32), 2, src=1), sp.BitSerialConv.from_planes(*grid, padding=1),
+              sp.ResidualSign(2, src=1), sp.BitSerialConv.from_planes(*grid, stride=2),
+              sp.PlaneWeightConv.from_planes(*three, bias=rng.standard_normal(5), padding=1, src=1), sp.Flatten(),
+              sp.PlaneWeightLinear.from_planes(*packing.weight_planes(rng.integers(-1, 2, (4, 320)).astype(
+                  np.float32))), sp.BitPlanes(np.array([1.0], np.float32), 3),
+              sp.BitSerialLinear.from_planes(*packing.weight_planes(np.array([[1.0, -3, 1, 3]] * 3, np.float32))),
+              sp.CodebookConv.from_codebook(rng.integers(0, 5, (6, 70)), rng.integers(-32, 32, (5, 3, 3)), 0.5,
+                                            rng.standard_normal(6), padding=1, src=1)]
+    assert sp.infer_shapes(specs)[n + 3].kind == "float"
     assert {type(s).__name__ for s in specs} == set(sp.LAYER_KINDS)
     names = [f"layer{i}" for i in range(len(specs))]
     back, back_names = load_specs(dump_specs(specs, names), blob.write_weights_bin(specs))

@@ -320,7 +320,7 @@ def test_missing_compiler_names_the_package(trained, monkeypatch):
 
 def test_float_model_gets_told_to_binarize(tmp_path):
     model, x = LeNet().eval(), torch.randn(1, 1, 8, 8)
-    with pytest.raises(ConfigError, match="apply the xnor or bnn quantizer"):
+    with pytest.raises(ConfigError, match="apply a binary or low-bit quantizer"):
         sdk.deploy(model, "binary-popcount", (x,), output=tmp_path / "out", progress=False)
     assert list(tmp_path.iterdir()) == []
 
