@@ -17,6 +17,8 @@ BENCHES = {
     "bench_gallery.py": ["--out", str(HERE / "results" / "gallery.json")],
     "bench_encodings.py": ["--out", str(HERE / "results" / "encodings.json")],
     "sparse_probe.py": ["--out", str(HERE / "results" / "sparse_probe.json")],
+    "bench_pruners.py": ["--out", str(HERE / "results" / "pruners.json")],
+    "bench_deep_compression.py": ["--out", str(HERE / "results" / "deep_compression.json")],
 }
 
 

@@ -60,7 +60,7 @@ def compress(model, recipe, data=None, teacher=None, *, progress: bool = True, t
     import torch
 
     from . import masks
-    from .context import DataStreams, StageContext, check_streams
+    from .context import REPORTS_ATTR, DataStreams, StageContext, check_streams
     from .trainer import training_extras
 
     if not isinstance(model, torch.nn.Module):
@@ -76,10 +76,12 @@ def compress(model, recipe, data=None, teacher=None, *, progress: bool = True, t
         method = stage.build()
         if not progress and hasattr(method.config, "progress"):
             method.config = method.config.replace(progress=False)
+        ctx.stage = stage.method
         # penalties/callbacks of earlier stages shape this one's training; its own apply to later ones
         with training_extras(list(ctx.penalties), list(ctx.callbacks)):
             work = method.run(work, ctx)
     masks.bake(work)
+    setattr(work, REPORTS_ATTR, list(getattr(model, REPORTS_ATTR, [])) + ctx.reports)
     return work.eval()
 
 
@@ -103,7 +105,7 @@ def deploy(model, target: str, example_inputs, calibration: Iterable | None = No
 
     >>> art = sdk.deploy(net, target="arm-int8", example_inputs=(x,), calibration=batches)  # doctest: +SKIP
     """
-    from .context import DataStreams, check_streams
+    from .context import REPORTS_ATTR, DataStreams, check_streams
     from .data import as_batches
     from .graph import capture, check_example_inputs, fold_batch_norm
 
@@ -199,6 +201,7 @@ def deploy(model, target: str, example_inputs, calibration: Iterable | None = No
         "quantization": quantization,
         "verify": tgt.rules_for(quantization),
         "encodings": encodings,
+        **({"stages": getattr(packed_model, REPORTS_ATTR)} if getattr(packed_model, REPORTS_ATTR, None) else {}),
         **package.extra,
     }
     with Staging(output, overwrite=overwrite) as stage:

@@ -441,6 +441,17 @@ def select_groups(groups: Iterable[ChannelGroup], exclude: Sequence[str] = ()) -
 
 # -- removal -----------------------------------------------------------------
 
+def filter_l1(model: nn.Module, group: ChannelGroup, *, mean: bool = False) -> torch.Tensor:
+    """Per channel of ``group``, ``Σ_producers ‖W_p[c]‖₁`` (Li et al. 2017's filter criterion),
+    or with ``mean`` each filter's L1 divided by its size (comparable across layers); float64."""
+    score = torch.zeros(group.channels, dtype=torch.float64)
+    for s in group.of_role("out"):
+        w = model.get_submodule(s.module).weight.detach().double()
+        rows = w.abs().reshape(w.shape[0], -1)
+        score += (rows.mean(1) if mean else rows.sum(1))[s.offset:s.offset + group.channels]
+    return score
+
+
 def remove_channels(model: nn.Module, plan: Mapping[ChannelGroup, Iterable[int]]) -> nn.Module:
     """Remove channel indices ``plan[group]`` of each group from ``model`` (in place); return it.
 

@@ -12,6 +12,9 @@ touch the context.  Methods that need more read it:
 ``ctx.target``         the Target instance (``deploy``'s, or ``compress(target=)``; else ``None``)
 ``ctx.add_penalty``    a loss term added to the training of every later stage
 ``ctx.add_callback``   a per-step callback run in every later stage's training
+``ctx.report``         what the stage measured (JSON data: curves, energy, sparsity
+                       reached): kept on the compressed model and written into the
+                       artifact manifest's ``stages``
 =====================  ========================================================
 
 >>> streams = DataStreams.of([1, 2])
@@ -24,12 +27,15 @@ touch the context.  Methods that need more read it:
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, Callable, Iterable
 
-from .errors import InputError
+from .errors import ConfigError, InputError
 
 #: the streams a stage may declare in ``streams``
 STREAMS = ("train", "unlabeled", "val")
+#: the attribute of a compressed model that holds its stages' reports (:meth:`StageContext.report`)
+REPORTS_ATTR = "_edgepack_reports"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +93,8 @@ class StageContext:
     target: Any = None                 # sdk.Target: its cost model (Target.cost) plans under a budget
     penalties: list[Callable] = dataclasses.field(default_factory=list)
     callbacks: list[Callable] = dataclasses.field(default_factory=list)
+    reports: list[dict] = dataclasses.field(default_factory=list)
+    stage: str | None = None           # the method running now (set by sdk.compress)
 
     def stream(self, name: str, *, who: str = "this stage") -> Iterable:
         """The stream ``name``; :class:`InputError` naming ``who`` when it was not given."""
@@ -105,3 +113,19 @@ class StageContext:
     def add_callback(self, callback: Callable[[Any, int], None]) -> None:
         """``callback(model, step)`` runs after every optimizer step of every later stage's training."""
         self.callbacks.append(callback)
+
+    def report(self, **data: Any) -> None:
+        """Record what this stage measured; ``data`` must be JSON (numbers, strings, lists, dicts).
+        :func:`sdk.compress` leaves the reports on the model it returns (:data:`REPORTS_ATTR`) and
+        :func:`sdk.deploy` writes them into the manifest's ``stages``, one ``{"method", ...}`` each.
+
+        >>> ctx = StageContext(DataStreams.of([]), original=None, stage="sensitivity")
+        >>> ctx.report(levels=[0.5, 0.9]); ctx.reports
+        [{'method': 'sensitivity', 'levels': [0.5, 0.9]}]
+        """
+        try:
+            row = json.loads(json.dumps({"method": self.stage, **data}, allow_nan=False))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{self.stage}: a stage report must be JSON data (numbers, strings, lists, dicts; "
+                              f"no NaN): {exc}") from None
+        self.reports.append(row)

@@ -86,3 +86,14 @@ def sparsity(model: torch.nn.Module, layer_types=("Conv1d", "Conv2d", "Linear"))
     zeros = sum(int((m.weight == 0).sum()) for _, m in layers)
     total = sum(m.weight.numel() for _, m in layers)
     return zeros / total if total else 0.0
+
+
+def smallest_masks(scores: list[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
+    """:func:`smallest_mask` over several tensors ranked together (a global threshold): exactly
+    ``round(sparsity·N)`` zeros in all, ``N`` their total size; one mask per tensor, in its shape.
+
+    >>> [m.tolist() for m in smallest_masks([torch.tensor([3.0, 1.0]), torch.tensor([2.0, 0.5])], 0.5)]
+    [[1.0, 0.0], [1.0, 0.0]]
+    """
+    flat = smallest_mask(torch.cat([s.reshape(-1) for s in scores]), sparsity)
+    return [m.reshape(s.shape) for m, s in zip(torch.split(flat, [s.numel() for s in scores]), scores)]

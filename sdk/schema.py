@@ -184,6 +184,11 @@ def check_manifest(m: Any, format_name: str, format_version: int) -> dict:
     for key in ("recipe", "quantization"):
         if m.get(key) is not None:
             _dict(f"{where}: {key}", m[key])
+    stages = _list(f"{where}: stages", m.get("stages", []))
+    if len(stages) > MAX_ROWS:
+        raise _fail(f"{where}: stages", f"more than {MAX_ROWS} reports")
+    for i, row in enumerate(stages):
+        _str(f"{where}: stages[{i}].method", _dict(f"{where}: stages[{i}]", row).get("method"))
     _check_rules(f"{where}: verify", m.get("verify", {}))
     encodings = _list(f"{where}: encodings", m.get("encodings", []))
     if len(encodings) > MAX_ROWS:

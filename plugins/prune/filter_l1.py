@@ -40,7 +40,7 @@ import torch
 
 from sdk import hookimpl
 from sdk.base import Pruner
-from sdk.channels import ChannelGroup, channel_groups, example_from, remove_channels, select_groups
+from sdk.channels import ChannelGroup, channel_groups, example_from, filter_l1, remove_channels, select_groups
 from sdk.config import check_range
 from sdk.trainer import TrainConfig, finetune
 
@@ -94,17 +94,8 @@ class FilterL1Pruner(Pruner):
         n = self.n_removed(group.channels)
         if n == 0:
             return []
-        order = torch.sort(filter_l1_scores(model, group), stable=True).indices
+        order = torch.sort(filter_l1(model, group), stable=True).indices
         return sorted(order[:n].tolist())
-
-
-def filter_l1_scores(model: torch.nn.Module, group: ChannelGroup) -> torch.Tensor:
-    """``s_c = Σ_producers ‖W_p[c]‖₁`` for the ``group.channels`` channels of ``group``."""
-    score = torch.zeros(group.channels, dtype=torch.float64)
-    for s in group.of_role("out"):
-        w = model.get_submodule(s.module).weight.detach()
-        score += w.abs().reshape(w.shape[0], -1).sum(1).double()
-    return score
 
 
 @hookimpl

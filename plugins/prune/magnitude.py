@@ -26,7 +26,7 @@ import torch
 from sdk import hookimpl
 from sdk.base import Pruner
 from sdk.config import Config, check_choice, check_range
-from sdk.masks import apply_mask, prunable_layers, smallest_mask
+from sdk.masks import apply_mask, prunable_layers, smallest_mask, smallest_masks
 
 
 class MagnitudePruner(Pruner):
@@ -54,13 +54,9 @@ class MagnitudePruner(Pruner):
                 w = mod.weight.detach()
                 apply_mask(mod, smallest_mask(w.abs().reshape(-1), cfg.sparsity).reshape(w.shape))
         else:
-            scores = torch.cat([m.weight.detach().abs().reshape(-1) for _, m in layers])
-            keep = smallest_mask(scores, cfg.sparsity)
-            offset = 0
-            for _, mod in layers:
-                n = mod.weight.numel()
-                apply_mask(mod, keep[offset:offset + n].reshape(mod.weight.shape))
-                offset += n
+            keep = smallest_masks([m.weight.detach().abs() for _, m in layers], cfg.sparsity)
+            for (_, mod), mask in zip(layers, keep):
+                apply_mask(mod, mask)
         return model
 
 

@@ -1168,7 +1168,10 @@ def check_model(data: bytes, manifest: dict | None = None, *, name: str = "model
 
 def check_file(artifact, name: str = "model.tflite") -> bytes:
     """Read ``name`` of ``artifact``, check it against the artifact's manifest, return its bytes."""
+    from sdk.huffman import expand_artifact_model
+
     path = artifact.file(name)
-    data = path.read_bytes()
+    # a deep-compression artifact's weights.dc must decode into this file's weights (sdk.huffman)
+    data = expand_artifact_model(artifact, name, path.read_bytes())
     check_model(data, getattr(artifact, "manifest", None), name=f"{name} of {artifact.path}")
     return data

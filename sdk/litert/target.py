@@ -69,9 +69,13 @@ class LiteRTTarget(Target):
         cfg = self.config
         low = lower(graph, plan if self.quantized else None, target=self.name, io=getattr(cfg, "io", "float"),
                     int4=getattr(cfg, "int4", "where-fast"), sparsity=getattr(cfg, "sparsity", "off"))
-        return Package(files={"model.tflite": low.model}, inputs=[TensorSig.from_dict(r) for r in low.inputs],
-                       outputs=[TensorSig.from_dict(r) for r in low.outputs], layers=low.layers,
-                       extra=self.shipped(graph, plan, low.layers))
+        package = Package(files={"model.tflite": low.model}, inputs=[TensorSig.from_dict(r) for r in low.inputs],
+                          outputs=[TensorSig.from_dict(r) for r in low.outputs], layers=low.layers,
+                          extra=self.shipped(graph, plan, low.layers))
+        # deep-compression layers: their int8 weights also ship Huffman-coded in weights.dc (sdk.weight_sharing)
+        from sdk.weight_sharing import attach_container
+
+        return attach_container(package, graph)
 
     def shipped(self, graph, plan, layers) -> dict:
         """The manifest's ``encodings`` as packed: whether each weight's zeros shipped sparse, from

@@ -29,7 +29,7 @@ model.c in :mod:`.emit`, compiling and loading in :mod:`.build`.
 
 >>> specs = [InputSpec((1, 64)), Sign(), BinaryLinear.from_float(np.ones((4, 64)))]
 >>> infer_shapes(specs)[-1]
-TensorInfo(kind='float', shape=(1, 4))
+TensorInfo(kind='float', shape=(1, 4), planes=1)
 """
 
 from __future__ import annotations

@@ -48,3 +48,43 @@ def trained_lenet(digits_batches, one_thread):
     finetune(model, train, TrainConfig(epochs=10, lr=1e-2, progress=False))
     return model
 
+
+def torchvision_resnet18():
+    """torchvision's resnet18 (10 classes, random init, eval) and 4 random labelled batches of
+    8×3×32×32; skips the test when torchvision cannot be imported."""
+    import torch
+
+    gallery = pytest.importorskip("gallery")
+    try:
+        tv = gallery.import_torchvision()
+    except ImportError:
+        pytest.skip("torchvision is not installed")
+    torch.manual_seed(0)
+    model = tv.models.resnet18(num_classes=10).eval()
+    gen = torch.Generator().manual_seed(0)
+    data = [(torch.randn(8, 3, 32, 32, generator=gen), torch.randint(0, 10, (8,), generator=gen)) for _ in range(4)]
+    return model, data
+
+
+def graph_macs(model, x) -> int:
+    """MACs of ``model`` as captured on ``x`` (:func:`sdk.graph.macs` over every node)."""
+    from sdk.graph import capture, macs
+
+    g = capture(model, (x,))
+    return sum(macs(g, n) for n in g.nodes)
+
+
+#: the digits LeNet's prunable layers and the ReLU module after each
+RELU_AFTER = {"features.0": "features.2", "features.4": "features.6", "classifier.1": "classifier.2"}
+
+
+def prunable_groups(model, x):
+    """The channel groups of ``model`` (traced on ``x[:1]``) that a structured pruner may shrink."""
+    from sdk.channels import channel_groups
+
+    return [g for g in channel_groups(model, (x[:1],)) if g.prunable]
+
+
+def lenet_widths(lenet):
+    """Output channels of the LeNet's two convs and its hidden linear layer."""
+    return lenet.features[0].out_channels, lenet.features[4].out_channels, lenet.classifier[1].out_features
