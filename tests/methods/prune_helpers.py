@@ -88,3 +88,35 @@ def prunable_groups(model, x):
 def lenet_widths(lenet):
     """Output channels of the LeNet's two convs and its hidden linear layer."""
     return lenet.features[0].out_channels, lenet.features[4].out_channels, lenet.classifier[1].out_features
+
+
+def lenet_macs(c1: int = 16, c2: int = 32, h: int = 64) -> int:
+    """The digits LeNet's MACs in closed form, for conv widths ``c1``, ``c2`` and hidden width ``h``
+    (8×8 input, 3×3 convs, a 2×2 pool between them and before the classifier)."""
+    return c1 * 64 * 9 + c2 * 16 * c1 * 9 + c2 * 4 * h + h * 10
+
+
+def profile_macs(art) -> int:
+    """MACs of a deployed artifact: the sum over its profile's layers."""
+    return sum(row.get("macs", 0) for row in art.profile["layers"])
+
+
+def calibration(x):
+    """Ten calibration batches of 32 digits."""
+    return [x[i:i + 32] for i in range(0, 320, 32)]
+
+
+def deploy_with_dense(pruned, dense, xtr, xte, tmp_path):
+    """arm-int8 artifacts of ``pruned`` and of the ``dense`` model it came from, on one calibration set."""
+    import sdk
+
+    return tuple(sdk.deploy(m, "arm-int8", (xte[:1],), calibration=calibration(xtr), output=tmp_path / name,
+                            progress=False) for m, name in ((pruned, "a"), (dense, "dense")))
+
+
+def int8_accuracy(art, x, y) -> float:
+    """Top-1 accuracy of an artifact run one image at a time over ``x``."""
+    import numpy as np
+
+    out = np.concatenate([art.run(x[i:i + 1])[0] for i in range(len(x))])
+    return float(np.mean(out.argmax(1) == y.numpy()))

@@ -14,8 +14,8 @@ from torch import nn
 import sdk
 from examples.models import make
 from plugins.prune.apoz import ApozPruner
-from prune_helpers import (RELU_AFTER, digits_batches, graph_macs, lenet_widths,  # noqa: F401 (fixtures)
-                           prunable_groups, torchvision_resnet18, trained_lenet)
+from prune_helpers import (RELU_AFTER, digits_batches, graph_macs, lenet_macs, lenet_widths,  # noqa: F401
+                           profile_macs, prunable_groups, torchvision_resnet18, trained_lenet)
 from sdk.channel_scores import apoz, group_key
 from sdk.errors import ConfigError, InputError
 from sdk.recipe import Recipe
@@ -113,10 +113,6 @@ def test_each_group_loses_exactly_its_ratio_highest_apoz_first(digits_batches):
     assert sum(lenet_widths(ranked)) == 112 - round(0.3 * 112)
 
 
-def _profile_macs(art):
-    return sum(row.get("macs", 0) for row in art.profile["layers"])
-
-
 def test_pruned_lenet_ships_fewer_macs_and_bytes_and_keeps_accuracy(trained_lenet, digits_batches, tmp_path):
     train, test = digits_batches
     (xte, yte), = test
@@ -133,12 +129,12 @@ def test_pruned_lenet_ships_fewer_macs_and_bytes_and_keeps_accuracy(trained_lene
     art = sdk.deploy(tuned, "arm-int8", (xte[:1],), calibration=cal, output=tmp_path / "a", progress=False)
     c1, c2, h = lenet_widths(tuned)
     assert (c1, c2, h) == (8, 16, 32)
-    assert _profile_macs(art) == c1 * 64 * 9 + c2 * 16 * c1 * 9 + c2 * 4 * h + h * 10
-    assert _profile_macs(dense) == 16 * 64 * 9 + 32 * 16 * 16 * 9 + 128 * 64 + 64 * 10
+    assert profile_macs(art) == lenet_macs(c1, c2, h)
+    assert profile_macs(dense) == lenet_macs()
     size = lambda a: a.manifest["files"]["model.tflite"]["bytes"]  # noqa: E731
-    print(f"arm-int8: MACs {_profile_macs(dense)} → {_profile_macs(art)}, "
+    print(f"arm-int8: MACs {profile_macs(dense)} → {profile_macs(art)}, "
           f"model.tflite {size(dense)} → {size(art)} B")
-    assert _profile_macs(art) < 0.3 * _profile_macs(dense) and size(art) < 0.5 * size(dense)
+    assert profile_macs(art) < 0.3 * profile_macs(dense) and size(art) < 0.5 * size(dense)
     shipped = np.concatenate([art.run(xte[i:i + 1])[0] for i in range(len(xte))]).argmax(1)
     assert np.mean(shipped == yte.numpy()) >= acc_tuned - 0.02
 

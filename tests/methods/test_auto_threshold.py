@@ -14,7 +14,7 @@ from torch.nn.utils import parametrize
 import sdk
 from examples.models import make
 from plugins.prune.auto_threshold import AutoThresholdPruner, LearnedThreshold
-from prune_helpers import digits_batches, trained_lenet  # noqa: F401 (fixtures)
+from prune_helpers import calibration, digits_batches, trained_lenet  # noqa: F401 (fixtures)
 from sdk.errors import ConfigError, InputError
 from sdk.masks import apply_mask, bake, mask_of, prunable_layers, smallest_mask
 from sdk.recipe import Recipe
@@ -22,10 +22,6 @@ from sdk.trainer import evaluate
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: one thread is faster
 
-
-def _cal(x):
-    """Ten calibration batches of 32 digits."""
-    return [x[i:i + 32] for i in range(0, 320, 32)]
 
 LAYERS = ("features.0", "features.4", "classifier.1", "classifier.3")
 
@@ -120,7 +116,7 @@ def test_digits_accuracy_and_the_sparsity_shipped_in_arm_int8(trained_lenet, lea
     small = bake(copy.deepcopy(model))
     acc = evaluate(small, test)
     assert acc >= base - 0.015, (base, acc)                                        # measured 0.980 → 0.991
-    art = sdk.deploy(small, "arm-int8", (xte[:1],), calibration=_cal(xtr),
+    art = sdk.deploy(small, "arm-int8", (xte[:1],), calibration=calibration(xtr),
                      output=tmp_path / "a", progress=False)
     rows = {r["layer"]: r["sparsity"] for r in art.manifest["encodings"]}
     for name, mod in prunable_layers(small):

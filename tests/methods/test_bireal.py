@@ -10,37 +10,22 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hint_checks import check_hints
 from torch import nn
 
 import sdk
 import sdk.plugins as p
 from plugins.quantize.bireal import BiReal
 from sdk.binary import BinaryInfo, binary_layers, shortcut_layer, shortcuts
-from sdk.encoding import Hint
 from sdk.errors import InputError
 from sdk.trainer import make_loader
-from targets.binary_popcount import binary_layer_agreement
+
+from binary_helpers import (BLOCKS, WIDTH, approx_sign_grad_np, block_input, bn_np, check_binary_artifact, cnn,
+                            magnitude_aware_np, sign_np)
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: one thread is faster
 
-WIDTH = 32                       # binary convs fill half a 64-bit word per pixel
 EPOCHS, LR = 4, 3e-3
-BLOCKS = {"3": "identity", "6": "identity", "9": "identity", "12": "identity", "15": "downsample"}
 INFO = BinaryInfo("bireal", scale_weights=True, binary_activations=True, scale_activations=False, sign="approx")
-
-
-def cnn(act=nn.Hardtanh, width=WIDTH, depth=4):
-    """Conv-BN-act ×(depth + 1) and a stride-2 conv doubling the channels, then a linear head (by default
-    BinaryNet's BN → Hardtanh between layers): bireal makes every conv but the first a block (4 identity
-    shortcuts, 1 downsample)."""
-    torch.manual_seed(0)
-    layers = [nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), act()]
-    for _ in range(depth):
-        layers += [nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), act()]
-    layers += [nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(2 * width),
-               act(), nn.Flatten(), nn.Linear(2 * width * 16, 10)]
-    return nn.Sequential(*layers)
 
 
 @pytest.fixture(scope="module")
@@ -53,37 +38,6 @@ def trained(digits, one_thread):
     for label, shortcut in (("bireal", True), ("plain", False)):
         out[label] = BiReal(epochs=EPOCHS, lr=LR, shortcut=shortcut, progress=False).apply(cnn(), data)
     return out
-
-
-def sign_np(x):
-    return np.where(x < 0, -1.0, 1.0)
-
-
-def approx_sign_grad_np(x):
-    """ApproxSign, the derivative of Bi-Real Net's piecewise quadratic sign: 2 + 2x on [−1, 0), 2 − 2x on [0, 1), 0 elsewhere."""
-    return np.where((x >= -1) & (x < 0), 2 + 2 * x, np.where((x >= 0) & (x < 1), 2 - 2 * x, 0.0))
-
-
-def bn_np(bn, x):
-    shape = (1, -1) + (1,) * (x.ndim - 2)
-    mean, var, g, b = (t.detach().double().numpy().reshape(shape) for t in
-                       (bn.running_mean, bn.running_var, bn.weight, bn.bias))
-    return (x - mean) / np.sqrt(var + bn.eps) * g + b
-
-
-def magnitude_aware_np(w):
-    """α·sign(W) with α = ‖W‖₁ / n per output filter (Bi-Real Net's magnitude-aware weights)."""
-    w = w.detach().double().numpy()
-    return np.abs(w).reshape(len(w), -1).mean(1).reshape((-1,) + (1,) * (w.ndim - 1)) * sign_np(w)
-
-
-def block_input(model, name, x):
-    seen = []
-    hook = model.get_submodule(name).register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
-    with torch.no_grad():
-        model(x)
-    hook.remove()
-    return seen[0]
 
 
 # --------------------------------------------------------------------------- the blocks by hand
@@ -197,20 +151,7 @@ def test_bireal_deploys_to_binary_popcount(trained, tmp_path):
     art = sdk.deploy(model, "binary-popcount", (xte[:1],), output=tmp_path / "bireal", progress=False)
     ops = [r["op"] for r in art.profile["layers"]]
     assert ops.count("conv->BinaryConv") == 5 and ops.count("add->Add") == 5 and "avg_pool2d->AvgPool" in ops
-    samples = [xte[i:i + 1] for i in range(len(xte))]
-    rep = art.verify(model, inputs=samples[:20])
-    assert rep.passed, str(rep)
-    rows = binary_layer_agreement(art, [s.numpy() for s in samples[:20]])
-    assert len(rows) == 5 and all(r["elements"] > 0 and r["mismatches"] == 0 for r in rows), rows
-    host = np.concatenate([art.run(s)[0] for s in samples])
-    with torch.no_grad():
-        torch_out = model(xte).numpy()
-    art_acc = float((host.argmax(1) == yte.numpy()).mean())
-    binary = [r for r in art.profile["layers"] if "Binary" in r["op"]]
-    print(f"\nbireal artifact: top-1 {art_acc:.4f}, weights.bin {art.file('weights.bin').stat().st_size} bytes, "
-          f"binary layers {sum(r['bytes'] for r in binary)} bytes (fp32 {sum(r['fp32_bytes'] for r in binary)})")
-    assert (host.argmax(1) == torch_out.argmax(1)).mean() >= 0.99 and art_acc >= 0.96
-    check_hints(model, xte[:1], {n: Hint(codebook=2, per_channel=True, source="bireal") for n in BLOCKS})
+    check_binary_artifact(art, model, xte, yte, "bireal", min_accuracy=0.96)
 
 
 def test_registered_config_round_trips():

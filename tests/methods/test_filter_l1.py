@@ -12,7 +12,7 @@ from torch import nn
 import sdk
 from examples.models import make
 from plugins.prune.filter_l1 import FilterL1Pruner
-from prune_helpers import digits_batches, trained_lenet  # noqa: F401 (fixtures)
+from prune_helpers import digits_batches, lenet_macs, trained_lenet  # noqa: F401 (fixtures)
 from sdk.channels import ChannelDependencyError, channel_groups
 from sdk.errors import ConfigError, InputError
 from sdk.graph import capture, macs
@@ -56,12 +56,12 @@ def _total_macs(model, x):
 
 def test_filter_l1_params_and_macs_closed_form():
     model, x = make("lenet")           # conv 1→16, conv 16→32, fc 128→64, fc 64→10
-    assert _total_macs(model, x) == 16 * 64 * 9 + 32 * 16 * 16 * 9 + 128 * 64 + 64 * 10
+    assert _total_macs(model, x) == lenet_macs()
     FilterL1Pruner(ratio=0.5, input_shape=(1, 1, 8, 8)).apply(model)
     c1, c2, h = 8, 16, 32
     params = (9 * c1 + c1) + 2 * c1 + (c1 * 9 * c2 + c2) + 2 * c2 + (c2 * 4 * h + h) + (h * 10 + 10)
     assert sum(p.numel() for p in model.parameters()) == params
-    assert _total_macs(model, x) == c1 * 64 * 9 + c2 * 16 * c1 * 9 + c2 * 4 * h + h * 10
+    assert _total_macs(model, x) == lenet_macs(c1, c2, h)
 
     rounded, _ = make("lenet")
     FilterL1Pruner(ratio=0.3, round_to=4, exclude=("classifier.1",), input_shape=(1, 1, 8, 8)).apply(rounded)

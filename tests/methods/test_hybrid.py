@@ -13,7 +13,7 @@ import sdk
 from examples import digits as D
 from examples.models import make
 from plugins.prune.hybrid import HybridPruner
-from prune_helpers import batches, dense  # noqa: F401 (fixtures)
+from prune_helpers import batches, dense, lenet_macs  # noqa: F401 (fixtures)
 from sdk.channels import ChannelDependencyError, channel_groups
 from sdk.errors import ConfigError, InputError
 from sdk.masks import apply_mask, bake, mask_of, prunable_layers
@@ -76,8 +76,8 @@ def test_hybrid_lenet_accuracy(digits, dense, hybrid_run):
 
 def test_hybrid_artifact_has_fewer_macs_and_sparse_storage(digits, dense, hybrid_run, tmp_path):
     """arm-fp32 (sparsity "auto"): MACs 91 776 → 25 408 (the closed form of the halved LeNet), the layers
-    stored sparse where that is smaller (density 0.5 in the manifest), and the file smaller than both the dense model's and the
-    same channel-pruned weights stored dense."""
+    stored sparse where that is smaller (density 0.5 in the manifest), and the file smaller than both the
+    dense model's and the same channel-pruned weights stored dense."""
     _, _, xte, yte = digits
     model, _ = dense
     small = bake(copy.deepcopy(hybrid_run[1]))
@@ -85,9 +85,9 @@ def test_hybrid_artifact_has_fewer_macs_and_sparse_storage(digits, dense, hybrid
     full = sdk.deploy(model, "arm-fp32", x, output=tmp_path / "dense", progress=False)
     art = sdk.deploy(small, "arm-fp32", x, output=tmp_path / "hybrid", progress=False)
     unsparse = sdk.deploy(small, "arm-fp32", x, output=tmp_path / "off", progress=False, sparsity="off")
-    assert full.profile["estimate"]["macs"] == 16 * 64 * 9 + 32 * 16 * 16 * 9 + 128 * 64 + 64 * 10
+    assert full.profile["estimate"]["macs"] == lenet_macs()
     c1, c2, h = 8, 16, 32
-    assert art.profile["estimate"]["macs"] == c1 * 64 * 9 + c2 * 16 * c1 * 9 + c2 * 4 * h + h * 10
+    assert art.profile["estimate"]["macs"] == lenet_macs(c1, c2, h)
     rows = art.manifest["encodings"]
     # the first conv (8 filters of 9 weights after the channel cut) stays dense: its sparse tables would
     # cost more than its zeros save; every larger layer ships sparse

@@ -10,25 +10,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hint_checks import check_hints
-from test_bireal import (
-    BLOCKS,
-    approx_sign_grad_np,
-    block_input,
-    bn_np,
-    cnn,
-    magnitude_aware_np,
-    sign_np,
-)
+from binary_helpers import (BLOCKS, approx_sign_grad_np, block_input, bn_np, check_binary_artifact, cnn,
+                            magnitude_aware_np, sign_np)
 from torch import nn
 
 import sdk
 import sdk.plugins as p
 from plugins.quantize.reactnet import ReActNet, RPReLU
 from sdk.binary import shortcuts
-from sdk.encoding import Hint
 from sdk.trainer import make_loader
-from targets.binary_popcount import binary_layer_agreement
 from targets.binary_popcount import specs as sp
 from targets.binary_popcount.runners import artifact_specs
 
@@ -200,20 +190,7 @@ def test_reactnet_deploys_with_its_thresholds_in_the_signs(trained, tmp_path):
     slopes = [s.slopes for s in specs if isinstance(s, sp.PReLU)]
     for got, name in zip(slopes, BLOCKS, strict=True):
         np.testing.assert_array_equal(got, model.get_submodule(name).after.prelu.weight.detach().numpy())
-    samples = [xte[i:i + 1] for i in range(len(xte))]
-    rep = art.verify(model, inputs=samples[:20])
-    assert rep.passed, str(rep)
-    rows = binary_layer_agreement(art, [s.numpy() for s in samples[:20]])
-    assert len(rows) == 5 and all(r["elements"] > 0 and r["mismatches"] == 0 for r in rows), rows
-    host = np.concatenate([art.run(s)[0] for s in samples])
-    with torch.no_grad():
-        torch_out = model(xte).numpy()
-    art_acc = float((host.argmax(1) == yte.numpy()).mean())
-    binary = [r for r in art.profile["layers"] if "Binary" in r["op"]]
-    print(f"\nreactnet artifact: top-1 {art_acc:.4f}, weights.bin {art.file('weights.bin').stat().st_size} bytes, "
-          f"binary layers {sum(r['bytes'] for r in binary)} bytes (fp32 {sum(r['fp32_bytes'] for r in binary)})")
-    assert (host.argmax(1) == torch_out.argmax(1)).mean() >= 0.99 and art_acc >= 0.93
-    check_hints(model, xte[:1], {n: Hint(codebook=2, per_channel=True, source="reactnet") for n in BLOCKS})
+    check_binary_artifact(art, model, xte, yte, "reactnet", min_accuracy=0.93)
 
 
 def test_registered_config_round_trips():

@@ -15,17 +15,14 @@ import sdk
 from examples.models import make
 from plugins.prune.regularization import RegularizationPruner, Regularizer
 from plugins.prune.threshold import ThresholdPruner
-from prune_helpers import digits_batches, trained_lenet  # noqa: F401 (fixtures)
+from prune_helpers import (calibration, deploy_with_dense, digits_batches, int8_accuracy, lenet_macs,  # noqa: F401
+                           trained_lenet)
 from sdk.errors import ConfigError, InputError
 from sdk.masks import bake, prunable_layers
 from sdk.trainer import TrainConfig, classification_loss, evaluate, fit
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: one thread is faster
 
-
-def _cal(x):
-    """Ten calibration batches of 32 digits."""
-    return [x[i:i + 32] for i in range(0, 320, 32)]
 
 LAYERS = ("features.0", "features.4", "classifier.1", "classifier.3")
 X = (1, 1, 8, 8)                    # LeNet's input shape, for tracing without data
@@ -173,10 +170,6 @@ def test_zero_input_groups_are_removed_without_changing_the_function(trained_len
     torch.testing.assert_close(model(test[0][0]), before, atol=1e-5, rtol=1e-5)   # measured 23 channels removed
 
 
-def _lenet_macs(c1, c2, h):
-    return c1 * 64 * 9 + c2 * 16 * c1 * 9 + c2 * 4 * h + h * 10
-
-
 def test_group_pruned_lenet_ships_with_fewer_macs(trained_lenet, digits_batches, digits, tmp_path):
     train, test = digits_batches
     xtr, _, xte, yte = digits
@@ -188,15 +181,11 @@ def test_group_pruned_lenet_ships_with_fewer_macs(trained_lenet, digits_batches,
     assert c2 <= 24 and h <= 32, (c1, c2, h)                                # measured 16, 15, 17
     acc = evaluate(small, test)
     assert acc >= base - 0.03, (base, acc)                                  # measured 0.980 → 0.973
-    art = sdk.deploy(small, "arm-int8", (xte[:1],), calibration=_cal(xtr),
-                     output=tmp_path / "a", progress=False)
-    dense = sdk.deploy(trained_lenet, "arm-int8", (xte[:1],), calibration=_cal(xtr), output=tmp_path / "dense",
-                       progress=False)
+    art, dense = deploy_with_dense(small, trained_lenet, xtr, xte, tmp_path)
     size = len(art.read_bytes("model.tflite")), len(dense.read_bytes("model.tflite"))
     assert size[0] < 0.6 * size[1], size                                           # measured 8208 vs 20064 B
-    assert art.profile["estimate"]["macs"] == _lenet_macs(c1, c2, h) < 0.6 * _lenet_macs(16, 32, 64)
-    int8 = np.concatenate([art.run(xte[i:i + 1])[0] for i in range(len(xte))]).argmax(1)
-    assert np.mean(int8 == yte.numpy()) >= acc - 0.02
+    assert art.profile["estimate"]["macs"] == lenet_macs(c1, c2, h) < 0.6 * lenet_macs()
+    assert int8_accuracy(art, xte, yte) >= acc - 0.02
 
 
 def test_l1_zeros_become_masks_and_sparsity_is_exact(trained_lenet, digits_batches, digits, tmp_path):
@@ -220,7 +209,7 @@ def test_l1_zeros_become_masks_and_sparsity_is_exact(trained_lenet, digits_batch
                                                                                        "scope": "global"}}]})
     base, acc, acc_plain = evaluate(trained_lenet, test), evaluate(small, test), evaluate(plain, test)
     assert acc >= base - 0.015 and acc_plain < acc - 0.08, (base, acc, acc_plain)  # measured 0.980, 0.989, 0.867
-    art = sdk.deploy(small, "arm-int8", (xte[:1],), calibration=_cal(xtr),
+    art = sdk.deploy(small, "arm-int8", (xte[:1],), calibration=calibration(xtr),
                      output=tmp_path / "a", progress=False)
     rows = {r["layer"]: r["sparsity"] for r in art.manifest["encodings"]}
     assert set(rows) == set(LAYERS)

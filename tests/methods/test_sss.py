@@ -13,18 +13,14 @@ from torch import nn
 import sdk
 from examples.models import InvertedResidual, make
 from plugins.prune.sss import SSSPruner, residual_blocks, residual_branch
-from prune_helpers import digits_batches, trained_lenet  # noqa: F401 (fixtures)
+from prune_helpers import (calibration, deploy_with_dense, digits_batches, int8_accuracy, lenet_macs,  # noqa: F401
+                           trained_lenet)
 from sdk.errors import ConfigError, InputError
 from sdk.penalties import APG
 from sdk.recipe import Recipe
 from sdk.trainer import TrainConfig, evaluate, finetune
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: one thread is faster
-
-
-def _cal(x):
-    """Ten calibration batches of 32 digits."""
-    return [x[i:i + 32] for i in range(0, 320, 32)]
 
 
 @pytest.mark.parametrize("momentum,expect", [
@@ -84,10 +80,6 @@ def test_first_factor_update_follows_the_bn_gradient_identity(trained_lenet, dig
         np.testing.assert_allclose(lam.double().numpy(), expect.numpy(), rtol=1e-5, atol=1e-7, err_msg=module)
 
 
-def _lenet_macs(c1, c2, h):
-    return c1 * 64 * 9 + c2 * 16 * c1 * 9 + c2 * 4 * h + h * 10
-
-
 def test_channel_factors_reach_zero_and_their_removal_is_exact(trained_lenet, digits_batches, digits, tmp_path):
     train, test = digits_batches
     xtr, _, xte, yte = digits
@@ -106,15 +98,11 @@ def test_channel_factors_reach_zero_and_their_removal_is_exact(trained_lenet, di
     finetune(model, train, TrainConfig(epochs=3, lr=1e-3, progress=False))
     acc = evaluate(model, test)
     assert acc >= base - 0.02, (base, acc)                                         # measured 0.980 → 0.996
-    art = sdk.deploy(model, "arm-int8", (xte[:1],), calibration=_cal(xtr),
-                     output=tmp_path / "a", progress=False)
-    dense = sdk.deploy(trained_lenet, "arm-int8", (xte[:1],), calibration=_cal(xtr), output=tmp_path / "dense",
-                       progress=False)
+    art, dense = deploy_with_dense(model, trained_lenet, xtr, xte, tmp_path)
     size = len(art.read_bytes("model.tflite")), len(dense.read_bytes("model.tflite"))
     assert size[0] < 0.6 * size[1], size                                           # measured 9152 vs 20064 B
-    assert art.profile["estimate"]["macs"] == _lenet_macs(c1, c2, h) < 0.7 * _lenet_macs(16, 32, 64)
-    int8 = np.concatenate([art.run(xte[i:i + 1])[0] for i in range(len(xte))]).argmax(1)
-    assert np.mean(int8 == yte.numpy()) >= acc - 0.02
+    assert art.profile["estimate"]["macs"] == lenet_macs(c1, c2, h) < 0.7 * lenet_macs()
+    assert int8_accuracy(art, xte, yte) >= acc - 0.02
 
 
 class Residual(nn.Module):
@@ -154,7 +142,7 @@ def test_zero_blocks_are_deleted_and_the_function_is_unchanged(digits_batches, d
     finetune(model, train, TrainConfig(epochs=5, lr=3e-3, progress=False))
     acc = evaluate(model, test)
     assert acc >= 0.95, acc                                                        # measured 0.989
-    art = sdk.deploy(model, "arm-int8", (xte[:1],), calibration=_cal(xtr),
+    art = sdk.deploy(model, "arm-int8", (xte[:1],), calibration=calibration(xtr),
                      output=tmp_path / "b", progress=False)
     assert art.profile["estimate"]["macs"] == dense - per_block * len(deleted)
     int8 = np.concatenate([art.run(xte[i:i + 1])[0] for i in range(len(xte))]).argmax(1)

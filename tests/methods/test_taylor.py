@@ -14,8 +14,8 @@ from torch import nn
 import sdk
 from examples.models import make
 from plugins.prune.taylor import TaylorPruner
-from prune_helpers import (RELU_AFTER, digits_batches, graph_macs, lenet_widths,  # noqa: F401 (fixtures)
-                           prunable_groups, torchvision_resnet18, trained_lenet)
+from prune_helpers import (RELU_AFTER, digits_batches, graph_macs, lenet_macs, lenet_widths,  # noqa: F401
+                           profile_macs, prunable_groups, torchvision_resnet18, trained_lenet)
 from sdk.channel_scores import group_key, taylor_importance
 from sdk.channels import remove_channels
 from sdk.errors import ConfigError, InputError
@@ -185,12 +185,6 @@ def test_ratio_is_reached_exactly_with_the_lowest_scores_going(digits_batches):
     assert lenet_widths(floor) == (4, 4, 6)
 
 
-
-
-def _profile_macs(art):
-    return sum(row.get("macs", 0) for row in art.profile["layers"])
-
-
 def test_pruned_lenet_ships_fewer_macs_and_bytes_and_keeps_accuracy(trained_lenet, digits_batches, tmp_path):
     train, test = digits_batches
     (xte, yte), = test
@@ -207,13 +201,13 @@ def test_pruned_lenet_ships_fewer_macs_and_bytes_and_keeps_accuracy(trained_lene
     art = sdk.deploy(tuned, "arm-int8", (xte[:1],), calibration=cal, output=tmp_path / "t", progress=False)
     c1, c2, h = lenet_widths(tuned)
     assert c1 + c2 + h == 56
-    assert _profile_macs(art) == c1 * 64 * 9 + c2 * 16 * c1 * 9 + c2 * 4 * h + h * 10
-    assert _profile_macs(dense) == 16 * 64 * 9 + 32 * 16 * 16 * 9 + 128 * 64 + 64 * 10
+    assert profile_macs(art) == lenet_macs(c1, c2, h)
+    assert profile_macs(dense) == lenet_macs()
     size = lambda a: a.manifest["files"]["model.tflite"]["bytes"]  # noqa: E731
-    print(f"arm-int8: MACs {_profile_macs(dense)} → {_profile_macs(art)}, "
+    print(f"arm-int8: MACs {profile_macs(dense)} → {profile_macs(art)}, "
           f"model.tflite {size(dense)} → {size(art)} B")
     # the global ranking takes many of the cheap hidden units first: measured 91776 → 60156 MACs, 20064 → 10000 B
-    assert _profile_macs(art) < 0.75 * _profile_macs(dense) and size(art) < 0.6 * size(dense)
+    assert profile_macs(art) < 0.75 * profile_macs(dense) and size(art) < 0.6 * size(dense)
     shipped = np.concatenate([art.run(xte[i:i + 1])[0] for i in range(len(xte))]).argmax(1)
     assert np.mean(shipped == yte.numpy()) >= acc_tuned - 0.02
 
