@@ -821,6 +821,16 @@ class BinaryWeightLayer(LayerSpec):
     def outputs(self) -> int:
         return self.alpha.shape[0]
 
+    def _infer_conv(self, ctx: InferContext) -> TensorInfo:
+        """The float NHWC output of a conv whose packed weight ends ``[..., k, k, C, ceil(O/8)]``."""
+        ctx.need("float", 4)
+        kh, kw, c, _ = self.weight.shape[-4:]
+        ctx.channels(c, "weight")
+        if kh != kw:
+            raise ctx.error("only square kernels are supported")
+        oh, ow = ctx.window(ctx.input, kh, self.stride, self.padding)
+        return TensorInfo("float", (ctx.input.shape[0], self.outputs, oh, ow))
+
     def _check(self) -> None:
         name, o = type(self).__name__, self.alpha.shape[0]
         if self.weight.shape[-1] != sign_bytes(o):
@@ -854,13 +864,7 @@ class BwnConv(BinaryWeightLayer):
         return cls(pack_output_signs(weight), alpha, bias, stride, padding, src)
 
     def infer(self, ctx):
-        ctx.need("float", 4)
-        kh, kw, c, _ = self.weight.shape
-        ctx.channels(c, "weight")
-        if kh != kw:
-            raise ctx.error("only square kernels are supported")
-        oh, ow = ctx.window(ctx.input, kh, self.stride, self.padding)
-        return TensorInfo("float", (ctx.input.shape[0], self.outputs, oh, ow))
+        return self._infer_conv(ctx)
 
     def cost(self, out):
         kh, kw, c, _ = self.weight.shape
@@ -982,13 +986,7 @@ class PlaneWeightConv(PlaneWeightLayer):
                    bias, stride, padding, src)
 
     def infer(self, ctx):
-        ctx.need("float", 4)
-        _, kh, kw, c, _ = self.weight.shape
-        ctx.channels(c, "weight")
-        if kh != kw:
-            raise ctx.error("only square kernels are supported")
-        oh, ow = ctx.window(ctx.input, kh, self.stride, self.padding)
-        return TensorInfo("float", (ctx.input.shape[0], self.outputs, oh, ow))
+        return self._infer_conv(ctx)
 
     def cost(self, out):
         _, kh, kw, c, _ = self.weight.shape
