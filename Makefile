@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.edgepack-installed
 
-.PHONY: setup system-deps demo test bench clean
+.PHONY: setup system-deps demo test test-slow test-all bench clean
 
 setup: $(STAMP)
 
@@ -40,7 +40,15 @@ system-deps:
 demo: setup
 	$(PY) examples/quickstart.py
 
+# The default suite (CI) leaves out the tests marked slow (the heaviest gallery models,
+# long trainings): about 15 minutes on 2 cores.  test-slow runs only those; test-all both.
 test: setup system-deps
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: setup system-deps
+	$(PY) -m pytest -q -m slow
+
+test-all: setup system-deps
 	$(PY) -m pytest -q
 
 bench: setup

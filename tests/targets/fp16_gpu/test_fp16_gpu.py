@@ -39,7 +39,7 @@ def test_mac16_is_a_sequential_chain_of_float16_fmas():
         dot16(one, one, "blocked")
 
 
-@pytest.mark.parametrize("name", ["mlp", "lenet", "dscnn", "mobilenetv2"])
+@pytest.mark.parametrize("name", ["mlp", "lenet", "dscnn", pytest.param("mobilenetv2", marks=pytest.mark.slow)])
 def test_zoo_fp16(name, tmp_path):
     model, x = make(name)
     g = torch.Generator().manual_seed(0)
