@@ -19,6 +19,7 @@ BENCHES = {
     "sparse_probe.py": ["--out", str(HERE / "results" / "sparse_probe.json")],
     "bench_pruners.py": ["--out", str(HERE / "results" / "pruners.json")],
     "bench_deep_compression.py": ["--out", str(HERE / "results" / "deep_compression.json")],
+    "bench_distillers.py": ["--out", str(HERE / "results" / "distillers.json")],
 }
 
 

@@ -50,6 +50,20 @@ class LeNet(nn.Module):
         return self.classifier(self.features(x))
 
 
+class ConvNet(nn.Module):
+    """Two conv stages (the second at stride 2), global average pooling, a linear head: runs at
+    any input resolution (the distiller benchmark's students and teachers, at 8×8 and 4×4)."""
+
+    def __init__(self, c1: int = 8, c2: int = 16, classes: int = 10):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, c1, 3, padding=1), nn.BatchNorm2d(c1), nn.ReLU(),
+                                  nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.BatchNorm2d(c2), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c2, classes))
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
 class BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()

@@ -26,7 +26,20 @@ angle-wise
 
 (defaults 1 : 2 between the two relational terms, as in the paper's
 metric-learning runs; ``ce_weight = 0`` drops the label term, so unlabeled
-data works).  ``student_layer`` / ``teacher_layer`` name the modules whose
+data works).
+
+General Instance Distillation (Dai et al., "General Instance Distillation for
+Object Detection", CVPR 2021) adds instance selection: not every sample is
+worth matching, the informative ones are where teacher and student disagree.
+With ``gid_instances = K > 0`` each batch's relation losses are computed over
+the ``K`` samples of largest *GI score*
+
+    ``GI(n) = max_c |softmax(z_t(n))_c − softmax(z_s(n))_c|``
+
+(the paper's classification score, ``z`` the models' outputs; its box term has
+no classification analogue), so the relational structure is taught where the
+student is still wrong.  ``gid_instances = 0``, the default, is plain RKD over
+the whole batch.  ``student_layer`` / ``teacher_layer`` name the modules whose
 outputs are the embeddings (``named_modules`` names, captured with
 :mod:`sdk.features`; ``""``, the default, is the models' outputs); bad names
 raise a :class:`~sdk.errors.ConfigError` listing the available ones.  Batches
@@ -49,7 +62,7 @@ import torch.nn.functional as F
 from sdk import hookimpl
 from sdk.base import Distiller
 from sdk.config import check_range
-from sdk.errors import InputError
+from sdk.errors import ConfigError, InputError
 from sdk.features import capture, named_module
 from sdk.trainer import TrainConfig, fit, split_batch
 
@@ -90,6 +103,25 @@ def distance_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return F.smooth_l1_loss(ds[off], dt[off], beta=1.0)
 
 
+def gi_scores(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """GID's general-instance score per sample: ``max_c |p_t − p_s|`` of the softmax outputs."""
+    if student_logits.shape != teacher_logits.shape:
+        raise InputError(f"GID instance selection compares the models' outputs, but the student's are "
+                         f"{tuple(student_logits.shape)} and the teacher's {tuple(teacher_logits.shape)}; "
+                         "use models with the same output shape, or gid_instances=0")
+    p_s = student_logits.reshape(len(student_logits), -1).softmax(-1)
+    p_t = teacher_logits.reshape(len(teacher_logits), -1).softmax(-1)
+    return (p_t - p_s).abs().amax(-1)
+
+
+def select_instances(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` samples with the largest GI score (all of them, in order, if ``k`` ≥ the batch)."""
+    n = len(student_logits)
+    if k >= n:
+        return torch.arange(n, device=student_logits.device)
+    return gi_scores(student_logits.detach(), teacher_logits.detach()).topk(k).indices
+
+
 def angle_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """RKD angle-wise loss: Huber between triplet cosines, mean over distinct ``i, j, k``."""
     a_s, a_t = angle_cosines(student), angle_cosines(teacher)
@@ -101,10 +133,10 @@ def angle_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 
 class Relational(Distiller):
-    """Distance- and angle-wise relational distillation (RKD-DA), optionally with CE."""
+    """Distance- and angle-wise relational distillation (RKD-DA), optionally with CE and GID instance selection."""
 
     name = "relational"
-    version = "1.0"
+    version = "1.1"
     streams = ("train",)
 
     @dataclasses.dataclass(frozen=True)
@@ -116,23 +148,35 @@ class Relational(Distiller):
         ce_weight: float = 1.0        # weight of CE on labels; 0 for unlabeled data
         student_layer: str = ""       # "" = the model's output
         teacher_layer: str = ""
+        gid_instances: int = 0        # GID: relation losses over the K most-disputed samples (0 = all)
 
         def __post_init__(self):
             super().__post_init__()
+            check_range("relational", "gid_instances", self.gid_instances, 0)
+            if self.gid_instances in (1, 2):
+                raise ConfigError(f"relational gid_instances={self.gid_instances}: the relation losses need "
+                                  "at least 3 instances; use 0 (all samples) or 3 or more")
             check_range("relational", "lambda_distance", self.lambda_distance, 0.0)
             check_range("relational", "lambda_angle", self.lambda_angle, 0.0)
             check_range("relational", "ce_weight", self.ce_weight, 0.0)
 
     def loss(self, student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor | None = None,
-             logits: torch.Tensor | None = None) -> torch.Tensor:
+             logits: torch.Tensor | None = None, teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
         """The objective for one batch of student and teacher embeddings.
 
         The CE term uses ``logits`` (default: ``student``, right when the
         embeddings are the outputs) and ``target``; it is skipped when
-        ``ce_weight`` is 0.
+        ``ce_weight`` is 0.  With ``gid_instances`` the relation terms cover the
+        selected samples only, chosen from ``logits`` and ``teacher_logits``
+        (default: the embeddings themselves).
         """
         cfg = self.config
-        total = cfg.lambda_distance * distance_loss(student, teacher) + cfg.lambda_angle * angle_loss(student, teacher)
+        rel_s, rel_t = student, teacher
+        if cfg.gid_instances:
+            keep = select_instances(student if logits is None else logits,
+                                    teacher if teacher_logits is None else teacher_logits, cfg.gid_instances)
+            rel_s, rel_t = student[keep], teacher[keep]
+        total = cfg.lambda_distance * distance_loss(rel_s, rel_t) + cfg.lambda_angle * angle_loss(rel_s, rel_t)
         if cfg.ce_weight > 0:
             if target is None:
                 raise InputError("relational ce_weight > 0 needs labels: pass (x, y) batches, or set ce_weight=0")
@@ -150,10 +194,11 @@ class Relational(Distiller):
 
         def step(model, batch):
             x, y = split_batch(batch)
-            with torch.no_grad():
-                _, (t,) = capture(teacher, x, [cfg.teacher_layer], ["teacher_layer"], stop=True)
+            with torch.no_grad():   # GID's selection needs the teacher's outputs, not only its embedding
+                t_out, (t,) = capture(teacher, x, [cfg.teacher_layer], ["teacher_layer"],
+                                      stop=not cfg.gid_instances)
             out, (s,) = capture(model, x, [cfg.student_layer], ["student_layer"])
-            return self.loss(s, t, y, logits=out)
+            return self.loss(s, t, y, logits=out, teacher_logits=t_out)
 
         fit(student, data, step, cfg, desc="relational")
         return student

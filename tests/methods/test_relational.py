@@ -8,7 +8,7 @@ from torch import nn
 
 import sdk
 from distill_helpers import accuracy, batches, check_training_config, digit_teachers, mlp, np_ce
-from plugins.distill.relational import Relational, angle_loss, distance_loss
+from plugins.distill.relational import Relational, angle_loss, distance_loss, gi_scores, select_instances
 from sdk.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: one thread is faster
@@ -89,6 +89,47 @@ def test_rkd_student_with_smaller_embedding_learns_the_structure_and_the_task(di
     assert acc >= t_acc - 0.04, (acc, t_acc)
     with pytest.raises(ConfigError, match="student_layer='fc'.*available"):
         Relational(student_layer="fc").apply(student, teachers[0], batches(xtr, ytr))
+
+
+def np_softmax(z):
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def test_gid_scores_select_the_disputed_instances_and_the_loss_covers_only_them(embeddings):
+    s, t = embeddings
+    g = torch.Generator().manual_seed(4)
+    t_logits = torch.randn(6, 4, generator=g, dtype=torch.float64) * 3
+    s_logits = t_logits.clone()
+    s_logits[[1, 3, 4]] = torch.randn(3, 4, generator=g, dtype=torch.float64) * 3   # the student disagrees on 3
+    want = np.abs(np_softmax(t_logits.numpy()) - np_softmax(s_logits.numpy())).max(1)
+    np.testing.assert_allclose(gi_scores(s_logits, t_logits).numpy(), want, rtol=1e-12)
+    assert want[[0, 2, 5]].max() == 0 and want[[1, 3, 4]].min() > 0.05
+    assert sorted(select_instances(s_logits, t_logits, 3).tolist()) == [1, 3, 4]
+    assert select_instances(s_logits, t_logits, 9).tolist() == list(range(6))
+    # the GID objective is RKD over the selected samples (hand loops) plus CE over the whole batch
+    y = torch.tensor([0, 1, 2, 3, 0, 1])
+    l_d, l_a = np_rkd(s.numpy()[[1, 3, 4]], t.numpy()[[1, 3, 4]])
+    r = Relational(lambda_distance=3.0, lambda_angle=5.0, ce_weight=0.5, gid_instances=3)
+    got = float(r.loss(s, t, y, logits=s_logits, teacher_logits=t_logits))
+    assert got == pytest.approx(3 * l_d + 5 * l_a + 0.5 * np_ce(s_logits.numpy(), y.numpy()), rel=1e-9)
+    assert got != pytest.approx(float(Relational(lambda_distance=3.0, lambda_angle=5.0, ce_weight=0.5)
+                                      .loss(s, t, y, logits=s_logits)), rel=1e-3)
+    with pytest.raises(ConfigError, match="gid_instances=2"):
+        Relational(gid_instances=2)
+    with pytest.raises(sdk.errors.InputError, match="same output shape"):
+        gi_scores(s_logits, t_logits[:, :3])
+
+
+def test_gid_stage_trains_from_a_recipe(digits, teachers):
+    """GID selection inside training: the stage runs from a recipe with the teacher's outputs and
+    the distilled student still learns the task."""
+    xtr, ytr, xte, yte = digits
+    student = mlp((16,), 3)
+    stage = {"method": "relational", "config": {"teacher_layer": "4", "student_layer": "2", "gid_instances": 16,
+                                                "epochs": 8, "lr": 1e-2}}
+    out = sdk.compress(student, {"stages": [stage]}, data=batches(xtr, ytr), teacher=teachers[0], progress=False)
+    assert accuracy(out, xte, yte) >= accuracy(teachers[0], xte, yte) - 0.06
 
 
 def test_relational_config_is_a_training_config():
