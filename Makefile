@@ -19,9 +19,10 @@ $(STAMP): pyproject.toml examples/plugin_example/pyproject.toml
 
 # System packages the tests use: qemu-user (runner qemu-aarch64), the aarch64 cross
 # compiler and its libc headers (binary-popcount under emulation) and SIMDe (the NEON
-# kernels compiled on x86).  Installed with apt-get when running as root (as CI does)
-# and missing; silent when all are there; otherwise the tests that need them skip.
-SYSTEM_PACKAGES := qemu-user gcc-aarch64-linux-gnu libc6-dev-arm64-cross libsimde-dev
+# kernels compiled on x86), chromium (the report test renders its HTML headless).
+# Installed with apt-get when running as root (as CI does) and missing; silent when
+# all are there; otherwise the tests that need them skip.
+SYSTEM_PACKAGES := qemu-user gcc-aarch64-linux-gnu libc6-dev-arm64-cross libsimde-dev chromium
 
 system-deps:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do \

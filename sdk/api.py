@@ -13,20 +13,21 @@ The data flow of :func:`deploy`, one line per step::
     target.cost(graph, plan)          per-layer bytes, MACs, estimated latency/energy (profile "estimate")
     target.pack(graph, plan)          files + I/O signature + per-layer profile
     Staging(output) ... commit        smoke-run and time in the default runner, hash, rename into place
+                                      (rank 0 only under torchrun: sdk.distributed.on_main)
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from . import __version__, plugins
+from . import __version__, distributed, plugins
 from .artifact import Artifact, Staging, check_output, load, save_npz
 from .contract import FORMAT, FORMAT_VERSION, GOLDEN, PROFILE
 from .errors import CalibrationError, EdgepackError, InputError, RunnerError
+from .pt2 import copy_module
 from .recipe import Stage, as_recipe
 
 __all__ = ["deploy", "compress", "load", "list_plugins"]
@@ -70,7 +71,7 @@ def compress(model, recipe, data=None, teacher=None, *, progress: bool = True, t
     check_streams(recipe.torch_stages, streams, teacher)
     if isinstance(target, str):
         target = plugins.get("target", target)()
-    work = copy.deepcopy(model)
+    work = copy_module(model)
     ctx = StageContext(streams, original=model, teacher=teacher, target=target)
     for stage in recipe.torch_stages:
         method = stage.build()
@@ -102,6 +103,8 @@ def deploy(model, target: str, example_inputs, calibration: Iterable | None = No
     when omitted) and returned opened.  An existing artifact at ``output`` is
     replaced only with ``overwrite=True``; any other non-empty directory there
     is refused (:class:`ArtifactError`) before any slow work and never deleted.
+    Under ``torchrun`` every rank trains (:mod:`sdk.distributed`) but only rank 0
+    writes ``output``; the others wait for it and return the artifact it wrote.
 
     >>> art = sdk.deploy(net, target="arm-int8", example_inputs=(x,), calibration=batches)  # doctest: +SKIP
     """
@@ -119,7 +122,11 @@ def deploy(model, target: str, example_inputs, calibration: Iterable | None = No
     if not isinstance(overwrite, bool):
         raise InputError(f"overwrite must be True or False, got {overwrite!r}")
     if output is not None:
-        check_output(Path(output).absolute(), overwrite)
+        # rank 0 alone writes it; when it refuses, every rank raises (none is left waiting in training).
+        # The process group starts here for the model's device, as fit would start it (gloo, or nccl for CUDA).
+        params = getattr(model, "parameters", None)
+        distributed.init(next((p.device for p in params()), None) if callable(params) else None)
+        distributed.on_main(lambda: check_output(Path(output).absolute(), overwrite))
     target_cls = plugins.get("target", target)
     tgt = target_cls(**target_options)
     example_inputs = check_example_inputs(model, example_inputs)
@@ -141,7 +148,7 @@ def deploy(model, target: str, example_inputs, calibration: Iterable | None = No
         # unsupported model — or a plan it cannot ship (a dry calibration on the example
         # inputs) — before hours of training; training-time quantizers add their own ops
         # (binarize, fake-quant), checked after they ran.
-        early = tgt.prepare(fold_batch_norm(capture(copy.deepcopy(model).eval(), example_inputs)))
+        early = tgt.prepare(fold_batch_norm(capture(copy_module(model).eval(), example_inputs)))
         tgt.check(early)
         try:
             tgt.check_plan(early, _plan(quantizers, early, [tuple(example_inputs)]))
@@ -149,7 +156,7 @@ def deploy(model, target: str, example_inputs, calibration: Iterable | None = No
             pass
         t = phase("early_check", t)
     packed_model = compress(model, recipe, data=data, teacher=teacher, progress=progress, target=tgt) \
-        if recipe.torch_stages else copy.deepcopy(model).eval()
+        if recipe.torch_stages else copy_module(model).eval()
     t = phase("compress" if recipe.torch_stages else "copy", t)
     graph = tgt.prepare(fold_batch_norm(capture(packed_model, example_inputs)))
     tgt.check(graph)
@@ -204,27 +211,30 @@ def deploy(model, target: str, example_inputs, calibration: Iterable | None = No
         **({"stages": getattr(packed_model, REPORTS_ATTR)} if getattr(packed_model, REPORTS_ATTR, None) else {}),
         **package.extra,
     }
-    with Staging(output, overwrite=overwrite) as stage:
-        for name, blob in package.files.items():
-            stage.add(name, blob)
-        stage.add(GOLDEN, save_npz(golden))
-        staged = Artifact(stage.path, {**manifest, "files": stage.file_table()}, {})
-        t = phase("golden", t)
-        smoke_inputs = [golden[f"input_{i}"] for i in range(len(example_inputs))]
-        latency, note, outs, runner_profile = _smoke_and_time(staged, tgt.default_runner, smoke_inputs)
-        phase("first_run_and_timing", t)
-        profile = {**_profile(tgt.name, package, latency, note, time.perf_counter() - started), **runner_profile}
-        profile["deploy_phases_s"] = phases
-        if cost:
-            from .cost import totals
+    def write(t: float) -> Path:        # under torchrun: rank 0 only (sdk.distributed.on_main)
+        with Staging(output, overwrite=overwrite) as stage:
+            for name, blob in package.files.items():
+                stage.add(name, blob)
+            stage.add(GOLDEN, save_npz(golden))
+            staged = Artifact(stage.path, {**manifest, "files": stage.file_table()}, {})
+            t = phase("golden", t)
+            smoke_inputs = [golden[f"input_{i}"] for i in range(len(example_inputs))]
+            latency, note, outs, runner_profile = _smoke_and_time(staged, tgt.default_runner, smoke_inputs)
+            phase("first_run_and_timing", t)
+            profile = {**_profile(tgt.name, package, latency, note, time.perf_counter() - started), **runner_profile}
+            profile["deploy_phases_s"] = phases
+            if cost:
+                from .cost import totals
 
-            profile["estimate"] = {"device": tgt.device.name, **totals(cost), "layers": cost}
-        if outs is not None:
-            profile["fidelity"] = _fidelity(tgt.default_runner, outs, [golden[f"output_{i}"]
-                                                                       for i in range(len(outs))])
-        stage.add(PROFILE, (json.dumps(profile, indent=2) + "\n").encode())
-        path = stage.commit(manifest)
-    return load(path)
+                profile["estimate"] = {"device": tgt.device.name, **totals(cost), "layers": cost}
+            if outs is not None:
+                profile["fidelity"] = _fidelity(tgt.default_runner, outs, [golden[f"output_{i}"]
+                                                                           for i in range(len(outs))])
+            stage.add(PROFILE, (json.dumps(profile, indent=2) + "\n").encode())
+            return stage.commit(manifest)
+
+    path = distributed.on_main(lambda: write(t))
+    return load(path) if distributed.is_main() else distributed.open_from_main(path)
 
 
 def _plan(quantizers: list, graph, batches):

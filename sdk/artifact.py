@@ -350,6 +350,17 @@ class Artifact:
 
         return verify(self, model, inputs, runners, **kwargs)
 
+    def report(self, output: str | os.PathLike | None = None, **kwargs: Any) -> Path:
+        """Write a self-contained HTML report of this artifact; see :func:`sdk.report.build_report`
+        (needs ``pip install edgepack[report]``).
+
+        >>> art.report("model-report.html", model=net, inputs=[x])     # doctest: +SKIP
+        PosixPath('model-report.html')
+        """
+        from .report import build_report
+
+        return build_report([self], output, **kwargs)
+
 
 def _read_file(path: Path, name: str, meta: dict) -> bytes | None:
     """The bytes of an artifact file after checking it is a regular file of the listed

@@ -16,9 +16,9 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from .graph import WEIGHTED_OPS, Graph
+from .log import progress as progress_bar
 from .quant import QuantSpec, make_observer
 
 __all__ = ["activation_ranges", "activation_specs", "weight_specs"]
@@ -39,7 +39,7 @@ def activation_ranges(graph: Graph, batches: Sequence[tuple], *, observer: str =
             v = value.detach().cpu().numpy()
             observers[name].update(transform(v) if transform is not None else v)
 
-    for batch in tqdm(used, desc="calibrating", unit="batch", disable=not progress, leave=False):
+    for batch in progress_bar(used, desc="calibrating", unit="batch", enabled=progress):
         graph.run(batch, observer=observe)
     ranges = {}
     for name, obs in observers.items():

@@ -381,10 +381,10 @@ def _unzip_wheel(wheel: Path, site: Path) -> tuple[str, str]:
 
 
 def _progress(progress: bool, total: int):
-    from tqdm.auto import tqdm
+    from .log import progress as progress_bar
 
-    return tqdm(total=total, desc="ARM64 emulator", unit="step", disable=not progress, leave=True,
-                bar_format="{desc:<48} {percentage:3.0f}%|{bar:20}| {n_fmt}/{total_fmt} [{elapsed}]")
+    return progress_bar(total=total, desc="ARM64 emulator", unit="step", enabled=progress, leave=True,
+                        bar_format="{desc:<48} {percentage:3.0f}%|{bar:20}| {n_fmt}/{total_fmt} [{elapsed}]")
 
 
 SELF_TEST = """

@@ -68,7 +68,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import masks
+from . import distributed, masks
 from .config import check_range
 from .encoding import Hint, annotate, hints_of
 from .errors import ConfigError
@@ -136,7 +136,9 @@ class RangeTracker:
     def __call__(self, x: torch.Tensor, observe: bool) -> torch.Tensor:
         if observe:
             with torch.no_grad():
-                self.observer.update(torch.stack([x.min(), x.max()]).float().cpu().numpy())
+                # under torchrun each rank sees its slice of the batch: the range is the whole batch's
+                lo, hi = distributed.all_reduce_range(float(x.min()), float(x.max()))
+                self.observer.update(np.array([lo, hi], dtype=np.float32))
         return fake_quant(x, *range_qparams(*self.range))
 
     @property

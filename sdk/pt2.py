@@ -47,7 +47,7 @@ from typing import Any
 
 from .errors import EdgepackError, InputError
 
-__all__ = ["load_exported", "unsafe_entries"]
+__all__ = ["copy_module", "load_exported", "unsafe_entries"]
 
 TRUST_HINT = ("pass --trust-pickle (trust_pickle=True) only if you made this file yourself: it lets torch run "
               "code from the file")
@@ -121,6 +121,25 @@ def load_exported(path: str | Path, trust_pickle: bool = False):
     if not isinstance(ep, torch.export.ExportedProgram):
         raise InputError(f"{path} holds a {type(ep).__name__}, not an ExportedProgram; {_REEXPORT}")
     return ep
+
+
+#: the FutureWarning torch 2.13 raises when a module from ``ExportedProgram.module()`` is deep-copied
+#: (its pytree specs are reconstructed through a deprecated ``LeafSpec`` check): torch's, not the user's
+_TREESPEC_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+
+
+def copy_module(model):
+    """``copy.deepcopy(model)`` without torch's ``LeafSpec`` FutureWarning, which every copy of an
+    unflattened ``.pt2`` module raises (only that warning is filtered, only during the copy).
+
+    >>> copy_module(torch.nn.Linear(2, 2))                  # doctest: +SKIP
+    Linear(in_features=2, out_features=2, bias=True)
+    """
+    import copy
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_TREESPEC_WARNING, category=FutureWarning)
+        return copy.deepcopy(model)
 
 
 def unsafe_entries(data: bytes, name: str = "the file") -> list[str]:

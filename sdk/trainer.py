@@ -9,6 +9,12 @@ fine-tuning after pruning.
 ...              TrainConfig(epochs=2, progress=False))
 >>> len(losses)
 2
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) or an initialised ``torch.distributed``
+process group, :func:`fit` and :func:`evaluate` are data-parallel: each rank
+takes its slice of every batch, gradients and metrics are reduced across ranks,
+and the result equals one process on the same data.  :mod:`sdk.distributed`
+says how the data is split and what differs (BatchNorm's per-rank statistics).
 """
 
 from __future__ import annotations
@@ -20,10 +26,11 @@ import math
 from typing import Any, Callable, ClassVar, Iterable
 
 import torch
-from tqdm.auto import tqdm
 
+from . import distributed
 from .config import Config, _plain, check_range
 from .errors import ConfigError, InputError
+from .log import progress as progress_bar
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +131,11 @@ def fit(model: torch.nn.Module, data: Iterable, loss_fn: Callable[[torch.nn.Modu
     loss becomes NaN.  Penalties and callbacks of earlier recipe stages see
     ``subject`` (default ``model``): the network being compressed when ``model``
     also holds peers or adapters.
+
+    With several processes (:mod:`sdk.distributed`) every rank must call it with
+    the same model, data and config: each trains on its slice of every batch,
+    ``loss_fn`` gets ``model`` itself (not a wrapper), and the returned losses are
+    the whole batches' — the same on every rank.
     """
     cfg = cfg or TrainConfig()
     if data is None:
@@ -134,28 +146,41 @@ def fit(model: torch.nn.Module, data: Iterable, loss_fn: Callable[[torch.nn.Modu
         raise InputError(f"{desc} data is empty")
     torch.manual_seed(cfg.seed)
     opt = make_optimizer(model.parameters() if params is None else params, cfg)
+    sync = None
+    if distributed.data_parallel(_device_of(model)):
+        rank, world = distributed.rank(), distributed.world_size()
+        data = distributed.shard(data, rank, world, cfg.seed)
+        sync = distributed.Synchroniser(model, opt)        # every rank starts from rank 0's weights
+        torch.manual_seed(distributed.rank_seed(cfg.seed, rank))
     penalties, callbacks = _extras.get()
     subject = model if subject is None else subject
     model.train()
     history, step = [], 0
     total = cfg.epochs * len(data) if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * len(data))
-    with tqdm(total=total, desc=desc, unit="step", disable=not cfg.progress, leave=False) as bar:
+    show = cfg.progress and distributed.is_main()
+    with progress_bar(total=total, desc=desc, unit="step", enabled=show) as bar:
         for _ in range(cfg.epochs):
             running, count = 0.0, 0
             for batch in data:
+                opt.zero_grad(set_to_none=True)
+                if sync is not None:
+                    batch, rows = batch.batch, batch.rows      # a distributed.LocalBatch
                 loss = loss_fn(model, batch)
                 for penalty in penalties:
                     loss = loss + penalty(subject)
-                if not torch.isfinite(loss):
+                if sync is None and not torch.isfinite(loss):
                     raise InputError(f"{desc}: loss became {loss.item()} at step {step}; lower lr or check data")
-                opt.zero_grad(set_to_none=True)
                 loss.backward()
+                value = float(loss.detach()) if sync is None else sync.reduce(loss, rows)
+                if not math.isfinite(value):
+                    raise InputError(f"{desc}: loss became {value} at step {step} (on some rank); "
+                                     "lower lr or check data")
                 opt.step()
                 if after_step is not None:
                     after_step()
                 for callback in callbacks:
                     callback(subject, step)
-                running += float(loss.detach())
+                running += value
                 count += 1
                 step += 1
                 bar.update(1)
@@ -165,8 +190,14 @@ def fit(model: torch.nn.Module, data: Iterable, loss_fn: Callable[[torch.nn.Modu
             history.append(running / max(count, 1))
             if cfg.max_steps is not None and step >= cfg.max_steps:
                 break
+    if sync is not None:
+        torch.manual_seed(cfg.seed)       # the ranks' streams agree again for what runs next
     model.eval()
     return history
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(iter(model.parameters()), torch.zeros(())).device
 
 
 def split_batch(batch: Any) -> tuple[Any, Any]:
@@ -213,12 +244,27 @@ def make_loader(x: Any, y: Any = None, *, batch_size: int = 64, shuffle: bool = 
 
 
 def evaluate(model: torch.nn.Module, data: Iterable) -> float:
-    """Top-1 accuracy of ``model`` on ``(x, y)`` batches."""
+    """Top-1 accuracy of ``model`` on ``(x, y)`` batches.
+
+    With several processes each rank scores its slice of the data and the counts are
+    summed over ranks (call it on every rank; all return the same accuracy).
+
+    >>> evaluate(torch.nn.Identity(), [(torch.eye(3), torch.tensor([0, 1, 0]))])
+    0.6666666666666666
+    """
     model.eval()
+    parallel = distributed.data_parallel(_device_of(model))
+    if parallel:
+        data = distributed.shard(data, distributed.rank(), distributed.world_size())
     right = total = 0
     with torch.no_grad():
         for batch in data:
+            weight = 1
+            if parallel:        # a padding sample (rows 0) still runs, in step with the other ranks
+                batch, weight = batch.batch, min(batch.rows, 1)
             x, y = split_batch(batch)
-            right += int((model(x).argmax(-1) == y).sum())
-            total += int(y.numel())
+            right += weight * int((model(x).argmax(-1) == y).sum())
+            total += weight * int(y.numel())
+    if parallel:
+        right, total = (int(v) for v in distributed.all_reduce_sum(torch.tensor([right, total], dtype=torch.float64)))
     return right / total if total else math.nan

@@ -12,7 +12,13 @@ For each runner the report holds, over all verification inputs:
     inputs but no model, the golden inputs are run once more for this;
 ``bit_exact_ratio`` / ``max_lsb``
     against the ``reference`` runner, in units of the output quantization step
-    (only for targets with a reference and quantized outputs);
+    (only for targets with a reference; for float outputs the step is 1:
+    ``bit_exact_ratio`` is then the fraction of identical floats, which says
+    little, and the report shows ``ref_max_abs_err`` / ``ref_rel_err`` instead);
+``extra["integers"]``
+    a runner session's own integer comparison with the reference, when it has
+    one (``session.integer_agreement(samples)``, e.g. binary-popcount's
+    popcounts): ``{"what", "compared", "differ"}``; any difference fails;
 ``compared_with``
     which of ``"float model"``, ``"golden outputs"`` and ``"reference"`` the
     runner was held against (a runner compared with nothing fails);
@@ -54,6 +60,7 @@ class RunnerReport:
     bit_exact_ratio: float = math.nan
     max_lsb: float = math.nan
     ref_rel_err: float = math.nan       # float outputs: max |runner - reference| / max |reference|
+    ref_max_abs_err: float = math.nan   # float outputs: max |runner - reference|
     latency_ms: float = math.nan
     golden_max_abs_err: float = math.nan
     golden_max_rel_err: float = math.nan
@@ -71,6 +78,9 @@ class VerifyReport:
     runners: dict[str, RunnerReport]
     failures: list[str]
     rules: dict
+    #: what the runners were run on (for the text form), and whether a float model was given
+    inputs: str = ""
+    model_given: bool = False
 
     @property
     def passed(self) -> bool:
@@ -97,20 +107,50 @@ class VerifyReport:
 
     def to_dict(self) -> dict:
         return {"target": self.target, "passed": self.passed, "failures": self.failures, "rules": self.rules,
+                "inputs": self.inputs, "model_given": self.model_given,
                 "runners": {k: dataclasses.asdict(v) for k, v in self.runners.items()}}
 
     def __str__(self) -> str:
-        cols = ("bit_exact_ratio", "max_lsb", "sqnr_db", "max_abs_err", "max_rel_err", "top1_agreement",
-                "golden_sqnr_db", "latency_ms")
-        lines = [f"{'runner':14s}" + "".join(f"{c:>17s}" for c in cols) + "  compared with"]
+        """What was checked and how it came out, one line per runner and comparison; what could
+        not be checked (no float model, no reference runner) is said, not shown as NaN columns."""
+        lines = [f"{self.target} artifact, run on {self.inputs or 'the given inputs'}:"]
         for name, r in self.runners.items():
             if r.error:
-                lines.append(f"{name:14s} ERROR: {r.error}")
+                lines.append(f"  {name}: ERROR: {r.error}")
                 continue
-            lines.append(f"{name:14s}" + "".join(f"{getattr(r, c):17.6g}" for c in cols)
-                         + "  " + (", ".join(r.compared_with) or "nothing"))
+            lat = f"{r.latency_ms:.3f} ms/call" if math.isfinite(r.latency_ms) else "not timed"
+            lines.append(f"  {name} ({lat}) compared with:")
+            if FLOAT_MODEL in r.compared_with:
+                lines.append(f"    the float (torch) model: {_errors(r.sqnr_db, r.max_abs_err, r.max_rel_err)}, "
+                             f"top-1 agreement {r.top1_agreement:.4f}")
+            if GOLDEN in r.compared_with:
+                lines.append("    the golden outputs (recorded at deploy time): "
+                             + _errors(r.golden_sqnr_db, r.golden_max_abs_err, r.golden_max_rel_err))
+            if REFERENCE in r.compared_with:
+                parts = []
+                ints = r.extra.get("integers")
+                if ints:
+                    parts.append(f"{ints['what']}: {ints['compared']} compared, {ints['differ']} differ")
+                if math.isfinite(r.ref_max_abs_err):
+                    parts.append(f"float outputs max abs err {r.ref_max_abs_err:.3g}, "
+                                 f"max rel err {r.ref_rel_err:.3g}")
+                else:
+                    parts.append(f"{r.bit_exact_ratio:.4f} of the quantized outputs bit-exact, "
+                                 f"max {r.max_lsb:g} LSB")
+                lines.append("    the reference runner: " + "; ".join(parts))
+            if not r.compared_with:
+                lines.append("    nothing")
+        if not any(FLOAT_MODEL in r.compared_with for r in self.runners.values()):
+            lines.append("not checked: fidelity vs the float (torch) model on these inputs (give it: "
+                         "edgepack verify OUT --model M.pt2, or artifact.verify(model))")
+        if "reference" not in self.runners:
+            lines.append("not checked: agreement with the reference runner (not run)")
         lines.append("PASSED" if self.passed else "FAILED: " + "; ".join(self.failures))
         return "\n".join(lines)
+
+
+def _errors(sqnr: float, abs_err: float, rel_err: float) -> str:
+    return f"SQNR {sqnr:.1f} dB, max abs err {abs_err:.3g}, max rel err {rel_err:.3g}"
 
 
 def runner_rules(rules: dict, runner: str) -> dict:
@@ -186,7 +226,12 @@ def _output_step(artifact) -> list[float | None]:
 def _float_outputs(model: Any, samples: list[list[np.ndarray]]) -> list[list[np.ndarray]]:
     import torch
 
-    model.eval()
+    if isinstance(model, torch.export.ExportedProgram):
+        model = model.module()
+    try:
+        model.eval()
+    except NotImplementedError:      # a module of an ExportedProgram: it runs as exported and has no eval()
+        pass
     outs = []
     with torch.no_grad():
         for s in samples:
@@ -224,6 +269,7 @@ def verify(artifact, model: Any = None, inputs: Sequence | None = None, runners:
         samples = [gin]
         expected = [gout] if model is None else _float_outputs(model, samples)
         golden_in_samples = True        # the golden comparison reuses the outputs on sample 0
+        described = "the golden inputs stored in the artifact (1 call)"
     else:
         inputs = [] if isinstance(inputs, (str, bytes)) else list(inputs)
         if not inputs:
@@ -232,6 +278,7 @@ def verify(artifact, model: Any = None, inputs: Sequence | None = None, runners:
         samples = [as_inputs(s, artifact.signature) for s in inputs]
         expected = _float_outputs(model, samples) if model is not None else None
         golden_in_samples = False
+        described = f"{len(samples)} given input call(s)"
     available = artifact.runner_names()
     if runners is None:
         default = artifact.manifest["target"].get("default_runner", "host")
@@ -255,6 +302,9 @@ def verify(artifact, model: Any = None, inputs: Sequence | None = None, runners:
                     fn(s)
                     times.append(time.perf_counter() - t0)
             golden_outs = outs[0] if golden_in_samples else fn(gin)
+            agreement = getattr(fn, "integer_agreement", None)
+            if agreement is not None and "reference" in runners:
+                row.extra["integers"] = agreement(samples)
             results[name] = outs
             row.latency_ms = float(np.median(times)) * 1e3 if times else math.nan
             if getattr(fn, "latency_ms", None) is not None:     # emulated runners time the invoke itself
@@ -294,8 +344,9 @@ def verify(artifact, model: Any = None, inputs: Sequence | None = None, runners:
                     total += units.size
             report[name].max_lsb = lsb
             report[name].bit_exact_ratio = exact / total if total else math.nan
-            if fmax > 0 or fdiff > 0:
-                report[name].ref_rel_err = fdiff / fmax if fmax > 0 else math.inf
+            if fmax > 0 or fdiff > 0 or not any(steps):
+                report[name].ref_max_abs_err = fdiff
+                report[name].ref_rel_err = fdiff / fmax if fmax > 0 else 0.0 if fdiff == 0 else math.inf
             report[name].compared_with.append(REFERENCE)
 
     for name, row in report.items():
@@ -305,6 +356,10 @@ def verify(artifact, model: Any = None, inputs: Sequence | None = None, runners:
             failures.append(f"{name}: compared with nothing")
             continue
         rules = runner_rules(all_rules, name)
+        ints = row.extra.get("integers")
+        if ints and ints["differ"]:
+            failures.append(f"{name}: {ints['differ']} of {ints['compared']} {ints['what']} differ from the "
+                            "reference")
         if name != "reference" and "reference" in results:
             if "max_lsb" in rules and row.max_lsb > rules["max_lsb"]:
                 failures.append(f"{name}: {row.max_lsb:g} LSB from the reference (allowed {rules['max_lsb']})")
@@ -328,7 +383,8 @@ def verify(artifact, model: Any = None, inputs: Sequence | None = None, runners:
         if expected is not None and "min_top1_agreement" in rules \
                 and not row.top1_agreement >= rules["min_top1_agreement"]:
             failures.append(f"{name}: top-1 agreement {row.top1_agreement:.3f} < {rules['min_top1_agreement']}")
-    rep = VerifyReport(artifact.target, report, failures, all_rules)
+    rep = VerifyReport(artifact.target, report, failures, all_rules, inputs=described,
+                       model_given=model is not None)
     if strict:
         rep.raise_for_failure()
     return rep

@@ -40,7 +40,6 @@ import dataclasses
 import math
 
 import torch
-from tqdm.auto import tqdm
 
 from sdk import hookimpl
 from sdk.allocation import GRANULARITIES, allocate, prune, pruned_alone, units
@@ -49,6 +48,7 @@ from sdk.channels import example_from
 from sdk.config import check_choice, check_range
 from sdk.context import DataStreams, StageContext
 from sdk.errors import ConfigError, InputError
+from sdk.log import progress as progress_bar
 from sdk.trainer import TrainConfig, finetune, split_batch
 
 #: the model attribute that holds the curves and the allocation
@@ -114,8 +114,8 @@ class SensitivityPruner(Pruner):
                               f"{cfg.levels[-1]} reaches {reach}: add a higher level or lower sparsity")
         base = val_metrics(model, val)
         rows = []
-        with tqdm(total=len(found) * len(cfg.levels), desc="sensitivity curves", unit="eval",
-                  disable=not cfg.progress, leave=False) as bar:
+        with progress_bar(total=len(found) * len(cfg.levels), desc="sensitivity curves", unit="eval",
+                          enabled=cfg.progress) as bar:
             for unit in found:
                 counts = [unit.count(level) for level in cfg.levels]
                 measured = []

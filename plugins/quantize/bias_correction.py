@@ -69,13 +69,13 @@ from typing import Iterable
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from sdk import hookimpl
 from sdk.base import Quantizer
 from sdk.config import Config, check_choice, check_range
 from sdk.errors import InputError
 from sdk.encoding import hints_of, weight_spec
+from sdk.log import progress as progress_bar
 from sdk.quant import dequantize
 from sdk.torch_fold import WEIGHTED, fold_batch_norms, module_calls, module_of, trace
 from sdk.trainer import split_batch
@@ -174,8 +174,8 @@ def measure_shifts(model: nn.Module, layers: list[tuple[str, nn.Module]], errors
     seen = 0
     try:
         with torch.no_grad():
-            for i, batch in enumerate(tqdm(data, desc="bias correction", unit="batch", disable=not progress,
-                                           leave=False)):
+            for i, batch in enumerate(progress_bar(data, desc="bias correction", unit="batch",
+                                                   enabled=progress)):
                 if num_batches is not None and i >= num_batches:
                     break
                 x, _ = split_batch(batch)

@@ -29,7 +29,6 @@ from typing import Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from sdk import hookimpl
 from sdk.base import Quantizer
@@ -37,6 +36,7 @@ from sdk.calibrate import activation_specs, weight_specs
 from sdk.config import Config, check_choice, check_range
 from sdk.encoding import weight_spec
 from sdk.errors import InputError
+from sdk.log import progress as progress_bar
 from sdk.quant import OBSERVERS, QuantPlan
 
 __all__ = ["DataFree", "batch_norms", "bn_statistics_loss", "synthesize"]
@@ -104,8 +104,8 @@ def synthesize(model: nn.Module, example_inputs: Sequence[torch.Tensor], *, num_
     was_training = model.training
     model.eval()                       # BN normalises with its running statistics and leaves them alone
     try:
-        for step in tqdm(range(steps + 1), desc="data-free: distilling inputs", unit="step",
-                         disable=not progress, leave=False):
+        for step in progress_bar(range(steps + 1), desc="data-free: distilling inputs", unit="step",
+                                 enabled=progress):
             loss = bn_statistics_loss(model, xs)
             losses.append(float(loss.detach()))
             if step == steps:

@@ -27,7 +27,6 @@ import dataclasses
 from typing import Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from sdk import hookimpl
 from sdk.base import Quantizer
@@ -35,6 +34,7 @@ from sdk.config import Config, check_bool, check_fp32_fields, check_range
 from sdk.errors import CalibrationError
 from sdk.graph import WEIGHTED_OPS
 from sdk.encoding import float_spec
+from sdk.log import progress as progress_bar
 from sdk.quant import FP16_MAX, FP16_TINY, QuantPlan
 
 
@@ -83,8 +83,8 @@ class FP16(Quantizer):
                 f, kept = held[src]
                 kept |= f & (v < 2.0 ** -14) if v.shape == f.shape else f
 
-        for batch in tqdm(list(batches), desc="fp16 range analysis", unit="batch", disable=not cfg.progress,
-                          leave=False):
+        for batch in progress_bar(list(batches), desc="fp16 range analysis", unit="batch",
+                                  enabled=cfg.progress):
             held: dict[str, list[np.ndarray]] = {}
             graph.run(batch, observer=lambda name, value: observe(name, value, held))
             for name, (_, kept) in held.items():

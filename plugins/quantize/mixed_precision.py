@@ -50,7 +50,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from sdk import hookimpl
 from sdk.base import Quantizer
@@ -60,6 +59,7 @@ from sdk.encoding import float_spec, weight_spec
 from sdk.errors import ConfigError
 from sdk.graph import WEIGHTED_OPS, macs
 from sdk.litert.lowering import int_storage, litert_op
+from sdk.log import progress as progress_bar
 from sdk.quant import OBSERVERS, QuantPlan, dequantize
 
 PRECISIONS = ("int8", "int4", "float32")
@@ -147,7 +147,7 @@ class MixedPrecision(Quantizer):
                 total += sum(float(torch.mean((o - r) ** 2)) for o, r in zip(g.run(b), ref))
             return total / len(used)
 
-        for row in tqdm(rows, desc="sensitivity", unit="layer", disable=not self.config.progress, leave=False):
+        for row in progress_bar(rows, desc="sensitivity", unit="layer", enabled=self.config.progress):
             w = graph.constants[row["tensor"]]
             for opt in row["options"].values():
                 spec = opt["spec"]

@@ -484,6 +484,9 @@ class _Lowerer:
             row["why_float"] = FLOAT_IN_INT8[node.op]
         if weights is not None:
             row.update(weights.row(), weight=node.inputs[1])
+        out = self.values.get(node.name)
+        if out is not None:     # where the layer's output lives (a fused activation's tensor), for sdk.layer_errors
+            row.update(tensor=out.ref.name, layout=list(out.perm))
         self.layers.append(row)
 
     # -- driver ---------------------------------------------------------------------

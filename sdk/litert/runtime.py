@@ -16,10 +16,14 @@ from typing import Sequence
 import numpy as np
 
 from sdk.errors import InputError, RunnerError, ToolchainError
+from sdk.log import quiet_stderr
 
 __all__ = ["delegated_fraction", "load_interpreter", "op_summary", "run", "time_inference"]
 
 _INSTALL_HINT = "pip install ai-edge-litert"
+
+#: lines LiteRT's C++ runtime writes to stderr on every interpreter, whatever TF_CPP_MIN_LOG_LEVEL says
+_BANNERS = ("INFO: Created TensorFlow Lite XNNPACK delegate for CPU.",)
 
 
 def _interpreter_module():
@@ -46,6 +50,8 @@ def load_interpreter(model, num_threads: int = 1, delegate: bool = True, *, chec
     ``check=True`` (or a ``manifest``) first runs :func:`.fbcheck.check_model`
     on the bytes and hands LiteRT exactly the bytes it checked: LiteRT does not
     validate a flatbuffer's contents and can crash on a damaged one.
+    LiteRT's "Created TensorFlow Lite XNNPACK delegate" banner is dropped (its
+    other stderr lines are kept: :func:`sdk.log.quiet_stderr`).
     The interpreter is not thread-safe; share it behind a lock.
     """
     mod = _interpreter_module()
@@ -62,8 +68,9 @@ def load_interpreter(model, num_threads: int = 1, delegate: bool = True, *, chec
     if not delegate:
         kwargs["experimental_op_resolver_type"] = mod.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
     try:
-        interp = mod.Interpreter(**kwargs)
-        interp.allocate_tensors()
+        with quiet_stderr(_BANNERS):
+            interp = mod.Interpreter(**kwargs)
+            interp.allocate_tensors()
     except (ValueError, RuntimeError) as exc:
         raise RunnerError(f"LiteRT could not load the model: {exc}") from exc
     return interp

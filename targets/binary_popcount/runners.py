@@ -246,7 +246,7 @@ def compile_artifact(artifact) -> CompiledModel:
     return compile_model(specs)
 
 
-def binary_layer_agreement(artifact, inputs) -> list[dict]:
+def binary_layer_agreement(artifact, inputs, model: CompiledModel | None = None) -> list[dict]:
     """Run each of ``inputs`` (arrays shaped like the artifact's input) through the compiled
     model and the reference; per binary layer, in order: ``name``, ``elements``
     compared and ``mismatches``, the int32 popcount results that differ (0 when the
@@ -256,7 +256,7 @@ def binary_layer_agreement(artifact, inputs) -> list[dict]:
     [0, 0]
     """
     specs, names = artifact_specs(artifact)
-    model = compile_model(specs)
+    model = compile_model(specs) if model is None else model
     rows = [{"name": n, "elements": 0, "mismatches": 0} for s, n in zip(specs, names) if isinstance(s, BinaryLayer)]
     for x in inputs:
         _, got = model.run_debug(x)
@@ -291,7 +291,16 @@ class HostRunner(Runner):
 
     def open(self, artifact):
         model = compile_artifact(artifact)
-        return lambda inputs: [model.run(_only_input(inputs))]
+        session = lambda inputs: [model.run(_only_input(inputs))]  # noqa: E731
+
+        def integer_agreement(samples) -> dict:
+            # verify's integer check: the compiled popcounts against the reference's, bit for bit
+            rows = binary_layer_agreement(artifact, [_only_input(s) for s in samples], model)
+            return {"what": "popcounts", "compared": sum(r["elements"] for r in rows),
+                    "differ": sum(r["mismatches"] for r in rows)}
+
+        session.integer_agreement = integer_agreement
+        return session
 
 
 class ReferenceRunner(Runner):
