@@ -41,6 +41,28 @@ def mlp(hidden, seed):
     return nn.Sequential(*layers, nn.Linear(prev, 10))
 
 
+def convnet(c1, c2, seed):
+    """Two convs (the second at stride 2), global pooling, a linear head: any resolution."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, c1, 3, padding=1), nn.ReLU(), nn.Conv2d(c1, c2, 3, stride=2, padding=1),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c2, 10))
+
+
+def check_yaml_stage_trains(stage_yaml: str):
+    """A recipe of one stage (YAML) with named ``train``/``val`` streams trains a convnet
+    student from a bigger convnet teacher and keeps its state-dict keys."""
+    import sdk
+    from sdk.recipe import Recipe
+
+    torch.manual_seed(0)
+    model, teacher = convnet(4, 8, 0), convnet(8, 16, 1)
+    data = {"train": [(torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))) for _ in range(3)],
+            "val": [(torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,)))]}
+    out = sdk.compress(model, Recipe.from_yaml(stage_yaml), data=data, teacher=teacher, progress=False)
+    assert not torch.allclose(out[0].weight, model[0].weight, atol=1e-5)
+    assert set(out.state_dict()) == set(model.state_dict())
+
+
 def trained(model, xtr, ytr, steps=150, lr=1e-2):
     """Full-batch Adam on cross-entropy: a quick, deterministic teacher."""
     torch.manual_seed(0)

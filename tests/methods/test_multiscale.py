@@ -5,22 +5,15 @@ the two artifacts' profiles) and agrees with torch; usable from YAML with named 
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 import sdk
-from distill_helpers import accuracy, batches, check_training_config, np_ce, np_kl_batchmean, np_log_softmax, trained
+from distill_helpers import (accuracy, batches, check_training_config, check_yaml_stage_trains, convnet, np_ce,
+                             np_kl_batchmean, np_log_softmax, trained)
 from plugins.distill.multiscale import MultiScale, align, downscale
 from sdk.errors import ConfigError
 from sdk.features import capture
-from sdk.recipe import Recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: one thread is faster
-
-
-def convnet(c1, c2, seed):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(1, c1, 3, padding=1), nn.ReLU(), nn.Conv2d(c1, c2, 3, stride=2, padding=1),
-                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c2, 10))
 
 
 @pytest.fixture(scope="module")
@@ -110,16 +103,9 @@ def test_multiscale_config_is_a_training_config():
 
 
 def test_a_yaml_multiscale_stage_with_named_streams_trains_the_student():
-    torch.manual_seed(0)
-    model, teacher = convnet(4, 8, 0), convnet(8, 16, 1)
-    data = {"train": [(torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))) for _ in range(3)],
-            "val": [(torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,)))]}
-    recipe = Recipe.from_yaml("""
+    check_yaml_stage_trains("""
 stages:
   - method: multiscale
     config: {scale: 0.5, student_layer: "3", teacher_layer: "3", feature_loss: smooth-l1, feature_weight: 0.5,
              epochs: 2, lr: 0.01, optimizer: sgd, optimizer_options: {momentum: 0.5}}
 """)
-    out = sdk.compress(model, recipe, data=data, teacher=teacher, progress=False)
-    assert not torch.allclose(out[0].weight, model[0].weight, atol=1e-5)
-    assert set(out.state_dict()) == set(model.state_dict())
