@@ -135,7 +135,7 @@ def test_emulated_python_is_aarch64_and_isolated(emu):
 
 
 @pytest.mark.emulation
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "resnet18" else n for n in MODELS])
 def test_zoo_int8_is_bit_exact_under_emulation(emu, name, tmp_path, record_property):
     options, repeats = MODELS[name]
     model, x, art = deploy(name, tmp_path, **options)

@@ -101,7 +101,8 @@ def deploy_sqnr(model, x, batches, method, tmp_path, tag, test):
     return art, sqnr_db(ref, out)
 
 
-@pytest.mark.parametrize("name,kw", ZOO, ids=[z[0] for z in ZOO])
+@pytest.mark.parametrize("name,kw", [pytest.param(*z, marks=pytest.mark.slow) if z[0] == "mobilenetv2" else z for z in ZOO],
+                         ids=[z[0] for z in ZOO])
 def test_deploy_data_free_vs_ptq(name, kw, tmp_path, record_property):
     model, x = with_data_bn(name, **kw)
     method = DataFree(steps=STEPS, progress=False)

@@ -447,7 +447,9 @@ def test_hardtanh_before_sign_drops_and_untrained_bnn_verifies(tmp_path):
 # --------------------------------------------------------------------------- XNOR-Net's K in three implementations
 
 
-@pytest.mark.parametrize("shape,k,stride,pad", [((2, 70, 7, 6), 3, 2, 1), ((1, 64, 5, 5), 1, 1, 0), ((3, 70), 1, 1, 0)])
+@pytest.mark.parametrize("shape,k,stride,pad", [((2, 70, 7, 6), 3, 2, 1),
+                                              pytest.param((1, 64, 5, 5), 1, 1, 0, marks=pytest.mark.slow),
+                                              ((3, 70), 1, 1, 0)])
 def test_k_scale_agrees_in_torch_numpy_and_c(shape, k, stride, pad, tmp_path):
     rng = np.random.default_rng(sum(shape))
     x = rng.standard_normal(shape).astype(np.float32)
