@@ -234,6 +234,15 @@ def finetune(model: torch.nn.Module, data: Any, cfg: TrainConfig, *, desc: str =
     return fit(model, data, step, cfg, desc=desc)
 
 
+def finetune_after(model: torch.nn.Module, data: Any, cfg: TrainConfig, *, desc: str) -> list[float]:
+    """The cross-entropy fine-tune a stage runs after its own work: ``cfg.finetune_epochs``
+    epochs (none when 0) at ``cfg.finetune_lr``, or ``cfg.lr`` when that is ``None``, with the
+    other training fields of ``cfg``; the epoch losses."""
+    if not cfg.finetune_epochs:
+        return []
+    return finetune(model, data, cfg.training(epochs=cfg.finetune_epochs, lr=cfg.finetune_lr or cfg.lr), desc=desc)
+
+
 def make_loader(x: Any, y: Any = None, *, batch_size: int = 64, shuffle: bool = True, seed: int = 0):
     """A seeded ``DataLoader`` over arrays/tensors ``x`` (and labels ``y``)."""
     x = torch.as_tensor(x, dtype=torch.float32)

@@ -54,7 +54,7 @@ from sdk.base import Pruner
 from sdk.config import check_range
 from sdk.errors import InputError
 from sdk.masks import apply_mask, mask_of, prunable_layers, smallest_masks
-from sdk.trainer import TrainConfig, classification_loss, finetune, fit
+from sdk.trainer import TrainConfig, classification_loss, finetune_after, fit
 
 
 def ste_mask(w: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -129,9 +129,7 @@ class AutoThresholdPruner(Pruner):
         fit(model, data, lambda m, b: classification_loss(m, b, who="auto-threshold") + self.penalty(layers),
             cfg.training(), desc="auto-threshold training")
         self.finish(layers)
-        if cfg.finetune_epochs:
-            finetune(model, data, cfg.training(epochs=cfg.finetune_epochs, lr=cfg.finetune_lr or cfg.lr),
-                     desc="auto-threshold fine-tune")
+        finetune_after(model, data, cfg, desc="auto-threshold fine-tune")
         return model.eval()
 
     def attach(self, model: nn.Module) -> dict[str, nn.Module]:

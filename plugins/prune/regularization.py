@@ -83,7 +83,7 @@ from sdk.config import check_choice, check_range
 from sdk.errors import ConfigError, InputError
 from sdk.masks import apply_mask, prunable_layers, smallest_mask, smallest_masks
 from sdk.penalties import group_lasso, group_norms, l1, l2, shrink_groups, soft_threshold
-from sdk.trainer import TrainConfig, classification_loss, finetune, fit
+from sdk.trainer import TrainConfig, classification_loss, finetune_after, fit
 
 
 @dataclasses.dataclass
@@ -203,9 +203,7 @@ class RegularizationPruner(Pruner):
         self.history = self.train(model, data, reg)
         if cfg.prune:
             self.prune(model, reg)
-        if cfg.finetune_epochs:
-            finetune(model, data, cfg.training(epochs=cfg.finetune_epochs, lr=cfg.finetune_lr or cfg.lr),
-                     desc="regularization fine-tune")
+        finetune_after(model, data, cfg, desc="regularization fine-tune")
         return model.eval()
 
     def regularizer(self, model: torch.nn.Module, data=None) -> Regularizer:

@@ -43,7 +43,7 @@ from sdk.base import Pruner
 from sdk.channels import ChannelGroup, channel_groups, example_from, remove_channels, select_groups
 from sdk.config import check_range
 from sdk.errors import InputError
-from sdk.trainer import TrainConfig, finetune
+from sdk.trainer import TrainConfig, finetune, finetune_after
 
 
 class SlimmingPruner(Pruner):
@@ -82,9 +82,7 @@ class SlimmingPruner(Pruner):
         groups = self.candidates(model, data)
         self.train_sparse(model, data, groups)
         remove_channels(model, self.select(model, groups))
-        if cfg.finetune_epochs:
-            finetune(model, data, cfg.training(epochs=cfg.finetune_epochs, lr=cfg.finetune_lr or cfg.lr),
-                     desc="slimming fine-tune")
+        finetune_after(model, data, cfg, desc="slimming fine-tune")
         return model.eval()
 
     def candidates(self, model: torch.nn.Module, data) -> list[ChannelGroup]:

@@ -56,7 +56,7 @@ from sdk.channels import ChannelGroup, ChannelSlice, channel_groups, example_fro
 from sdk.config import check_choice, check_range
 from sdk.errors import InputError
 from sdk.penalties import APG, l1
-from sdk.trainer import TrainConfig, classification_loss, finetune, fit
+from sdk.trainer import TrainConfig, classification_loss, finetune_after, fit
 
 _FOLDABLE = (nn.BatchNorm1d, nn.BatchNorm2d, nn.Conv1d, nn.Conv2d, nn.Linear)
 
@@ -139,9 +139,7 @@ class SSSPruner(Pruner):
         factors = self.attach(model, data)
         self.train(model, data, factors)
         self.remove(model, factors)
-        if cfg.finetune_epochs:
-            finetune(model, data, cfg.training(epochs=cfg.finetune_epochs, lr=cfg.finetune_lr or cfg.lr),
-                     desc="sss fine-tune")
+        finetune_after(model, data, cfg, desc="sss fine-tune")
         return model.eval()
 
     # -- factors -------------------------------------------------------------
