@@ -238,8 +238,9 @@ def _tflite_breakdown(art, model_files: dict, book: dict, layers: list[dict]) ->
                 "entropy-coded (counted as weights); the per-layer weights are the decoded sizes")
     elif container:
         raw = sum(int(t.get("bytes", 0)) for t in entry.get("tensors", []) if isinstance(t, dict))
+        how = "zero-run coded" if entry.get("format") == "edgepack-zr" else "entropy-coded (Deep Compression)"
         note = (f"{container} ({coded} B, counted as weights) holds {raw} B of model.tflite's int8 weights again, "
-                f"entropy-coded (Deep Compression): a device needs only model.tflite without them "
+                f"{how}: a device needs only model.tflite without them "
                 f"({ondisk - raw} B) and {container}: {ondisk - raw + coded} B")
     others = sum(b for n, b in model_files.items() if n not in ("model.tflite", container))
     structure = max(ondisk - total_w - total_q, 0) + others

@@ -229,6 +229,15 @@ def check_manifest(m: Any, format_name: str, format_version: int) -> dict:
             raise _fail(f"{where}: files.{name}.sha256", "expected 64 lower-case hex digits")
         if not _int(meta.get("bytes")) or not 0 <= meta["bytes"] <= MAX_FILE_BYTES:
             raise _fail(f"{where}: files.{name}.bytes", f"expected an integer in [0, {MAX_FILE_BYTES}]")
+    if "weight_container" in m:     # weights.dc (sdk.huffman checks it when decoding) or weights.zr
+        wc = _dict(f"{where}: weight_container", m["weight_container"])
+        if wc.get("format") == "edgepack-zr":
+            from .zero_run import check_entry
+
+            check_entry(wc, files)
+        elif wc.get("format") != "edgepack-dc":
+            raise _fail(f"{where}: weight_container.format", f"{wc.get('format')!r} is not a weight container "
+                        "this edgepack reads (edgepack-dc, edgepack-zr)")
     check_json_depth(where, m)
     return m
 

@@ -1168,10 +1168,14 @@ def check_model(data: bytes, manifest: dict | None = None, *, name: str = "model
 
 def check_file(artifact, name: str = "model.tflite") -> bytes:
     """Read ``name`` of ``artifact``, check it against the artifact's manifest, return its bytes."""
-    from sdk.huffman import expand_artifact_model
+    from sdk import huffman, zero_run
 
     path = artifact.file(name)
-    # a deep-compression artifact's weights.dc must decode into this file's weights (sdk.huffman)
-    data = expand_artifact_model(artifact, name, path.read_bytes())
+    # a weight container must decode into this file's weights: deep-compression's weights.dc (sdk.huffman),
+    # zero-run's weights.zr (sdk.zero_run)
+    entry = (getattr(artifact, "manifest", None) or {}).get("weight_container")
+    zr = isinstance(entry, dict) and entry.get("format") == zero_run.FORMAT
+    expand = zero_run.expand_artifact_model if zr else huffman.expand_artifact_model
+    data = expand(artifact, name, path.read_bytes())
     check_model(data, getattr(artifact, "manifest", None), name=f"{name} of {artifact.path}")
     return data

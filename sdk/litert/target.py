@@ -74,8 +74,10 @@ class LiteRTTarget(Target):
                           extra=self.shipped(graph, plan, low.layers))
         # deep-compression layers: their int8 weights also ship Huffman-coded in weights.dc (sdk.weight_sharing)
         from sdk.weight_sharing import attach_container
+        from sdk.zero_run import attach_container as attach_zero_run
 
-        return attach_container(package, graph)
+        # zero-run plans: their layers' int8 weights also ship as zero runs + base-encoded values in weights.zr
+        return attach_zero_run(attach_container(package, graph), graph, plan)
 
     def shipped(self, graph, plan, layers) -> dict:
         """The manifest's ``encodings`` as packed: whether each weight's zeros shipped sparse, from
