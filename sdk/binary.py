@@ -18,7 +18,10 @@ Variants of A(x), chosen by :class:`BinaryInfo`: ``sign="approx"`` keeps the for
 sign with Bi-Real Net's ApproxSign gradient (:func:`approx_sign`);
 ``learned_threshold`` is ReActNet's RSign, ``sign(x − t)`` with ``t`` learned per
 input channel; ``order = k > 1`` replaces sign(x) by HORQ's order-k residual
-binarization ``Σ_j β_j H_j`` (:func:`residual_sign`).
+binarization ``Σ_j β_j H_j`` (:func:`residual_sign`).  Variants of the weights and their
+scale, by layer class: :class:`ReCULayer` (``recu``) binarizes ReCU's clamped, standardised
+W with ``α = mean |v|``; :class:`LearnedScaleLayer` (``xnorpp``) multiplies the product by
+XNOR-Net++'s learned ``Γ = α ⊗ β ⊗ γ`` (or α alone).
 
 ``sign`` maps x >= 0 to +1 and x < 0 to −1: a binary format has no 0 (``torch.sign``
 would give one), and this is the bit convention of the popcount kernels
@@ -60,7 +63,7 @@ from torch import nn
 
 from .encoding import Hint
 from .errors import ConfigError, InputError
-from .layer_quant import LayerQuantConfig, LayerQuantizer, QuantizedModule, quantize_layers
+from .layer_quant import LayerQuantConfig, LayerQuantizer, QuantizedModule, quantize_layers, ste
 
 # -- custom ops ------------------------------------------------------------------------
 
@@ -286,19 +289,28 @@ class _BinaryLayer(QuantizedModule):
         """α = mean |W| of each output filter (XNOR-Net eq. 4)."""
         return self.weight.abs().mean(dim=tuple(range(1, self.weight.ndim)))
 
+    def weight_signs(self) -> torch.Tensor:
+        """The ±1 weights of the product: ``binarize(W)`` (ReCU's layers binarize a clamped W)."""
+        return binarize(self.weight)
+
     def effective_weight(self) -> torch.Tensor:
         """The weight the forward pass applies: ±α (bwn, xnor) or ±1 (bnn)."""
-        w = binarize(self.weight)
+        w = self.weight_signs()
         return w * self.alpha().view(-1, *(1,) * (w.ndim - 1)) if self.binary_info.scale_weights else w
+
+    def output_scales(self, y: torch.Tensor) -> list[torch.Tensor]:
+        """The factors the ±1 product ``y`` is multiplied by, in order: ``[α]`` per output channel
+        when ``scale_weights`` (XNOR-Net++'s factorised layers add one per row and per column)."""
+        return [self.alpha().view((1, -1) + (1,) * (y.ndim - 2))] if self.binary_info.scale_weights else []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         info = self.binary_info
         if self.input_bn is not None:
             x = self.input_bn(x)
-        y = self._product(self.binarize_input(x) if info.binary_activations else x, binarize(self.weight))
+        y = self._product(self.binarize_input(x) if info.binary_activations else x, self.weight_signs())
         per_channel = (1, -1) + (1,) * (y.ndim - 2)
-        if info.scale_weights:
-            y = y * self.alpha().view(per_channel)
+        for scale in self.output_scales(y):      # one product each: the lowering folds them in this order
+            y = y * scale
         if info.scale_activations:
             y = y * mean_abs_window(x.detach(), *self._window())
         if self.bias is not None:
@@ -505,3 +517,190 @@ class BinaryQuantizer(LayerQuantizer):
 
     def quantize_layer(self, name: str, layer: nn.Module) -> _BinaryLayer:
         return binary_layer(name, layer, self.layer_info())
+
+
+# -- ReCU's clamped weights and XNOR-Net++'s learned scales (recu, xnorpp) ---------------------
+
+
+def standardize_filters(w: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """``(w − mean) / (std + eps)`` of each output filter (dimension 0, population std): ReCU's
+    balanced, standardised weights (Xu et al. 2021, §3.3).
+
+    >>> standardize_filters(torch.tensor([[1.0, 3.0], [0.0, -4.0]])).tolist()
+    [[-1.0, 1.0], [1.0, -1.0]]
+    """
+    dims = tuple(range(1, w.ndim))
+    centred = w - w.mean(dims, keepdim=True)
+    return centred / (centred.pow(2).mean(dims, keepdim=True).sqrt() + eps)
+
+
+def rectified_clamp(w: torch.Tensor, tau: float) -> torch.Tensor:
+    """ReCU, the rectified clamp unit (Xu et al. 2021, eq. 6): ``max(min(w, Q(τ)), Q(1 − τ))``,
+    ``Q`` the quantile of all the values of ``w`` (linear interpolation, ``numpy.quantile``'s
+    default), taken as constants.  ``0.5 <= tau <= 1``; the gradient is torch.clamp's (0 outside
+    the bounds): :class:`ReCULayer` passes its own.
+
+    >>> rectified_clamp(torch.arange(11.0), 0.9).tolist()
+    [1.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 9.0]
+    """
+    if not 0.5 <= tau <= 1:
+        raise ConfigError(f"rectified_clamp needs 0.5 <= tau <= 1, got {tau}")
+    flat = w.detach().reshape(-1)
+    return torch.clamp(w, torch.quantile(flat, 1 - tau), torch.quantile(flat, tau))
+
+
+class ReCULayer:
+    """Mixin of a binary layer with ReCU's weights (Xu et al. 2021): the product uses ``sign(v)``
+    and ``α = mean |v|`` per output filter, ``v = ReCU_τ(standardize_filters(W))``
+    (:func:`rectified_clamp`).  The sign's gradient passes the sign and the clamp straight
+    through to the standardised weights (the clamped tails keep being updated) and then
+    the standardisation as autograd has it (α's is torch.clamp's: 0 for the clamped
+    weights).  :meth:`revive` applies the clamp to the latent
+    weights themselves; ``tau`` is set by the quantizer's schedule."""
+
+    tau: float = 0.99
+
+    def weight_signs(self) -> torch.Tensor:
+        z = standardize_filters(self.weight)
+        return ste(binarize(rectified_clamp(z.detach(), self.tau)), z)
+
+    def alpha(self) -> torch.Tensor:
+        """α = mean |v| of each output filter, v the clamped standardised weights."""
+        v = rectified_clamp(standardize_filters(self.weight), self.tau)
+        return v.abs().mean(dim=tuple(range(1, v.ndim)))
+
+    @torch.no_grad()
+    def revive(self, eps: float = 1e-8) -> None:
+        """``W ← μ + σ · ReCU_τ((W − μ) / σ)`` per filter (μ, σ + eps as :func:`standardize_filters`'):
+        latent weights beyond the quantiles move back to them, within reach of a sign flip."""
+        w, dims = self.weight, tuple(range(1, self.weight.ndim))
+        mean = w.mean(dims, keepdim=True)
+        std = (w - mean).pow(2).mean(dims, keepdim=True).sqrt() + eps
+        w.copy_(mean + std * rectified_clamp((w - mean) / std, self.tau))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, tau={self.tau:g}"
+
+
+class ReCUConv2d(ReCULayer, BinaryConv2d):
+    """A binary ``Conv2d`` with ReCU's weights (:func:`recu_layer`)."""
+
+
+class ReCULinear(ReCULayer, BinaryLinear):
+    """A binary ``Linear`` with ReCU's weights (:func:`recu_layer`)."""
+
+
+def recu_layer(name: str, layer: nn.Module, info: BinaryInfo, tau: float) -> ReCULayer:
+    """The binary twin of the float ``Conv2d``/``Linear`` ``layer`` (module ``name``) with ReCU's
+    weights at ``tau``.
+
+    >>> conv = recu_layer("c", nn.Conv2d(4, 8, 3), BinaryInfo("recu", True, True, False), tau=0.9)
+    >>> conv.alpha().shape, sorted(torch.unique(conv.weight_signs()).tolist())
+    (torch.Size([8]), [-1.0, 1.0])
+    """
+    if not 0.5 <= tau <= 1:
+        raise ConfigError(f"layer {name}: ReCU needs 0.5 <= tau <= 1, got {tau}")
+    cls = ReCUConv2d if isinstance(layer, nn.Conv2d) else ReCULinear
+    try:
+        made = cls(layer, info)
+    except ConfigError as exc:
+        raise ConfigError(f"layer {name}: {exc}; add it to exclude to keep it float") from None
+    made.tau = float(tau)
+    return made
+
+
+class LearnedScaleLayer:
+    """Mixin of a binary layer scaled by XNOR-Net++'s learned Γ (Bulat & Tzimiropoulos 2019) in
+    place of a computed α: ``α ∈ R^{C_out}`` (initialised to mean |W| per filter, XNOR-Net's α),
+    and for a conv made with ``out_size=(H, W)`` also ``β ∈ R^H`` and ``γ ∈ R^W`` (initialised
+    to 1): ``Γ = α ⊗ β ⊗ γ`` (the paper's case 3; without ``out_size`` its case 1, ``Γ = α``).
+    The product is multiplied by α, then β, then γ (:meth:`output_scales`), the order in which
+    binary-popcount applies them; all three are trained by backprop."""
+
+    def __init__(self, layer: nn.Module, info: BinaryInfo, *, out_size: tuple[int, int] | None = None):
+        super().__init__(layer, info)
+        if not info.scale_weights:
+            raise ConfigError(f"{info.method}: a learned scale replaces α; set scale_weights=True")
+        self.scale_c = nn.Parameter(self.weight.detach().abs().mean(dim=tuple(range(1, self.weight.ndim))))
+        if out_size is not None and self.weight.ndim != 4:
+            raise ConfigError(f"{info.method}: β and γ scale the rows and columns of a conv's output; "
+                              "a linear layer takes the per-channel scale only")
+        h, w = out_size if out_size is not None else (0, 0)
+        self.scale_h = nn.Parameter(torch.ones(h)) if out_size is not None else None
+        self.scale_w = nn.Parameter(torch.ones(w)) if out_size is not None else None
+
+    def alpha(self) -> torch.Tensor:
+        """The learned α, one per output channel."""
+        return self.scale_c
+
+    def output_scales(self, y: torch.Tensor) -> list[torch.Tensor]:
+        scales = super().output_scales(y)
+        if self.scale_h is not None:
+            size = (len(self.scale_h), len(self.scale_w))
+            if tuple(y.shape[2:]) != size:
+                raise InputError(f"{self.binary_info.method}: this layer learned β, γ for a {size[0]}x{size[1]} "
+                                 f"output, the input gives {tuple(y.shape[2:])}: feed inputs of the training size "
+                                 "(or use the per-channel scale)")
+            scales += [self.scale_h.view(1, 1, -1, 1), self.scale_w.view(1, 1, 1, -1)]
+        return scales
+
+    def gamma(self) -> torch.Tensor:
+        """Γ: ``α ⊗ β ⊗ γ`` of shape ``(C_out, H, W)``, or α ``(C_out,)``."""
+        if self.scale_h is None:
+            return self.scale_c
+        return self.scale_c[:, None, None] * self.scale_h[None, :, None] * self.scale_w[None, None, :]
+
+    def extra_repr(self) -> str:
+        size = "" if self.scale_h is None else f", out_size={(len(self.scale_h), len(self.scale_w))}"
+        return f"{super().extra_repr()}{size}"
+
+
+class LearnedScaleConv2d(LearnedScaleLayer, BinaryConv2d):
+    """A binary ``Conv2d`` scaled by a learned Γ (:func:`learned_scale_layer`)."""
+
+
+class LearnedScaleLinear(LearnedScaleLayer, BinaryLinear):
+    """A binary ``Linear`` scaled by a learned α (:func:`learned_scale_layer`)."""
+
+
+def learned_scale_layer(name: str, layer: nn.Module, info: BinaryInfo,
+                        out_size: tuple[int, int] | None = None) -> LearnedScaleLayer:
+    """The binary twin of the float ``Conv2d``/``Linear`` ``layer`` (module ``name``) scaled by a
+    learned Γ: per output channel, and per output row and column for a conv given its ``out_size``.
+
+    >>> conv = learned_scale_layer("c", nn.Conv2d(4, 8, 3), BinaryInfo("xnorpp", True, True, False), (6, 6))
+    >>> tuple(conv.gamma().shape), tuple(conv(torch.randn(2, 4, 8, 8)).shape)
+    ((8, 6, 6), (2, 8, 6, 6))
+    """
+    cls = LearnedScaleConv2d if isinstance(layer, nn.Conv2d) else LearnedScaleLinear
+    try:
+        return cls(layer, info, out_size=out_size)
+    except ConfigError as exc:
+        raise ConfigError(f"layer {name}: {exc}; add it to exclude to keep it float") from None
+
+
+def conv_output_sizes(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[int, int]]:
+    """``{module name: (H, W)}`` of the output of every ``Conv2d`` of ``model`` on input ``x``
+    (one forward pass in eval mode, without gradient; the model's mode is restored).
+
+    >>> conv_output_sizes(nn.Sequential(nn.Conv2d(1, 2, 3, stride=2)), torch.zeros(1, 1, 9, 9))
+    {'0': (4, 4)}
+    """
+    sizes: dict[str, tuple[int, int]] = {}
+
+    def record(name: str) -> Callable:
+        def hook(module: nn.Module, args: Any, out: torch.Tensor) -> None:
+            sizes[name] = tuple(out.shape[2:])
+        return hook
+
+    hooks = [m.register_forward_hook(record(n)) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return sizes

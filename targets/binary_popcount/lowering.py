@@ -19,7 +19,9 @@ whatever modules built it, as long as it uses the SDK's binary ops
   ``fold_batch_norm``) → :class:`BinaryConv`/:class:`BinaryLinear` with
   ``alpha = s``; a multiplication by a per-channel constant right after it
   (the layer's α) folds into ``alpha``, exactly, since the product before it
-  is an integer;
+  is an integer; after a BinaryConv, multiplications by a constant per output
+  row and then per output column (XNOR-Net++'s β, γ) become its ``scale_h`` and
+  ``scale_w``, in that order only (the kernel's order of roundings);
 * a ``conv``/``linear`` on a real-valued (not binarized) activation whose
   constant weight has one magnitude per output channel (a ``bwn`` layer:
   ``α·sign(W)`` on float input) → :class:`BwnConv`/:class:`BwnLinear`, the
@@ -194,7 +196,8 @@ class _Lowerer:
                    "in_shape": prof["input_shape"], "out_shape": prof["output_shape"], "params": int(params),
                    "bytes": int(prof["param_bytes"]), "macs": int(prof["macs"]), "bops": int(prof["bops"])}
             if isinstance(spec, BinaryLayer):
-                row["params"] = self.fp32_weights[i] + spec.alpha.size
+                row["params"] = self.fp32_weights[i] + sum(a.size for k, a in spec.arrays()
+                                                           if k in ("alpha", "scale_h", "scale_w"))
                 row["fp32_bytes"] = 4 * self.fp32_weights[i]
                 row["fp32_macs"] = row["bops"]
             elif isinstance(spec, BinaryWeightLayer):
@@ -353,9 +356,18 @@ class _Lowerer:
         if self.g.is_const(a) or self.g.is_const(b):
             ci, vi = (0, 1) if self.g.is_const(a) else (1, 0)
             src = self.src(node, vi)
-            scale = self._per_channel(node, self.const(node, ci))
-            spec = self.specs[src]
-            if isinstance(spec, BinaryLayer) and np.all(spec.alpha == 1) and len(self.g.users(node.inputs[vi])) == 1:
+            spec, value = self.specs[src], self.const(node, ci)
+            axis = _spatial_axis(value, node.shape)
+            if axis is not None and isinstance(spec, BinaryConv) and len(self.g.users(node.inputs[vi])) == 1:
+                field = "scale_h" if axis == 2 else "scale_w"
+                # torch's order, α then rows then columns, is the kernel's: anything else is refused
+                if spec.scale_w is None and getattr(spec, field) is None:
+                    setattr(spec, field, np.ascontiguousarray(value.reshape(-1), np.float32))
+                    self.index[node.name] = src
+                    return
+            scale = self._per_channel(node, value)
+            if (isinstance(spec, BinaryLayer) and np.all(spec.alpha == 1) and len(self.g.users(node.inputs[vi])) == 1
+                    and getattr(spec, "scale_h", None) is None and getattr(spec, "scale_w", None) is None):
                 spec.alpha = scale          # α · (integer product): the same single rounding either way
                 self.index[node.name] = src
                 return
@@ -486,6 +498,18 @@ _BINARY_ACTIVATIONS = (Sign, BitPlanes, ResidualSign)
 _ACTIVATION_NAMES = {Sign: "binarized activations (the output of edgepack.binarize)",
                      BitPlanes: "k-bit activations (the output of edgepack.quantize_uniform)",
                      ResidualSign: "residual-binarized activations (the output of edgepack.residual_sign)"}
+
+
+def _spatial_axis(value: np.ndarray, shape: tuple[int, ...]) -> int | None:
+    """2 when the constant ``value`` is one factor per row of a 4-D ``shape`` (``(1, 1, H, 1)``, as
+    XNOR-Net++'s β), 3 when one per column (``(1, 1, 1, W)``, γ), else None."""
+    if len(shape) != 4 or value.size <= 1 or value.ndim > 4:
+        return None
+    aligned = (1,) * (4 - value.ndim) + tuple(value.shape)
+    for axis in (2, 3):
+        if aligned == tuple(shape[axis] if d == axis else 1 for d in range(4)):
+            return axis
+    return None
 
 
 def _row_magnitude(w: np.ndarray) -> np.ndarray | None:

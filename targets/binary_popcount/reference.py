@@ -285,6 +285,16 @@ def global_avg_pool(x: np.ndarray) -> np.ndarray:
     return np.asarray(x, np.float32).mean(axis=(1, 2), keepdims=True, dtype=np.float32)
 
 
+def position_scale(y: np.ndarray, scale_h: np.ndarray | None, scale_w: np.ndarray | None) -> np.ndarray:
+    """NHWC ``y`` times ``scale_h[row]``, then times ``scale_w[column]`` (each None: no factor), one
+    float32 rounding each (XNOR-Net++'s β and γ after a binary conv's α)."""
+    if scale_h is not None:
+        y = (y * scale_h.astype(np.float32).reshape(1, -1, 1, 1)).astype(np.float32)
+    if scale_w is not None:
+        y = (y * scale_w.astype(np.float32).reshape(1, 1, -1, 1)).astype(np.float32)
+    return y
+
+
 def run_reference(specs: Sequence[LayerSpec], x: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
     """Execute a layer spec list on ``x`` (the InputSpec shape, torch order).
 

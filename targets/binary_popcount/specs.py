@@ -531,9 +531,12 @@ class BinaryLayer(LayerSpec):
 class BinaryConv(BinaryLayer):
     """Binary conv on a packed tensor.  ``weight`` is packed
     ``[O, kh, kw, ceil(C/64)]`` uint64, ``alpha`` the per-output scale; the
-    float output is ``alpha[o] * (+-1 conv)``, zero padded."""
+    float output is ``alpha[o] * (+-1 conv)``, zero padded.  ``scale_h`` and
+    ``scale_w`` (XNOR-Net++'s β, γ; None: none) multiply it further by a factor
+    per output row, then per output column, one float32 rounding each."""
 
-    STORED = {"weight": Stored("<u8", 4), "alpha": Stored("<f4", 1)}
+    STORED = {"weight": Stored("<u8", 4), "alpha": Stored("<f4", 1), "scale_h": Stored("<f4", 1),
+              "scale_w": Stored("<f4", 1)}
 
     weight: np.ndarray
     alpha: np.ndarray
@@ -541,6 +544,8 @@ class BinaryConv(BinaryLayer):
     stride: int = 1
     padding: int = 0
     src: int | None = None
+    scale_h: np.ndarray | None = None
+    scale_w: np.ndarray | None = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -573,11 +578,30 @@ class BinaryConv(BinaryLayer):
         if kh != kw:
             raise ctx.error("only square kernels are supported")
         oh, ow = ctx.window(ctx.input, kh, self.stride, self.padding)
+        for name, size, what in (("scale_h", oh, "row"), ("scale_w", ow, "column")):
+            if getattr(self, name) is not None and getattr(self, name).shape != (size,):
+                raise ctx.error(f"{name} must have {size} entries, one per output {what}")
         return TensorInfo("float", (ctx.input.shape[0], self.out_channels, oh, ow))
 
     def cost(self, out):
         kh, kw = self.kernel_size
         return 0, out.size * self.in_channels * kh * kw
+
+    def emit(self, c):
+        stmts, workspace = super().emit(c)
+        if self.scale_h is None and self.scale_w is None:
+            return stmts, workspace
+        n, oh, ow, o = c.output.nhwc
+        factors = "".join(f" * {c.array(name)}[{i}]" for name, i in (("scale_h", "oy_"), ("scale_w", "ox_"))
+                          if getattr(self, name) is not None)
+        # (y * β[row]) * γ[col]: the reference's (and torch's) order of the two roundings
+        stmts.append(f"{{ float *y_ = {c.dst}; size_t r_ = 0; for (int n_ = 0; n_ < {n}; ++n_) "
+                     f"for (int oy_ = 0; oy_ < {oh}; ++oy_) for (int ox_ = 0; ox_ < {ow}; ++ox_, ++r_) "
+                     f"for (int o_ = 0; o_ < {o}; ++o_) y_[r_ * {o} + o_] = y_[r_ * {o} + o_]{factors}; }}")
+        return stmts, workspace
+
+    def reference(self, x, tensors, popcounts):
+        return ref.position_scale(super().reference(x, tensors, popcounts), self.scale_h, self.scale_w)
 
     def c_product(self, c):
         n, h, w, ch = c.input.nhwc
