@@ -66,7 +66,8 @@ LENET_LAYERS = ["features.0", "features.4", "classifier.1", "classifier.3"]
 
 
 def test_post_training_quantizers_are_the_ones_this_matrix_knows():
-    assert POST_TRAINING == ["data-free", "dynamic", "dynamic-fixed-point", "fp16", "int4", "mixed-precision", "ptq"]
+    assert POST_TRAINING == ["data-free", "dynamic", "dynamic-fixed-point", "fp16", "int4", "mixed-precision", "ptq",
+                             "zero-run"]
 
 
 @pytest.mark.parametrize("target", TARGETS)
