@@ -86,6 +86,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "plugins.quantize.recu",
     "plugins.quantize.xnorpp",
     "plugins.quantize.zero_run",
+    "plugins.quantize.incremental",
     "targets.arm_int8",
     "targets.arm_fp32",
     "targets.binary_popcount",
