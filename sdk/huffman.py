@@ -71,7 +71,6 @@ entry (:func:`sdk.weight_sharing.attach_container` writes both).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import heapq
 import math
 import struct
@@ -80,6 +79,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import ArtifactError, ConfigError
+from .weight_container import ContainerFormat, tensor_head
 
 __all__ = ["CONTAINER", "FORMAT", "MAX_CODE_BITS", "VERSION", "CodedTensor", "canonical_codes", "code_lengths",
            "decode", "encode", "encode_tensor", "expand", "expand_artifact_model", "expand_model", "fixed_width_bytes",
@@ -94,8 +94,6 @@ VERSION = 1
 MAGIC = b"EPDC"
 #: the gap widths the container may use (the paper: 8 for convolutions, 5 for fully connected layers)
 DIFF_BITS = range(1, 9)
-_MAX_DIMS = 8
-_MAX_ELEMENTS = 1 << 31
 
 
 # ---------------------------------------------------------------------------
@@ -336,10 +334,8 @@ class CodedTensor:
 
     def to_bytes(self) -> bytes:
         """This tensor's record in the container (see the module docstring)."""
-        name = self.name.encode()
         return b"".join([
-            struct.pack("<H", len(name)), name,
-            struct.pack(f"<QB{len(self.shape)}I", self.offset, len(self.shape), *self.shape),
+            tensor_head(self.name, self.offset, self.shape),
             struct.pack("<BH", self.diff_bits, self.codebook.size), self.codebook.astype(np.int8).tobytes(),
             struct.pack("<I", self.scales.size), self.scales.astype("<f4").tobytes(),
             struct.pack("<I", self.entries),
@@ -382,152 +378,69 @@ def encode_tensor(values: np.ndarray, name: str, offset: int = 0, scales: Sequen
                        int(gaps.size), sym_len, gap_len, encode(symbols, sym_len), encode(gaps, gap_len))
 
 
+def _read_body(c, at: str, name: str, offset: int, shape: tuple[int, ...]) -> CodedTensor:
+    """The Deep Compression fields of a tensor record (after :func:`sdk.weight_container.tensor_head`)."""
+    count = math.prod(shape)
+    diff_bits, k = c.unpack("BH", f"{at} codebook size")
+    if diff_bits not in DIFF_BITS or k > 255:
+        raise ArtifactError(f"{CONTAINER} is damaged: {at} ({name!r}) has diff_bits {diff_bits}, {k} codes, "
+                            f"{count} elements")
+    codebook = np.frombuffer(c.take(k, f"{at} codebook"), np.int8).copy()
+    if np.any(codebook == 0) or np.any(np.diff(codebook.astype(np.int64)) <= 0):
+        raise ArtifactError(f"{CONTAINER} is damaged: {at} ({name!r}) codebook is not distinct nonzero "
+                            "codes in ascending order")
+    (n_scales,) = c.unpack("I", f"{at} scales")
+    scales = np.frombuffer(c.take(4 * n_scales, f"{at} scales"), "<f4").astype(np.float32)
+    if n_scales == 0 or not np.all(np.isfinite(scales) & (scales > 0)):
+        raise ArtifactError(f"{CONTAINER} is damaged: {at} ({name!r}) scales are not finite and positive")
+    (entries,) = c.unpack("I", f"{at} entries")
+    if entries > count:
+        raise ArtifactError(f"{CONTAINER} is damaged: {at} ({name!r}) has {entries} entries for {count} "
+                            "elements")
+    sym_len = np.frombuffer(c.take(k + 1, f"{at} code lengths"), np.uint8).astype(np.int64)
+    gap_len = np.frombuffer(c.take(1 << diff_bits, f"{at} code lengths"), np.uint8).astype(np.int64)
+    streams = []
+    for what in ("symbol", "gap"):
+        (nbytes,) = c.unpack("I", f"{at} {what} stream")
+        streams.append(c.take(nbytes, f"{at} {what} stream"))
+    return CodedTensor(name, offset, shape, diff_bits, codebook, scales, entries, sym_len, gap_len,
+                       streams[0], streams[1])
+
+
+_FORMAT = ContainerFormat(CONTAINER, "weight container", MAGIC, VERSION, _read_body)
+
+
 def write_container(tensors: Sequence[CodedTensor], model: bytes) -> bytes:
     """The ``weights.dc`` bytes of ``tensors``, which expand into ``model`` (its size and sha256
     are recorded; the tensors' byte ranges must lie inside it and not overlap)."""
-    _check_ranges(tensors, len(model), ConfigError)
-    head = MAGIC + struct.pack("<HHQ", VERSION, len(tensors), len(model)) + hashlib.sha256(model).digest()
-    return head + b"".join(t.to_bytes() for t in tensors)
-
-
-def _check_ranges(tensors: Sequence[CodedTensor], size: int, error: type) -> None:
-    end = 0
-    for t in sorted(tensors, key=lambda t: t.offset):
-        if t.offset < end or t.offset + t.count > size:
-            raise error(f"tensor {t.name!r} (bytes {t.offset}..{t.offset + t.count}) overlaps another or lies "
-                        f"outside the {size}-byte model")
-        end = t.offset + t.count
-
-
-class _Cursor:
-    """Bounds-checked reading of the container: every overrun is an ArtifactError."""
-
-    def __init__(self, data: bytes):
-        self.data, self.pos = bytes(data), 0
-
-    def take(self, n: int, what: str) -> bytes:
-        if n < 0 or self.pos + n > len(self.data):
-            raise ArtifactError(f"{CONTAINER} is damaged: it ends inside {what}")
-        out = self.data[self.pos:self.pos + n]
-        self.pos += n
-        return out
-
-    def unpack(self, fmt: str, what: str):
-        return struct.unpack("<" + fmt, self.take(struct.calcsize("<" + fmt), what))
+    return _FORMAT.write(tensors, model)
 
 
 def read_container(data: bytes) -> tuple[int, bytes, list[CodedTensor]]:
     """``(model size, model sha256, tensors)`` of the ``weights.dc`` bytes ``data``, every field
     checked (:class:`ArtifactError` for anything :func:`write_container` would not write).
     The streams are decoded by :meth:`CodedTensor.values`."""
-    c = _Cursor(data)
-    if c.take(4, "the magic") != MAGIC:
-        raise ArtifactError(f"{CONTAINER} is not an edgepack weight container (magic {data[:4]!r}, "
-                            f"expected {MAGIC!r})")
-    version, n, size = c.unpack("HHQ", "the header")
-    if version != VERSION:
-        raise ArtifactError(f"{CONTAINER} has format version {version}; this edgepack reads version {VERSION}")
-    digest = c.take(32, "the model hash")
-    tensors = []
-    for i in range(n):
-        at = f"tensor {i}"
-        (name_len,) = c.unpack("H", f"{at} name")
-        try:
-            name = c.take(name_len, f"{at} name").decode()
-        except UnicodeDecodeError:
-            raise ArtifactError(f"{CONTAINER} is damaged: {at} name is not UTF-8") from None
-        offset, ndim = c.unpack("QB", f"{at} offset")
-        if ndim > _MAX_DIMS:
-            raise ArtifactError(f"{CONTAINER} is damaged: {at} ({name!r}) has {ndim} dimensions")
-        shape = c.unpack(f"{ndim}I", f"{at} shape")
-        count = math.prod(shape)
-        diff_bits, k = c.unpack("BH", f"{at} codebook size")
-        if diff_bits not in DIFF_BITS or k > 255 or count > _MAX_ELEMENTS:
-            raise ArtifactError(f"{CONTAINER} is damaged: {at} ({name!r}) has diff_bits {diff_bits}, {k} codes, "
-                                f"{count} elements")
-        codebook = np.frombuffer(c.take(k, f"{at} codebook"), np.int8).copy()
-        if np.any(codebook == 0) or np.any(np.diff(codebook.astype(np.int64)) <= 0):
-            raise ArtifactError(f"{CONTAINER} is damaged: {at} ({name!r}) codebook is not distinct nonzero "
-                                "codes in ascending order")
-        (n_scales,) = c.unpack("I", f"{at} scales")
-        scales = np.frombuffer(c.take(4 * n_scales, f"{at} scales"), "<f4").astype(np.float32)
-        if n_scales == 0 or not np.all(np.isfinite(scales) & (scales > 0)):
-            raise ArtifactError(f"{CONTAINER} is damaged: {at} ({name!r}) scales are not finite and positive")
-        (entries,) = c.unpack("I", f"{at} entries")
-        if entries > count:
-            raise ArtifactError(f"{CONTAINER} is damaged: {at} ({name!r}) has {entries} entries for {count} "
-                                "elements")
-        sym_len = np.frombuffer(c.take(k + 1, f"{at} code lengths"), np.uint8).astype(np.int64)
-        gap_len = np.frombuffer(c.take(1 << diff_bits, f"{at} code lengths"), np.uint8).astype(np.int64)
-        streams = []
-        for what in ("symbol", "gap"):
-            (nbytes,) = c.unpack("I", f"{at} {what} stream")
-            streams.append(c.take(nbytes, f"{at} {what} stream"))
-        tensors.append(CodedTensor(name, offset, tuple(shape), diff_bits, codebook, scales, entries, sym_len,
-                                   gap_len, streams[0], streams[1]))
-    if c.pos != len(c.data):
-        raise ArtifactError(f"{CONTAINER} is damaged: {len(c.data) - c.pos} bytes follow the last tensor")
-    _check_ranges(tensors, size, ArtifactError)
-    return size, digest, tensors
+    return _FORMAT.read(data)
 
 
 def expand(data: bytes) -> dict[str, np.ndarray]:
     """``{tensor name: int8 array}`` of the ``weights.dc`` bytes ``data`` (:class:`ArtifactError`
     when it is damaged)."""
-    return {t.name: _values(t) for t in read_container(data)[2]}
-
-
-def _values(t: CodedTensor) -> np.ndarray:
-    try:
-        return t.values()
-    except ArtifactError as exc:
-        raise ArtifactError(f"{CONTAINER} is damaged: tensor {t.name!r}: {exc}") from None
+    return _FORMAT.expand(data)
 
 
 def skeleton(model: bytes, data: bytes) -> bytes:
     """``model`` without the byte ranges of the container ``data``'s tensors: what a device
     needs besides ``weights.dc`` to rebuild it (:func:`expand_model`)."""
-    size, _, tensors = read_container(data)
-    if len(model) != size:
-        raise ArtifactError(f"{CONTAINER} expands into a {size}-byte model, not this {len(model)}-byte one")
-    keep, at = [], 0
-    for t in sorted(tensors, key=lambda t: t.offset):
-        keep.append(model[at:t.offset])
-        at = t.offset + t.count
-    return b"".join(keep) + model[at:]
+    return _FORMAT.skeleton(model, data)
 
 
 def expand_model(model: bytes, data: bytes) -> bytes:
-    """The model file the container ``data`` belongs to, with its tensors decoded into it.
-
-    ``model`` is the complete file (each decoded tensor must equal the bytes at its
-    offset) or its :func:`skeleton` (the decoded tensors are inserted).  The result
-    must have the size and sha256 the container records.  Raises
-    :class:`ArtifactError` otherwise, or when the container is damaged.
-    """
-    size, digest, tensors = read_container(data)
-    tensors = sorted(tensors, key=lambda t: t.offset)
-    coded = sum(t.count for t in tensors)
-    model = bytes(model)
-    if len(model) not in (size, size - coded):
-        raise ArtifactError(f"{CONTAINER} expands into a {size}-byte model; got {len(model)} bytes, neither "
-                            f"that model nor its skeleton ({size - coded} bytes)")
-    full = len(model) == size
-    parts, at, shift = [], 0, 0     # skeleton: read up to `at`; `shift` coded bytes inserted so far
-    for t in tensors:
-        values = _values(t).tobytes()
-        if full:
-            if model[t.offset:t.offset + t.count] != values:
-                raise ArtifactError(f"{CONTAINER} does not expand into the model: tensor {t.name!r} decodes to "
-                                    "other weights than the model holds")
-        else:
-            cut = t.offset - shift      # where the tensor was cut out of the skeleton
-            parts += [model[at:cut], values]
-            at, shift = cut, shift + t.count
-    result = model if full else b"".join(parts) + model[at:]
-    if hashlib.sha256(result).digest() != digest:
-        raise ArtifactError(f"{CONTAINER} does not expand into the model it was written for (sha256 differs)")
-    return result
+    """The model file the container ``data`` belongs to, with its tensors decoded into it:
+    ``model`` is the complete file or its :func:`skeleton`
+    (:meth:`sdk.weight_container.ContainerFormat.expand_model`).  :class:`ArtifactError`
+    when it does not expand into the recorded size and sha256, or the container is damaged."""
+    return _FORMAT.expand_model(model, data)
 
 
 def expand_artifact_model(artifact, name: str, data: bytes) -> bytes:

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from . import huffman
+from .weight_container import int8_weights
 from .encoding import Hint
 from .layer_quant import WeightQuant
 
@@ -170,7 +171,7 @@ def attach_container(package, graph, model_file: str = "model.tflite"):
     if not wanted or model_file not in package.files:
         return package
     model = package.files[model_file]
-    stored = _int8_weights(model)
+    stored = int8_weights(model)
     coded = []
     for layer in package.layers:
         found = stored.get(f"{layer.get('name')}/weight") if layer.get("weight") in wanted else None
@@ -213,47 +214,6 @@ def _stage_sizes(coded, container_bytes: int, model_bytes: int) -> dict[str, int
     skeleton = model_bytes - sum(t.count for *_, t in coded)
     return {"fp32": fp32, "pruned": pruned, "quantized": quantized, "huffman": container_bytes,
             "skeleton": skeleton}
-
-
-def _int8_weights(model: bytes) -> dict[str, tuple[str, int, tuple[int, ...], list[float], str]]:
-    """``{weight input name of each conv / fully connected op: (name of the int8 tensor holding
-    the data, byte offset in the file, its shape, scales, op)}`` (through a DENSIFY when stored
-    sparse: the data is then the values vector)."""
-    from ai_edge_litert import schema_py_generated as fb
-
-    from .litert.flatbuffer import op_name, read_model
-
-    m = read_model(model)
-    root = fb.Model.GetRootAs(model, 0)
-    sg = m.subgraphs[0]
-    producer = {o: op for op in sg.operators for o in op.outputs}
-    found = {}
-    for op in sg.operators:
-        kind = op_name(m, op)
-        if kind not in ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D") or len(op.inputs) < 2:
-            continue
-        consumer = idx = op.inputs[1]
-        if not _has_data(m, sg.tensors[idx]) and idx in producer and op_name(m, producer[idx]) == "DENSIFY":
-            idx = producer[idx].inputs[0]
-        t = sg.tensors[idx]
-        if t.type != fb.TensorType.INT8 or not _has_data(m, t):
-            continue
-        buf = root.Buffers(t.buffer)
-        field = buf._tab.Offset(4)          # Buffer.data, the table's first field
-        start, size = buf._tab.Vector(field), buf._tab.VectorLen(field)
-        if model[start:start + size] != bytes(m.buffers[t.buffer].data):
-            continue
-        q = t.quantization if t.quantization is not None and t.quantization.scale is not None else \
-            sg.tensors[consumer].quantization
-        scales = [float(s) for s in q.scale] if q is not None and q.scale is not None else [1.0]
-        shape = tuple(int(d) for d in t.shape) if t.sparsity is None else (size,)
-        found[sg.tensors[consumer].name.decode()] = (t.name.decode(), start, shape, scales, kind)
-    return found
-
-
-def _has_data(m, t) -> bool:
-    data = m.buffers[t.buffer].data if 0 <= t.buffer < len(m.buffers) else None
-    return data is not None and len(data) > 0
 
 
 def container_stages(manifest: dict) -> list[dict]:

@@ -72,7 +72,6 @@ schema, which :func:`sdk.schema.check_manifest` applies).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import struct
 from typing import Sequence
@@ -80,6 +79,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import ArtifactError, ConfigError
+from .weight_container import ContainerFormat, int8_weights, tensor_head
 
 __all__ = ["CONTAINER", "FORMAT", "RUN_BITS", "VERSION", "ZeroRunTensor", "attach_container", "base_and_width",
            "check_entry", "encode_tensor", "expand", "expand_artifact_model", "expand_model", "pack_fields",
@@ -94,8 +94,6 @@ MAGIC = b"EPZR"
 RUN_BITS = range(1, 17)
 #: the manifest entry that describes the container (shared with weights.dc: an artifact has one)
 MANIFEST_KEY = "weight_container"
-_MAX_DIMS = 8
-_MAX_ELEMENTS = 1 << 31
 
 
 # ---------------------------------------------------------------------------
@@ -229,10 +227,8 @@ class ZeroRunTensor:
 
     def to_bytes(self) -> bytes:
         """This tensor's record in the container (see the module docstring)."""
-        name = self.name.encode()
         return b"".join([
-            struct.pack("<H", len(name)), name,
-            struct.pack(f"<QB{len(self.shape)}I", self.offset, len(self.shape), *self.shape),
+            tensor_head(self.name, self.offset, self.shape),
             struct.pack("<BBBII", self.base, self.value_bits, self.run_bits, self.nonzeros, self.run_count),
             struct.pack("<I", len(self.run_stream)), self.run_stream,
             struct.pack("<I", len(self.value_stream)), self.value_stream,
@@ -268,142 +264,59 @@ def encode_tensor(values: np.ndarray, name: str, offset: int = 0, run_bits: int 
 # the container
 # ---------------------------------------------------------------------------
 
+def _read_body(c, at: str, name: str, offset: int, shape: tuple[int, ...]) -> ZeroRunTensor:
+    """The zero-run fields of a tensor record (after :func:`sdk.weight_container.tensor_head`)."""
+    count = math.prod(shape)
+    base, value_bits, run_bits, nonzeros, run_count = c.unpack("BBBII", f"{at} widths")
+    if not (1 <= base <= 128 and 1 <= value_bits <= 8 and run_bits in RUN_BITS
+            and nonzeros <= count and nonzeros <= run_count <= count):
+        raise ArtifactError(f"{CONTAINER} is damaged: {at} ({name!r}) has base {base}, value_bits "
+                            f"{value_bits}, run_bits {run_bits}, {nonzeros} nonzeros and {run_count} run "
+                            f"fields for {count} elements")
+    if nonzeros == 0 and (base, value_bits) != (1, 1):
+        raise ArtifactError(f"{CONTAINER} is damaged: {at} ({name!r}) has no nonzeros but base {base}")
+    streams = []
+    for what in ("run", "value"):
+        (nbytes,) = c.unpack("I", f"{at} {what} stream")
+        streams.append(c.take(nbytes, f"{at} {what} stream"))
+    return ZeroRunTensor(name, offset, shape, base, value_bits, run_bits, nonzeros, run_count,
+                         streams[0], streams[1])
+
+
+_FORMAT = ContainerFormat(CONTAINER, "zero-run container", MAGIC, VERSION, _read_body)
+
+
 def write_container(tensors: Sequence[ZeroRunTensor], model: bytes) -> bytes:
     """The ``weights.zr`` bytes of ``tensors``, which expand into ``model`` (its size and sha256
     are recorded; the tensors' byte ranges must lie inside it and not overlap)."""
-    _check_ranges(tensors, len(model), ConfigError)
-    head = MAGIC + struct.pack("<HHQ", VERSION, len(tensors), len(model)) + hashlib.sha256(model).digest()
-    return head + b"".join(t.to_bytes() for t in tensors)
-
-
-def _check_ranges(tensors: Sequence[ZeroRunTensor], size: int, error: type) -> None:
-    end = 0
-    for t in sorted(tensors, key=lambda t: t.offset):
-        if t.offset < end or t.offset + t.count > size:
-            raise error(f"{CONTAINER}: tensor {t.name!r} (bytes {t.offset}..{t.offset + t.count}) overlaps "
-                        f"another or lies outside the {size}-byte model")
-        end = t.offset + t.count
-
-
-class _Cursor:
-    """Bounds-checked reading: every overrun is an ArtifactError naming the field."""
-
-    def __init__(self, data: bytes):
-        self.data, self.pos = bytes(data), 0
-
-    def take(self, n: int, what: str) -> bytes:
-        if n < 0 or self.pos + n > len(self.data):
-            raise ArtifactError(f"{CONTAINER} is damaged: it ends inside {what}")
-        out = self.data[self.pos:self.pos + n]
-        self.pos += n
-        return out
-
-    def unpack(self, fmt: str, what: str):
-        return struct.unpack("<" + fmt, self.take(struct.calcsize("<" + fmt), what))
+    return _FORMAT.write(tensors, model)
 
 
 def read_container(data: bytes) -> tuple[int, bytes, list[ZeroRunTensor]]:
     """``(model size, model sha256, tensors)`` of the ``weights.zr`` bytes ``data``, every header
     field checked (:class:`ArtifactError`); the streams are decoded (and checked) by
     :meth:`ZeroRunTensor.values`."""
-    c = _Cursor(data)
-    if c.take(4, "the magic") != MAGIC:
-        raise ArtifactError(f"{CONTAINER} is not an edgepack zero-run container (magic {bytes(data[:4])!r}, "
-                            f"expected {MAGIC!r})")
-    version, n, size = c.unpack("HHQ", "the header")
-    if version != VERSION:
-        raise ArtifactError(f"{CONTAINER} has format version {version}; this edgepack reads version {VERSION}")
-    digest = c.take(32, "the model hash")
-    tensors = []
-    for i in range(n):
-        at = f"tensor {i}"
-        (name_len,) = c.unpack("H", f"{at} name")
-        try:
-            name = c.take(name_len, f"{at} name").decode()
-        except UnicodeDecodeError:
-            raise ArtifactError(f"{CONTAINER} is damaged: {at} name is not UTF-8") from None
-        offset, ndim = c.unpack("QB", f"{at} offset")
-        if ndim > _MAX_DIMS:
-            raise ArtifactError(f"{CONTAINER} is damaged: {at} ({name!r}) has {ndim} dimensions")
-        shape = c.unpack(f"{ndim}I", f"{at} shape")
-        count = math.prod(shape)
-        base, value_bits, run_bits, nonzeros, run_count = c.unpack("BBBII", f"{at} widths")
-        if not (1 <= base <= 128 and 1 <= value_bits <= 8 and run_bits in RUN_BITS and count <= _MAX_ELEMENTS
-                and nonzeros <= count and nonzeros <= run_count <= count):
-            raise ArtifactError(f"{CONTAINER} is damaged: {at} ({name!r}) has base {base}, value_bits "
-                                f"{value_bits}, run_bits {run_bits}, {nonzeros} nonzeros and {run_count} run "
-                                f"fields for {count} elements")
-        if nonzeros == 0 and (base, value_bits) != (1, 1):
-            raise ArtifactError(f"{CONTAINER} is damaged: {at} ({name!r}) has no nonzeros but base {base}")
-        streams = []
-        for what in ("run", "value"):
-            (nbytes,) = c.unpack("I", f"{at} {what} stream")
-            streams.append(c.take(nbytes, f"{at} {what} stream"))
-        tensors.append(ZeroRunTensor(name, offset, tuple(shape), base, value_bits, run_bits, nonzeros, run_count,
-                                     streams[0], streams[1]))
-    if c.pos != len(c.data):
-        raise ArtifactError(f"{CONTAINER} is damaged: {len(c.data) - c.pos} bytes follow the last tensor")
-    _check_ranges(tensors, size, ArtifactError)
-    return size, digest, tensors
-
-
-def _values(t: ZeroRunTensor) -> np.ndarray:
-    try:
-        return t.values()
-    except ArtifactError as exc:
-        raise ArtifactError(f"{CONTAINER} is damaged: tensor {t.name!r}: {exc}") from None
+    return _FORMAT.read(data)
 
 
 def expand(data: bytes) -> dict[str, np.ndarray]:
     """``{tensor name: int8 array}`` of the ``weights.zr`` bytes ``data`` (:class:`ArtifactError`
     when it is damaged)."""
-    return {t.name: _values(t) for t in read_container(data)[2]}
+    return _FORMAT.expand(data)
 
 
 def skeleton(model: bytes, data: bytes) -> bytes:
     """``model`` without the byte ranges of the container ``data``'s tensors: what a device
     needs besides ``weights.zr`` to rebuild it (:func:`expand_model`)."""
-    size, _, tensors = read_container(data)
-    if len(model) != size:
-        raise ArtifactError(f"{CONTAINER} expands into a {size}-byte model, not this {len(model)}-byte one")
-    keep, at = [], 0
-    for t in sorted(tensors, key=lambda t: t.offset):
-        keep.append(model[at:t.offset])
-        at = t.offset + t.count
-    return b"".join(keep) + model[at:]
+    return _FORMAT.skeleton(model, data)
 
 
 def expand_model(model: bytes, data: bytes) -> bytes:
-    """The model file the container ``data`` belongs to, with its tensors decoded into it.
-
-    ``model`` is the complete file (each decoded tensor must equal the bytes at its
-    offset) or its :func:`skeleton` (the decoded tensors are inserted).  The result
-    must have the size and sha256 the container records.  Raises
-    :class:`ArtifactError` otherwise, or when the container is damaged.
-    """
-    size, digest, tensors = read_container(data)
-    tensors = sorted(tensors, key=lambda t: t.offset)
-    coded = sum(t.count for t in tensors)
-    model = bytes(model)
-    if len(model) not in (size, size - coded):
-        raise ArtifactError(f"{CONTAINER} expands into a {size}-byte model; got {len(model)} bytes, neither "
-                            f"that model nor its skeleton ({size - coded} bytes)")
-    full = len(model) == size
-    parts, at, shift = [], 0, 0     # skeleton: read up to `at`; `shift` coded bytes inserted so far
-    for t in tensors:
-        values = _values(t).tobytes()
-        if full:
-            if model[t.offset:t.offset + t.count] != values:
-                raise ArtifactError(f"{CONTAINER} does not expand into the model: tensor {t.name!r} decodes to "
-                                    "other weights than the model holds")
-        else:
-            cut = t.offset - shift
-            parts += [model[at:cut], values]
-            at, shift = cut, shift + t.count
-    result = model if full else b"".join(parts) + model[at:]
-    if hashlib.sha256(result).digest() != digest:
-        raise ArtifactError(f"{CONTAINER} does not expand into the model it was written for (sha256 differs)")
-    return result
+    """The model file the container ``data`` belongs to, with its tensors decoded into it:
+    ``model`` is the complete file or its :func:`skeleton`
+    (:meth:`sdk.weight_container.ContainerFormat.expand_model`).  :class:`ArtifactError`
+    when it does not expand into the recorded size and sha256, or the container is damaged."""
+    return _FORMAT.expand_model(model, data)
 
 
 # ---------------------------------------------------------------------------
@@ -474,8 +387,6 @@ def attach_container(package, graph, plan, model_file: str = "model.tflite"):
     coded by :func:`encode_tensor`, and the manifest entry ``weight_container``.  Weights
     stored otherwise (float, INT4) stay as they are; unchanged when nothing is coded.
     :class:`ConfigError` when the package carries another weight container already."""
-    from .weight_sharing import _int8_weights
-
     extra = getattr(plan, "extra", None) or {}
     wanted = (extra.get("zero_run") or {}).get("tensors") or {}
     if not wanted or model_file not in package.files:
@@ -485,7 +396,7 @@ def attach_container(package, graph, plan, model_file: str = "model.tflite"):
                           f"container already; an artifact holds one (drop deep-compression or zero-run)")
     run_bits = extra["zero_run"].get("run_bits")
     model = package.files[model_file]
-    stored = _int8_weights(model)
+    stored = int8_weights(model)
     coded = []
     for layer in package.layers:
         found = stored.get(f"{layer.get('name')}/weight") if layer.get("weight") in wanted else None
