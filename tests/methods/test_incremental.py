@@ -126,13 +126,13 @@ def test_pow2_layers_end_on_powers_of_two_and_hint_the_codebook(digits_float):
         assert q.get_submodule(name).edgepack_hints["weight"].codebook == 17
 
 
-@pytest.mark.parametrize("bits, grid", [(4, "uniform"), (3, "uniform"), (4, "pow2")])
+@pytest.mark.parametrize("bits, grid", [(3, "uniform"), (5, "pow2")])
 def test_incremental_beats_one_shot_rounding_after_the_same_training(digits_float, bits, grid):
-    """Same total training (3 steps x 2 epochs): incremental retrains between freezes; the one-shot
-    baseline trains the float net 6 epochs, then rounds every weight to the same grid.
-    Measured (450 test digits): float 0.9733; 4-bit uniform one-shot 0.9689, incremental 0.9733;
-    3-bit uniform 0.9667 / 0.9689; 4-bit pow2 0.9600 / 0.9711.  (3-bit pow2, two powers only, lost
-    in a side run: one-shot 0.9156, incremental 0.9067 — not asserted.)"""
+    """Same total training (3 steps x 2 epochs at the same lr): incremental retrains between freezes;
+    the one-shot baseline trains the float net 6 epochs, then rounds every weight to the same grid.
+    Measured (450 test digits): float 0.9733; 3-bit uniform one-shot 0.9533, incremental 0.9689;
+    5-bit pow2 0.9644 / 0.9711.  benchmarks/bench_seed_methods.py has 3 seeds: +1.1 and +1.0 pt.
+    Not asserted: 4-bit uniform, where the gain (+0.2 pt over 3 seeds) is within seed noise."""
     from examples import digits as D
 
     model, data, test, float_acc = digits_float
@@ -140,11 +140,11 @@ def test_incremental_beats_one_shot_rounding_after_the_same_training(digits_floa
     inc = Incremental(**cfg).apply(copy.deepcopy(model), data)
     xtr = torch.cat([b[0] for b in data])
     ytr = torch.cat([b[1] for b in data])
-    longer = D.train(copy.deepcopy(model), xtr, ytr.long(), epochs=6, progress=False)
+    longer = D.train(copy.deepcopy(model), xtr, ytr.long(), epochs=6, lr=cfg["lr"], progress=False)
     one_shot = Incremental(**{**cfg, "schedule": [1.0]}).apply(longer)
     acc_inc, acc_one = evaluate(inc, test), evaluate(one_shot, test)
     print(f"digits {bits}-bit {grid}: float {float_acc:.4f}, one-shot {acc_one:.4f}, incremental {acc_inc:.4f}")
-    assert acc_inc > acc_one, (acc_inc, acc_one)
+    assert acc_inc - acc_one >= 2 / 450, (acc_inc, acc_one)        # at least two more test digits
     assert acc_inc >= float_acc - 0.02, (acc_inc, float_acc)
 
 
