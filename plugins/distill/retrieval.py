@@ -32,7 +32,10 @@ in-batch candidates (``candidate_lists = False``, the default)
 explicit lists (``candidate_lists = True``)
     ``(queries, candidates, positive)``: ``candidates`` of shape ``(B, K, ...)``
     (or a sequence of ``B`` tensors ``(K, ...)``, all of the same ``K``) and
-    ``positive`` the ``(B,)`` index of each query's positive in its list.
+    ``positive`` the ``(B,)`` index of each query's positive in its list, or
+    ``-1`` for an unlabelled query: the teacher's ranking of its list is all it
+    learns from (the paper's gain — the scorer labels lists no annotator did).
+    The KL is averaged over every query, InfoNCE over the labelled ones.
     ``positive`` may be left out when ``contrastive_weight`` is 0.
 
 The teacher is called as ``teacher(queries, candidates)`` on paired rows
@@ -43,6 +46,13 @@ its modules (``named_modules`` names; ``""``, the default, is the student
 itself), each called directly on a batch of inputs and returning a batch of
 embeddings of one size.  Both ``""`` is a shared (siamese) tower.  Either tower
 deploys on its own: ``sdk.deploy(student.query, "arm-int8", (x,), ...)``.
+
+``examples/retrieval_models.py`` holds a worked case: a cross-attention scorer
+over strips of digit images (each query digit attends to the candidate's) and
+the MLP tower it teaches; the tests measure both on digit-set retrieval.
+The temperature matters: ``T`` softens both distributions, so pick it near the
+ratio of the teacher's score spread over a list to the student's (a student's
+cosine logits span at most ``2 · scale``).
 
 Without ``teacher=``, :func:`sdk.compress` would hand distillers the
 uncompressed model — here the dual encoder itself, no scorer — so a recipe stage
@@ -91,7 +101,8 @@ def retrieval_loss(student: torch.Tensor, teacher: torch.Tensor | None = None,
 
     ``student`` holds the dual encoder's logits ``(B, K)`` (scaled similarities of each query
     to its ``K`` candidates), ``teacher`` the scorer's scores of the same pairs, ``positive``
-    the ``(B,)`` index of each query's positive; both terms are means over the queries.  A
+    the ``(B,)`` index of each query's positive (``-1``: unlabelled, left out of InfoNCE); the
+    KL is a mean over all queries, InfoNCE over the labelled ones (0 when there are none).  A
     term of weight 0 is skipped, and its input may be ``None``.
 
     >>> s = torch.tensor([[0.0, 0.0]])
@@ -112,10 +123,13 @@ def retrieval_loss(student: torch.Tensor, teacher: torch.Tensor | None = None,
             raise InputError("retrieval: contrastive_weight > 0 needs each query's positive: pass "
                              "(queries, candidates, positive) batches, or set contrastive_weight=0")
         if positive.shape != student.shape[:1] or positive.dtype.is_floating_point or (
-                len(positive) and (int(positive.min()) < 0 or int(positive.max()) >= student.shape[1])):
+                len(positive) and (int(positive.min()) < -1 or int(positive.max()) >= student.shape[1])):
             raise InputError(f"retrieval: positive must hold one integer index in [0, {student.shape[1]}) per "
-                             f"query ({student.shape[0]}), got {positive.dtype} of shape {tuple(positive.shape)}")
-        total = total + contrastive_weight * F.cross_entropy(student, positive.long())
+                             f"query ({student.shape[0]}), or -1 for an unlabelled query, got {positive.dtype} "
+                             f"of shape {tuple(positive.shape)}")
+        labelled = positive >= 0
+        if bool(labelled.any()):
+            total = total + contrastive_weight * F.cross_entropy(student[labelled], positive[labelled].long())
     return total
 
 
@@ -132,7 +146,7 @@ class CandidateBatch:
 
 
 class Retrieval(Distiller):
-    """Cross-attention scorer → dual encoder: listwise KL over candidate lists, plus InfoNCE."""
+    """Slow cross-attention scorer → fast dual encoder (Miech 2021): listwise KL of the rankings, plus InfoNCE."""
 
     name = "retrieval"
     version = "1.0"
