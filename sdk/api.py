@@ -158,24 +158,31 @@ def deploy(model, target: str, example_inputs, calibration: Iterable | None = No
     packed_model = compress(model, recipe, data=data, teacher=teacher, progress=progress, target=tgt) \
         if recipe.torch_stages else copy_module(model).eval()
     t = phase("compress" if recipe.torch_stages else "copy", t)
-    graph = tgt.prepare(fold_batch_norm(capture(packed_model, example_inputs)))
-    tgt.check(graph)
-    t = phase("capture", t)
+    from .early_exit import is_cascade, pack_cascade
 
-    for q in quantizers if calibration is None else ():      # a quantizer that makes its own (data-free)
-        calibration = q.calibration_data(packed_model, example_inputs)
-        if calibration is not None:
-            break
-    if calibration is None and quantizers and not any(q.requires_calibration for q in quantizers):
-        calibration = [example_inputs]
-    batches = None
-    if quantizers or calibration is not None:
-        batches = as_batches(calibration, graph.inputs)
-    plan = _plan(quantizers, graph, batches)
-    encodings = tgt.check_plan(graph, plan)
-    cost = tgt.cost(graph, plan, encodings)
-    t = phase("calibrate", t)
-    package = tgt.pack(graph, plan, batches)
+    if is_cascade(packed_model):        # an early-exit cascade: one packed graph per stage (sdk.early_exit)
+        packed = pack_cascade(tgt, packed_model, example_inputs, calibration, quantizers,
+                              lambda g, b: _plan(quantizers, g, b))
+        package, plan, encodings, cost = packed.package, packed.plan, packed.encodings, packed.cost
+    else:
+        graph = tgt.prepare(fold_batch_norm(capture(packed_model, example_inputs)))
+        tgt.check(graph)
+        t = phase("capture", t)
+
+        for q in quantizers if calibration is None else ():      # a quantizer that makes its own (data-free)
+            calibration = q.calibration_data(packed_model, example_inputs)
+            if calibration is not None:
+                break
+        if calibration is None and quantizers and not any(q.requires_calibration for q in quantizers):
+            calibration = [example_inputs]
+        batches = None
+        if quantizers or calibration is not None:
+            batches = as_batches(calibration, graph.inputs)
+        plan = _plan(quantizers, graph, batches)
+        encodings = tgt.check_plan(graph, plan)
+        cost = tgt.cost(graph, plan, encodings)
+        t = phase("calibrate", t)
+        package = tgt.pack(graph, plan, batches)
     t = phase("pack", t)
 
     import torch

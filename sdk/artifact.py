@@ -263,6 +263,9 @@ class Artifact:
         self.profile = profile
         self._sessions: dict[str, Callable] = {}
         self._sessions_lock = threading.Lock()
+        #: early-exit cascades: the last ``run``'s :class:`sdk.early_exit_artifact.CascadeRun` (exit stage and
+        #: MACs per input); ``sdk.early_exit_artifact.run(art, x)`` returns it without keeping it
+        self.last_run_info = None
 
     # -- description -----------------------------------------------------
     @property
@@ -334,13 +337,20 @@ class Artifact:
             return self._sessions[runner]
 
     def run(self, *inputs: Any, runner: str | None = None) -> list[np.ndarray]:
-        """Run one call; returns the float (dequantized) outputs as numpy arrays."""
+        """Run one call; returns the float (dequantized) outputs as numpy arrays.  An early-exit
+        cascade takes a batch of any size, runs it input by input and keeps where each input
+        left in :attr:`last_run_info` (:mod:`sdk.early_exit_artifact`)."""
         from .data import as_inputs
 
         if len(inputs) == 1 and isinstance(inputs[0], (tuple, list)):
             inputs = tuple(inputs[0])
         if not inputs:
             raise InputError("art.run() needs the model's input(s)")
+        if "early_exit" in self.manifest:
+            from .early_exit_artifact import run
+
+            self.last_run_info = run(self, *inputs, runner=runner)
+            return [self.last_run_info.logits]
         return self.session(runner)(as_inputs(inputs, self.signature))
 
     def verify(self, model: Any = None, inputs: Sequence | None = None, runners: Sequence[str] | None = None,

@@ -238,6 +238,10 @@ def check_manifest(m: Any, format_name: str, format_version: int) -> dict:
         elif wc.get("format") != "edgepack-dc":
             raise _fail(f"{where}: weight_container.format", f"{wc.get('format')!r} is not a weight container "
                         "this edgepack reads (edgepack-dc, edgepack-zr)")
+    if "early_exit" in m:           # a cascade of stage graphs (sdk.early_exit_artifact checks the section)
+        from .early_exit_artifact import check_section
+
+        check_section(m["early_exit"], m)
     check_json_depth(where, m)
     return m
 

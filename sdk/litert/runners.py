@@ -39,7 +39,7 @@ from sdk import Runner
 
 from .layout import from_stored, to_stored
 
-__all__ = ["LiteRTHostRunner", "ReferenceRunner", "adapt", "checked_model", "serialised"]
+__all__ = ["LiteRTHostRunner", "ReferenceRunner", "adapt", "checked_model", "open_stages", "serialised"]
 
 
 def serialised(fn: Callable) -> Callable:
@@ -60,7 +60,28 @@ def checked_model(artifact, name: str = "model.tflite") -> bytes:
     (:class:`~sdk.errors.ArtifactError` when it fails)."""
     from .fbcheck import check_file
 
+    if "early_exit" in (getattr(artifact, "manifest", None) or {}):
+        from sdk.errors import ArtifactError
+
+        raise ArtifactError(f"artifact {artifact.path} is an early-exit cascade: it has no {name}, its stages run "
+                            "in the host and reference runners (sdk.early_exit_artifact)")
     return check_file(artifact, name)
+
+
+def open_stages(artifact, make: Callable[[bytes], Callable]):
+    """A session running an early-exit cascade (:func:`sdk.early_exit_artifact.open_cascade`): each
+    stage file is checked against its own signatures (:func:`.fbcheck.check_model`) and handed to
+    ``make(bytes) -> function from stored inputs to stored outputs``."""
+    from sdk.early_exit_artifact import open_cascade
+
+    from .fbcheck import check_model
+
+    def load(stage: dict, data: bytes):
+        check_model(data, {"inputs": stage["inputs"], "outputs": stage["outputs"]},
+                    name=f"{stage['file']} of {artifact.path}")
+        return make(data)
+
+    return open_cascade(artifact, load)
 
 
 def adapt(artifact, run_stored: Callable[[list[np.ndarray]], list[np.ndarray]]):
@@ -97,6 +118,14 @@ class LiteRTHostRunner(Runner):
     def open(self, artifact):
         from . import runtime
 
+        if "early_exit" in artifact.manifest:
+            def make(data: bytes):
+                interp = runtime.load_interpreter(data, num_threads=self.num_threads)
+                run = functools.partial(runtime.run, interp)
+                run.delegation = runtime.delegation(interp)
+                return run
+
+            return open_stages(artifact, make)
         interp = runtime.load_interpreter(checked_model(artifact), num_threads=self.num_threads)
         run = adapt(artifact, lambda xs: runtime.run(interp, xs))
         run.profile = {"delegation": runtime.delegation(interp)}    # deploy's first run puts it in profile.json
@@ -114,5 +143,7 @@ class ReferenceRunner(Runner):
     def open(self, artifact):
         from .reference import ReferenceInterpreter
 
+        if "early_exit" in artifact.manifest:
+            return open_stages(artifact, lambda data: ReferenceInterpreter(data).run)
         interp = ReferenceInterpreter(checked_model(artifact))
         return adapt(artifact, interp.run)
