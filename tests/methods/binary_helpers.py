@@ -77,3 +77,46 @@ def check_binary_artifact(art, model, xte, yte, method: str, min_accuracy: float
           f"binary layers {sum(r['bytes'] for r in binary)} bytes (fp32 {sum(r['fp32_bytes'] for r in binary)})")
     assert (host.argmax(1) == torch_out.argmax(1)).mean() >= 0.99 and art_acc >= min_accuracy
     check_hints(model, xte[:1], {n: Hint(codebook=2, per_channel=True, source=method) for n in BLOCKS})
+
+
+# the small binary CNN that recu, xnorpp and their side-by-side with xnor train
+
+SMALL_BLOCKS = ("3", "6", "9")        # the binarized convs of SMALL_CNN: two 16 → 16, one 16 → 32 of stride 2
+SMALL_CNN = {"width": 16, "depth": 2}
+SMALL_BATCH = 90                     # the deployed batch: the 450 test digits in 5 runs
+
+
+def fresh_cnn(seed):
+    """The binary tests' digits CNN (:data:`SMALL_CNN`), its parameters drawn afresh from ``seed`` (0: as cnn()
+    makes them)."""
+    model = cnn(**SMALL_CNN)
+    if seed:
+        torch.manual_seed(seed)
+        for m in model.modules():
+            if m is not model and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+    return model
+
+
+def check_small_artifact(art, model, x, y, method, min_accuracy):
+    """The deployed ``art`` of ``model`` (batch: :data:`SMALL_BATCH` digits): on the first batch verify passes, every
+    binary layer's popcounts equal the numpy reference's and the host kernel's outputs equal the reference
+    runner's; on all of ``x`` they equal torch's to 1e-4 with >= 99 % top-1 agreement and accuracy >=
+    ``min_accuracy``; the binary layers keep their hints."""
+    first = x[:SMALL_BATCH]
+    rep = art.verify(model, inputs=[first])
+    assert rep.passed, str(rep)
+    rows = binary_layer_agreement(art, [first.numpy()])
+    assert len(rows) == len(SMALL_BLOCKS) and all(r["elements"] > 0 and r["mismatches"] == 0 for r in rows), rows
+    np.testing.assert_allclose(art.run(first)[0], art.run(first, runner="reference")[0], rtol=1e-5, atol=1e-5)
+    host = np.concatenate([art.run(x[i:i + SMALL_BATCH])[0] for i in range(0, len(x), SMALL_BATCH)])
+    with torch.no_grad():
+        want = model(x).numpy()
+    acc = float((host.argmax(1) == y.numpy()).mean())
+    binary = [r for r in art.profile["layers"] if "Binary" in r["op"]]
+    print(f"\n{method} artifact: top-1 {acc:.4f}, max |artifact - torch| {np.abs(host - want).max():.2e}, "
+          f"weights.bin {art.file('weights.bin').stat().st_size} bytes, binary layers "
+          f"{sum(r['bytes'] for r in binary)} bytes (fp32 {sum(r['fp32_bytes'] for r in binary)})")
+    np.testing.assert_allclose(host, want, rtol=1e-4, atol=1e-4)
+    assert (host.argmax(1) == want.argmax(1)).mean() >= 0.99 and acc >= min_accuracy
+    check_hints(model, x[:1], {n: Hint(codebook=2, per_channel=True, source=method) for n in SMALL_BLOCKS})

@@ -8,8 +8,8 @@ with the numpy reference, artifact = torch, 1 bit per weight (padded to 64-bit w
 import numpy as np
 import pytest
 import torch
-from binary_helpers import bn_np, cnn, sign_np
-from hint_checks import check_hints
+from binary_helpers import (SMALL_BATCH, SMALL_BLOCKS, SMALL_CNN, bn_np, check_small_artifact, cnn, fresh_cnn,
+                            sign_np)
 from torch import nn
 
 import sdk
@@ -17,12 +17,10 @@ import sdk.plugins as p
 from plugins.quantize.recu import ReCU
 from plugins.quantize.xnor import XNOR
 from sdk.binary import binary_layers, rectified_clamp, standardize_filters
-from sdk.encoding import Hint
 from sdk.errors import ConfigError
 from sdk.graph import capture, fold_batch_norm
 from sdk.recipe import Recipe
 from sdk.trainer import make_loader, training_extras
-from targets.binary_popcount import binary_layer_agreement
 from targets.binary_popcount import specs as sp
 from targets.binary_popcount.lowering import lower
 
@@ -31,45 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: one thread i
 EPOCHS, LR = 3, 3e-3
 
 
-BLOCKS = ("3", "6", "9")        # the binarized convs of SMALL: two 16 → 16, one 16 → 32 of stride 2
-SMALL = {"width": 16, "depth": 2}
-BATCH = 90                     # the deployed batch: the 450 test digits in 5 runs
-
-
-def fresh_cnn(seed):
-    """The binary tests' digits CNN (:data:`SMALL`), its parameters drawn afresh from ``seed`` (0: as cnn()
-    makes them)."""
-    model = cnn(**SMALL)
-    if seed:
-        torch.manual_seed(seed)
-        for m in model.modules():
-            if m is not model and hasattr(m, "reset_parameters"):
-                m.reset_parameters()
-    return model
-
-
-def check_artifact(art, model, x, y, method, min_accuracy):
-    """The deployed ``art`` of ``model`` (batch: :data:`BATCH` digits): on the first batch verify passes, every
-    binary layer's popcounts equal the numpy reference's and the host kernel's outputs equal the reference
-    runner's; on all of ``x`` they equal torch's to 1e-4 with >= 99 % top-1 agreement and accuracy >=
-    ``min_accuracy``; the binary layers keep their hints."""
-    first = x[:BATCH]
-    rep = art.verify(model, inputs=[first])
-    assert rep.passed, str(rep)
-    rows = binary_layer_agreement(art, [first.numpy()])
-    assert len(rows) == len(BLOCKS) and all(r["elements"] > 0 and r["mismatches"] == 0 for r in rows), rows
-    np.testing.assert_allclose(art.run(first)[0], art.run(first, runner="reference")[0], rtol=1e-5, atol=1e-5)
-    host = np.concatenate([art.run(x[i:i + BATCH])[0] for i in range(0, len(x), BATCH)])
-    with torch.no_grad():
-        want = model(x).numpy()
-    acc = float((host.argmax(1) == y.numpy()).mean())
-    binary = [r for r in art.profile["layers"] if "Binary" in r["op"]]
-    print(f"\n{method} artifact: top-1 {acc:.4f}, max |artifact - torch| {np.abs(host - want).max():.2e}, "
-          f"weights.bin {art.file('weights.bin').stat().st_size} bytes, binary layers "
-          f"{sum(r['bytes'] for r in binary)} bytes (fp32 {sum(r['fp32_bytes'] for r in binary)})")
-    np.testing.assert_allclose(host, want, rtol=1e-4, atol=1e-4)
-    assert (host.argmax(1) == want.argmax(1)).mean() >= 0.99 and acc >= min_accuracy
-    check_hints(model, x[:1], {n: Hint(codebook=2, per_channel=True, source=method) for n in BLOCKS})
+BLOCKS, SMALL, BATCH = SMALL_BLOCKS, SMALL_CNN, SMALL_BATCH
 
 
 def train(digits, cls, seed, **options):
@@ -215,7 +175,7 @@ def test_recu_deploys_to_binary_popcount_bit_exact(trained, digits, tmp_path):
     for r in binary:        # ⌈C/64⌉ 64-bit words per (output, tap), then α: one float32 per output channel
         o, c = r["out_shape"][1], r["in_shape"][1]
         assert r["bytes"] == o * 9 * 8 * -(-c // 64) + 4 * o and r["fp32_bytes"] == 4 * o * c * 9
-    check_artifact(art, model, xte, yte, "recu", min_accuracy=0.88)
+    check_small_artifact(art, model, xte, yte, "recu", min_accuracy=0.88)
 
 
 def test_float_activations_lower_to_bwn_layers():
