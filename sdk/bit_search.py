@@ -544,3 +544,44 @@ def run_trials(budget: SearchBudget, propose: Callable[[list[Trial]], tuple[tupl
             bar.update(1)
             bar.set_postfix(best=f"{max(t.accuracy for t in trials):.4f}")
     return trials
+
+
+# ---------------------------------------------------------------------------
+# what the search quantizers' configs and stages share
+# ---------------------------------------------------------------------------
+
+#: the search quantizers' budget fields and the cost metric each one bounds
+BUDGETS = {"max_weight_bytes": "bytes", "max_bops": "bops", "max_packed_bytes": "packed_bytes"}
+
+
+def check_budget_fields(owner: str, config) -> None:
+    """:class:`ConfigError` unless each of ``config``'s :data:`BUDGETS` fields is a positive integer or None."""
+    for field in BUDGETS:
+        value = getattr(config, field)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ConfigError(f"{owner}: {field}={value!r} must be a positive integer (or None)")
+
+
+def budget_limits(config) -> dict[str, int]:
+    """``{cost metric: limit}`` of the budgets ``config`` gives."""
+    return {metric: getattr(config, f) for f, metric in BUDGETS.items() if getattr(config, f) is not None}
+
+
+def search_streams(ctx, owner: str, why: str, holdout: float) -> tuple[list, list, list]:
+    """``(batches each configuration is fine-tuned on, batches it is scored on, all train batches)``
+    of a stage context: the ``val`` stream when given, else the last ``holdout`` fraction of the
+    ``train`` batches.  :class:`InputError` for empty streams or too few batches to hold any out."""
+    train = list(ctx.stream("train", who=f"{owner} ({why})"))
+    if not train:
+        raise InputError(f"{owner}: the train stream is empty")
+    val = ctx.data.get("val")
+    if val is not None:
+        val = list(val)
+        if not val:
+            raise InputError(f"{owner}: the val stream is empty")
+        return train, val, train
+    if len(train) < 2:
+        raise InputError(f"{owner} scores configurations on held-out batches: pass a val stream "
+                         "(data={'train': ..., 'val': ...}) or at least 2 train batches")
+    cut = min(len(train) - 1, max(1, round(len(train) * holdout)))
+    return train[:-cut], train[-cut:], train

@@ -474,7 +474,7 @@ def search(layers: Sequence[bs.SearchLayer], features: Sequence[dict], limits: d
 #: the model attribute that keeps the search record
 ATTR = "_edgepack_autoqb"
 #: a budget field of the config and the cost metric it bounds (:func:`sdk.bit_search.cost`)
-BUDGETS = {"max_weight_bytes": "bytes", "max_bops": "bops", "max_packed_bytes": "packed_bytes"}
+BUDGETS = bs.BUDGETS
 
 
 class AutoQB(Quantizer):
@@ -501,10 +501,7 @@ class AutoQB(Quantizer):
         def __post_init__(self):
             super().__post_init__()
             owner = "autoqb"
-            for field in BUDGETS:
-                value = getattr(self, field)
-                if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                    raise ConfigError(f"{owner}: {field}={value!r} must be a positive integer (or None)")
+            bs.check_budget_fields(owner, self)
             if not self.bits or len(set(self.bits)) != len(self.bits) or len(self.bits) < 2:
                 raise ConfigError(f"{owner}: bits={self.bits!r} must list at least two distinct widths of "
                                   f"{', '.join(map(str, bs.VALID_BITS))}")
@@ -523,29 +520,12 @@ class AutoQB(Quantizer):
 
         def limits(self) -> dict[str, int]:
             """``{cost metric: limit}`` of the budgets given."""
-            return {metric: getattr(self, f) for f, metric in BUDGETS.items() if getattr(self, f) is not None}
+            return bs.budget_limits(self)
 
     def apply(self, model: nn.Module, data: Iterable | dict | None = None) -> nn.Module:
         """Search and bake a copy of ``model``; ``data``: ``(x, y)`` batches (``train``) or
         ``{"train": ..., "val": ...}``.  The search record is ``result._edgepack_autoqb``."""
         return self.run(model, StageContext(DataStreams.of(data), original=model, stage=self.name))
-
-    def split(self, ctx: StageContext) -> tuple[list, list, list]:
-        """``(batches the episodes fine-tune on, batches they are scored on, all train batches)``."""
-        train = list(ctx.stream("train", who="autoqb (it fine-tunes every episode's configuration)"))
-        if not train:
-            raise InputError("autoqb: the train stream is empty")
-        val = ctx.data.get("val")
-        if val is not None:
-            val = list(val)
-            if not val:
-                raise InputError("autoqb: the val stream is empty")
-            return train, val, train
-        if len(train) < 2:
-            raise InputError("autoqb scores episodes on held-out batches: pass a val stream "
-                             "(data={'train': ..., 'val': ...}) or at least 2 train batches")
-        cut = min(len(train) - 1, max(1, round(len(train) * self.config.holdout)))
-        return train[:-cut], train[-cut:], train
 
     def run(self, model: nn.Module, ctx: StageContext) -> nn.Module:
         cfg = self.config
@@ -555,7 +535,8 @@ class AutoQB(Quantizer):
         if not limits:
             raise ConfigError("autoqb: give a budget: max_weight_bytes, max_bops and/or max_packed_bytes "
                               "(module docstring)")
-        tune, score_on, train = self.split(ctx)
+        tune, score_on, train = bs.search_streams(ctx, self.name, "it fine-tunes every episode's configuration",
+                                                  self.config.holdout)
         layers = bs.search_layers(model, example_from(train, None, self.name))
 
         def score(bits: tuple[int, ...]) -> float:

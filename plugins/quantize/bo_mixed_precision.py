@@ -74,7 +74,7 @@ from sdk.errors import ConfigError, InputError
 #: the model attribute that keeps the search record
 ATTR = "_edgepack_bit_search"
 #: a budget field of the config and the cost metric it bounds
-BUDGETS = {"max_weight_bytes": "bytes", "max_bops": "bops", "max_packed_bytes": "packed_bytes"}
+BUDGETS = bs.BUDGETS
 #: the grids the marginal likelihood chooses the GP's hyper-parameters from
 LENGTHSCALES = tuple(float(v) for v in np.geomspace(0.05, 5.0, 12))
 NOISES = (1e-4, 1e-3, 1e-2, 1e-1, 0.3)
@@ -186,10 +186,7 @@ class BOMixedPrecision(Quantizer):
 
         def __post_init__(self):
             owner = "bo-mixed-precision"
-            for field in BUDGETS:
-                value = getattr(self, field)
-                if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                    raise ConfigError(f"{owner}: {field}={value!r} must be a positive integer (or None)")
+            bs.check_budget_fields(owner, self)
             if not self.bits or len(set(self.bits)) != len(self.bits):
                 raise ConfigError(f"{owner}: bits={self.bits!r} must list distinct widths of "
                                   f"{', '.join(map(str, bs.VALID_BITS))}")
@@ -212,29 +209,12 @@ class BOMixedPrecision(Quantizer):
 
         def limits(self) -> dict[str, int]:
             """``{cost metric: limit}`` of the budgets given."""
-            return {metric: getattr(self, f) for f, metric in BUDGETS.items() if getattr(self, f) is not None}
+            return bs.budget_limits(self)
 
     def apply(self, model: torch.nn.Module, data: Iterable | dict | None = None) -> torch.nn.Module:
         """Search and bake a copy of ``model``; ``data``: ``(x, y)`` batches (``train``) or
         ``{"train": ..., "val": ...}``.  The search record is ``result._edgepack_bit_search``."""
         return self.run(model, StageContext(DataStreams.of(data), original=model, stage=self.name))
-
-    def split(self, ctx: StageContext) -> tuple[list, list, list]:
-        """``(batches the trials fine-tune on, batches they are scored on, all train batches)``."""
-        train = list(ctx.stream("train", who="bo-mixed-precision (it fine-tunes every candidate)"))
-        if not train:
-            raise InputError("bo-mixed-precision: the train stream is empty")
-        val = ctx.data.get("val")
-        if val is not None:
-            val = list(val)
-            if not val:
-                raise InputError("bo-mixed-precision: the val stream is empty")
-            return train, val, train
-        if len(train) < 2:
-            raise InputError("bo-mixed-precision scores candidates on held-out batches: pass a val stream "
-                             "(data={'train': ..., 'val': ...}) or at least 2 train batches")
-        cut = min(len(train) - 1, max(1, round(len(train) * self.config.holdout)))
-        return train[:-cut], train[-cut:], train
 
     def run(self, model: torch.nn.Module, ctx: StageContext) -> torch.nn.Module:
         cfg = self.config
@@ -244,7 +224,8 @@ class BOMixedPrecision(Quantizer):
         if not limits:
             raise ConfigError("bo-mixed-precision: give a budget: max_weight_bytes, max_bops and/or "
                               "max_packed_bytes (module docstring)")
-        tune, score_on, train = self.split(ctx)
+        tune, score_on, train = bs.search_streams(ctx, self.name, "it fine-tunes every candidate",
+                                                  self.config.holdout)
         layers = bs.search_layers(model, example_from(train, None, self.name))
         bs.check_budget(layers, cfg.bits, limits, int4=cfg.int4_storage, who=self.name)
         trials = self.search(model, layers, limits, tune, score_on)
