@@ -20,6 +20,8 @@ BENCHES = {
     "bench_pruners.py": ["--out", str(HERE / "results" / "pruners.json")],
     "bench_deep_compression.py": ["--out", str(HERE / "results" / "deep_compression.json")],
     "bench_distillers.py": ["--out", str(HERE / "results" / "distillers.json")],
+    "bench_seed_methods.py": ["--out", str(HERE / "results" / "seed_methods.json")],
+    "bench_bit_search.py": ["--out", str(HERE / "results" / "bit_search.json")],
 }
 
 
