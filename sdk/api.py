@@ -160,6 +160,10 @@ def deploy(model, target: str, example_inputs, calibration: Iterable | None = No
     t = phase("compress" if recipe.torch_stages else "copy", t)
     from .early_exit import is_cascade, pack_cascade
 
+    for q in quantizers if calibration is None else ():      # a quantizer that makes its own (data-free)
+        calibration = q.calibration_data(packed_model, example_inputs)
+        if calibration is not None:
+            break
     if is_cascade(packed_model):        # an early-exit cascade: one packed graph per stage (sdk.early_exit)
         packed = pack_cascade(tgt, packed_model, example_inputs, calibration, quantizers,
                               lambda g, b: _plan(quantizers, g, b))
@@ -169,10 +173,6 @@ def deploy(model, target: str, example_inputs, calibration: Iterable | None = No
         tgt.check(graph)
         t = phase("capture", t)
 
-        for q in quantizers if calibration is None else ():      # a quantizer that makes its own (data-free)
-            calibration = q.calibration_data(packed_model, example_inputs)
-            if calibration is not None:
-                break
         if calibration is None and quantizers and not any(q.requires_calibration for q in quantizers):
             calibration = [example_inputs]
         batches = None

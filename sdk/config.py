@@ -117,6 +117,13 @@ def check_range(owner: str, field: str, value: Any, lo: float | None = None,
         )
 
 
+def check_int(owner: str, field: str, value: Any, lo: int | None = None, hi: int | None = None) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is an integer (not a bool) in ``[lo, hi]``."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"{owner}: {field}={value!r} must be an integer")
+    check_range(owner, field, value, lo, hi)
+
+
 def check_betas(owner: str, betas: Any) -> None:
     """Raise :class:`ConfigError` unless ``betas`` is two coefficients in [0, 1) (Adam's moment decays)."""
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:

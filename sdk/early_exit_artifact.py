@@ -56,6 +56,8 @@ FORMAT = "edgepack-early-exit"
 VERSION = 1
 #: most stages a cascade may have
 MAX_STAGES = 16
+#: most MACs a stage may claim (their running sums stay exact in int64 and float64)
+MAX_STAGE_MACS = 1 << 53
 #: outputs of a stage with an exit, in order, and of the last stage
 EXIT_ROLES = ("features", "logits", "score")
 FINAL_ROLES = ("logits",)
@@ -128,8 +130,8 @@ def check_section(section: Any, manifest: dict) -> dict:
             if not sig["shape"] or sig["shape"][0] != 1:
                 raise _fail(where, f"shape {sig['shape']}: stages are packed for one input "
                             "(batch 1)")
-        if not (_int(st.get("macs")) and st["macs"] >= 0):
-            raise _fail(f"{at}.macs", f"expected a non-negative integer, got {st.get('macs')!r}")
+        if not (_int(st.get("macs")) and 0 <= st["macs"] <= MAX_STAGE_MACS):
+            raise _fail(f"{at}.macs", f"expected an integer in [0, {MAX_STAGE_MACS}], got {st.get('macs')!r}")
         if not final:
             t = st.get("threshold")
             if not (_num(t) and 0 < t < 1):

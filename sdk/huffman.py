@@ -206,7 +206,8 @@ def decode(data: bytes, lengths: Sequence[int], count: int) -> np.ndarray:
     top = int(lengths.max()) if lengths.size else 0
     if top == 0:
         raise ArtifactError("a Huffman stream of symbols has no codes")
-    if count > 8 * len(data):       # every symbol takes a bit at least: refuse before allocating
+    shortest = int(lengths[lengths > 0].min())
+    if count * shortest > 8 * len(data):    # every symbol takes its shortest code at least: refuse before allocating
         raise ArtifactError(f"Huffman stream: {count} symbols need more than the {8 * len(data)} bits it holds")
     lut_sym = np.full(1 << top, -1, np.int64)
     lut_len = np.zeros(1 << top, np.int64)
@@ -220,6 +221,8 @@ def decode(data: bytes, lengths: Sequence[int], count: int) -> np.ndarray:
     out = [0] * count
     pos = 0
     for i in range(count):
+        if pos >= total + 8:        # past the padding byte a symbol may start in: no code reads that far
+            raise ArtifactError(f"Huffman stream: {count} symbols need more than the {total} bits it holds")
         b = pos >> 3
         word = (padded[b] << 16 | padded[b + 1] << 8 | padded[b + 2]) << (pos & 7)
         w = (word & 0xFFFFFF) >> drop
@@ -459,4 +462,4 @@ def expand_artifact_model(artifact, name: str, data: bytes) -> bytes:
                             f"reads version {VERSION}")
     if entry["into"] != name:
         return data
-    return expand_model(data, artifact.read_bytes(entry["file"]))
+    return _FORMAT.expand_model(data, artifact.read_bytes(entry["file"]), complete=True)

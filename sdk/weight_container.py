@@ -33,9 +33,10 @@ import numpy as np
 
 from .errors import ArtifactError, ConfigError
 
-#: most dimensions and elements a container tensor may declare
+#: most dimensions and elements a container tensor may declare, and the largest model it may expand into
 MAX_DIMS = 8
 MAX_ELEMENTS = 1 << 31
+MAX_MODEL_BYTES = 1 << 31       # sdk.schema.MAX_FILE_BYTES
 
 
 class Cursor:
@@ -99,6 +100,9 @@ class ContainerFormat:
             raise ArtifactError(f"{self.file} is not an edgepack {self.title} (magic {magic!r}, "
                                 f"expected {self.magic!r})")
         version, n, size = c.unpack("HHQ", "the header")
+        if size > MAX_MODEL_BYTES:
+            raise ArtifactError(f"{self.file} is damaged: it expands into a {size}-byte model, more than the "
+                                f"{MAX_MODEL_BYTES} bytes an artifact file may hold")
         if version != self.version:
             raise ArtifactError(f"{self.file} has format version {version}; this edgepack reads version "
                                 f"{self.version}")
@@ -146,34 +150,41 @@ class ContainerFormat:
             at = t.offset + t.count
         return b"".join(keep) + model[at:]
 
-    def expand_model(self, model: bytes, data: bytes) -> bytes:
+    def expand_model(self, model: bytes, data: bytes, *, complete: bool = False) -> bytes:
         """The model file the container ``data`` belongs to, with its tensors decoded into it.
 
         ``model`` is the complete file (each decoded tensor must equal the bytes at its
-        offset) or its :meth:`skeleton` (the decoded tensors are inserted).  The result must
-        have the size and sha256 the container records.  :class:`ArtifactError` otherwise,
-        or when the container is damaged.
+        offset) or, unless ``complete``, its :meth:`skeleton` (the decoded tensors are
+        inserted).  The result must have the size and sha256 the container records.
+        :class:`ArtifactError` otherwise, or when the container is damaged.  The sizes are
+        checked before anything is decoded, and a skeleton is expanded into one buffer of
+        the recorded size (at most :data:`MAX_MODEL_BYTES`).
         """
         size, digest, tensors = self.read(data)
         tensors = sorted(tensors, key=lambda t: t.offset)
         coded = sum(t.count for t in tensors)
         model = bytes(model)
-        if len(model) not in (size, size - coded):
-            raise ArtifactError(f"{self.file} expands into a {size}-byte model; got {len(model)} bytes, neither "
-                                f"that model nor its skeleton ({size - coded} bytes)")
+        if len(model) != size and (complete or len(model) != size - coded):
+            raise ArtifactError(f"{self.file} expands into a {size}-byte model; got {len(model)} bytes, "
+                                + ("not that model" if complete else
+                                   f"neither that model nor its skeleton ({size - coded} bytes)"))
         full = len(model) == size
-        parts, at, shift = [], 0, 0     # skeleton: read up to `at`; `shift` coded bytes inserted so far
+        result = model if full else bytearray(size)
+        at, shift = 0, 0                # skeleton: read up to `at`; `shift` coded bytes inserted so far
         for t in tensors:
-            values = self.values(t).tobytes()
+            values = self.values(t).reshape(-1).view(np.uint8)
             if full:
-                if model[t.offset:t.offset + t.count] != values:
+                if memoryview(model)[t.offset:t.offset + t.count] != memoryview(values):
                     raise ArtifactError(f"{self.file} does not expand into the model: tensor {t.name!r} decodes "
                                         "to other weights than the model holds")
             else:
                 cut = t.offset - shift      # where the tensor was cut out of the skeleton
-                parts += [model[at:cut], values]
+                result[at + shift:t.offset] = model[at:cut]
+                result[t.offset:t.offset + t.count] = values.tobytes()
                 at, shift = cut, shift + t.count
-        result = model if full else b"".join(parts) + model[at:]
+        if not full:
+            result[at + shift:] = model[at:]
+            result = bytes(result)
         if hashlib.sha256(result).digest() != digest:
             raise ArtifactError(f"{self.file} does not expand into the model it was written for (sha256 differs)")
         return result

@@ -377,7 +377,7 @@ def expand_artifact_model(artifact, name: str, data: bytes) -> bytes:
     if have != said:
         raise ArtifactError(f"{CONTAINER} does not hold the tensors the manifest's weight_container lists "
                             "(names, offsets, widths or counts differ)")
-    return expand_model(data, blob)
+    return _FORMAT.expand_model(data, blob, complete=True)
 
 
 def attach_container(package, graph, plan, model_file: str = "model.tflite"):

@@ -43,7 +43,7 @@ from sdk.base import Pruner
 from sdk.config import check_choice, check_range
 from sdk.context import DataStreams, StageContext
 from sdk.early_exit import LOSSES, POLICY_L2, TARGETS, build_cascade
-from sdk.errors import ConfigError
+from sdk.errors import ConfigError, InputError
 from sdk.trainer import TrainConfig
 
 
@@ -74,7 +74,7 @@ class EarlyExitPruner(Pruner):
                 raise ConfigError(f"early-exit: exits must be a list of module paths (e.g. ['features.3', "
                                   f"'features.6']), got {self.exits!r}")
             object.__setattr__(self, "exits", tuple(self.exits))
-            check_range("early-exit", "cost_weight", self.cost_weight, 0.0)
+            check_range("early-exit", "cost_weight", self.cost_weight, 0.0, 1e6)
             check_range("early-exit", "threshold", self.threshold, 0.0, 1.0, lo_open=True, hi_open=True)
             if isinstance(self.head_pool, bool) or not isinstance(self.head_pool, int):
                 raise ConfigError(f"early-exit: head_pool must be an integer >= 1, got {self.head_pool!r}")
@@ -94,11 +94,16 @@ class EarlyExitPruner(Pruner):
             raise ConfigError(f"early-exit: target {ctx.target.name!r} cannot ship a cascade; early exits deploy to "
                               f"{', '.join(TARGETS)}")
         train = ctx.stream("train", who="early-exit (its exit heads)")
-        policy_data = ctx.data.get("val") or train
+        val = ctx.data.get("val")
+        val = list(val) if val is not None else None
+        if val is not None and not val:
+            raise InputError("early-exit: the val stream is empty; pass batches, or leave it out to fit the "
+                             "policies on train")
+        policy_data = val if val is not None else train
         cascade, report = build_cascade(model, cfg.exits, train, policy_data, cost_weight=cfg.cost_weight,
                                         threshold=cfg.threshold, head_pool=cfg.head_pool, loss=cfg.loss,
                                         l2=cfg.policy_l2, train_config=cfg.training())
-        report["policy_data"]["stream"] = "val" if ctx.data.get("val") is not None else "train"
+        report["policy_data"]["stream"] = "val" if val is not None else "train"
         ctx.report(**report)
         return cascade
 

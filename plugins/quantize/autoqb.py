@@ -86,7 +86,7 @@ from sdk import bit_search as bs
 from sdk import hookimpl
 from sdk.base import Quantizer
 from sdk.channels import example_from
-from sdk.config import Config, check_bool, check_choice, check_range
+from sdk.config import Config, check_bool, check_choice, check_int, check_range
 from sdk.context import DataStreams, StageContext
 from sdk.errors import ConfigError, InputError
 
@@ -211,17 +211,17 @@ class AgentConfig(Config):
 
     def __post_init__(self):
         owner = self.type_tag
-        check_range(owner, "episodes", self.episodes, 1)
-        if not isinstance(self.episodes, int) or isinstance(self.episodes, bool):
-            raise ConfigError(f"{owner}: episodes={self.episodes!r} must be a positive integer")
+        check_int(owner, "episodes", self.episodes, 1)
         if self.max_seconds is not None:
             check_range(owner, "max_seconds", self.max_seconds, 0.0, lo_open=True)
-        check_range(owner, "warmup_episodes", self.warmup_episodes, 0)
+        check_int(owner, "warmup_episodes", self.warmup_episodes, 0)
         for field in ("hidden", "buffer_size", "batch_size", "updates"):
-            check_range(owner, field, getattr(self, field), 1)
-        check_range(owner, "action_reg", self.action_reg, 0.0)
-        for field in ("actor_lr", "critic_lr", "noise"):
-            check_range(owner, field, getattr(self, field), 0.0, lo_open=True)
+            check_int(owner, field, getattr(self, field), 1)
+        check_int(owner, "seed", self.seed, 0)
+        check_range(owner, "action_reg", self.action_reg, 0.0, 1e3)
+        for field in ("actor_lr", "critic_lr"):
+            check_range(owner, field, getattr(self, field), 0.0, 10.0, lo_open=True)
+        check_range(owner, "noise", self.noise, 0.0, 1e3, lo_open=True)
         for field in ("tau", "baseline_decay"):
             check_range(owner, field, getattr(self, field), 0.0, 1.0, lo_open=True)
         for field in ("discount", "noise_decay"):
@@ -509,9 +509,9 @@ class AutoQB(Quantizer):
                 check_choice(owner, "bits", b, bs.VALID_BITS)
             object.__setattr__(self, "bits", tuple(sorted(self.bits, reverse=True)))
             check_choice(owner, "int4_storage", self.int4_storage, ("where-fast", "always"))
-            check_range(owner, "finetune_steps", self.finetune_steps, 1)
-            check_range(owner, "lr", self.lr, 0.0, lo_open=True)
-            check_range(owner, "final_epochs", self.final_epochs, 0)
+            check_int(owner, "finetune_steps", self.finetune_steps, 1)
+            check_range(owner, "lr", self.lr, 0.0, 10.0, lo_open=True)
+            check_int(owner, "final_epochs", self.final_epochs, 0)
             check_range(owner, "holdout", self.holdout, 0.0, 1.0, lo_open=True, hi_open=True)
             check_range(owner, "ema_decay", self.ema_decay, 0.0, 1.0, hi_open=True)
             if self.warmup_episodes > self.episodes:

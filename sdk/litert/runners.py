@@ -61,10 +61,11 @@ def checked_model(artifact, name: str = "model.tflite") -> bytes:
     from .fbcheck import check_file
 
     if "early_exit" in (getattr(artifact, "manifest", None) or {}):
-        from sdk.errors import ArtifactError
+        from sdk.errors import InputError
 
-        raise ArtifactError(f"artifact {artifact.path} is an early-exit cascade: it has no {name}, its stages run "
-                            "in the host and reference runners (sdk.early_exit_artifact)")
+        raise InputError(f"artifact {artifact.path} is an early-exit cascade: it has no {name}; its stages run "
+                         "in the host and reference runners (art.run, sdk.early_exit_artifact) — this tool reads "
+                         "one model file: deploy the network without early-exit for it")
     return check_file(artifact, name)
 
 

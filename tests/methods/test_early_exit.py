@@ -18,7 +18,7 @@ from examples import digits as D
 from sdk.early_exit import (EarlyExitCascade, attach_exits, fit_policies, fit_policy, policy_features,
                             policy_targets, split_backbone, train_policies)
 from sdk.early_exit_artifact import run as run_cascade
-from sdk.errors import ArtifactError, ConfigError
+from sdk.errors import ArtifactError, ConfigError, InputError
 from sdk.trainer import TrainConfig
 
 EXITS = ["features.3", "features.7"]
@@ -312,7 +312,7 @@ def test_tampered_early_exit_section_is_refused(deployed, digits, tmp_path):
     # tools that read one model.tflite say what an early-exit artifact is
     from sdk.litert.runners import checked_model
 
-    with pytest.raises(ArtifactError, match="early-exit cascade"):
+    with pytest.raises(InputError, match="early-exit cascade"):       # a valid artifact, not a damaged one
         checked_model(art)
 
 
