@@ -230,6 +230,21 @@ def int8_weights(model: bytes) -> dict[str, tuple[str, int, tuple[int, ...], lis
     return found
 
 
+def coded_layers(package, wanted, model_file: str = "model.tflite"):
+    """``(layer, tensor name, byte offset, int8 values, scales, op)`` for each layer of ``package``
+    whose weight constant is in ``wanted`` and which ``model_file`` stores as int8 (:func:`int8_weights`;
+    weights stored otherwise — float, INT4 — are left out); ``layer`` is its module name."""
+    model = package.files[model_file]
+    stored = int8_weights(model)
+    for layer in package.layers:
+        found = stored.get(f"{layer.get('name')}/weight") if layer.get("weight") in wanted else None
+        if found is None:
+            continue
+        name, offset, shape, scales, op = found
+        values = np.frombuffer(model, np.int8, count=math.prod(shape), offset=offset).reshape(shape)
+        yield layer.get("module") or layer["name"], name, offset, values, scales, op
+
+
 def _has_data(m, t) -> bool:
     data = m.buffers[t.buffer].data if 0 <= t.buffer < len(m.buffers) else None
     return data is not None and len(data) > 0

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from . import huffman
-from .weight_container import int8_weights
+from .weight_container import coded_layers
 from .encoding import Hint
 from .layer_quant import WeightQuant
 
@@ -171,16 +171,8 @@ def attach_container(package, graph, model_file: str = "model.tflite"):
     if not wanted or model_file not in package.files:
         return package
     model = package.files[model_file]
-    stored = int8_weights(model)
-    coded = []
-    for layer in package.layers:
-        found = stored.get(f"{layer.get('name')}/weight") if layer.get("weight") in wanted else None
-        if found is None:
-            continue
-        name, offset, shape, scales, op = found
-        values = np.frombuffer(model, np.int8, count=math.prod(shape), offset=offset).reshape(shape)
-        coded.append((layer.get("module") or layer["name"], op, values,
-                      huffman.encode_tensor(values, name, offset, scales)))
+    coded = [(layer, op, values, huffman.encode_tensor(values, name, offset, scales))
+             for layer, name, offset, values, scales, op in coded_layers(package, wanted, model_file)]
     if not coded:
         return package
     blob = huffman.write_container([t for *_, t in coded], model)

@@ -79,7 +79,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import ArtifactError, ConfigError
-from .weight_container import ContainerFormat, int8_weights, tensor_head
+from .weight_container import ContainerFormat, coded_layers, tensor_head
 
 __all__ = ["CONTAINER", "FORMAT", "RUN_BITS", "VERSION", "ZeroRunTensor", "attach_container", "base_and_width",
            "check_entry", "encode_tensor", "expand", "expand_artifact_model", "expand_model", "pack_fields",
@@ -396,15 +396,8 @@ def attach_container(package, graph, plan, model_file: str = "model.tflite"):
                           f"container already; an artifact holds one (drop deep-compression or zero-run)")
     run_bits = extra["zero_run"].get("run_bits")
     model = package.files[model_file]
-    stored = int8_weights(model)
-    coded = []
-    for layer in package.layers:
-        found = stored.get(f"{layer.get('name')}/weight") if layer.get("weight") in wanted else None
-        if found is None:
-            continue
-        name, offset, shape, _, _ = found
-        values = np.frombuffer(model, np.int8, count=math.prod(shape), offset=offset).reshape(shape)
-        coded.append((layer.get("module") or layer["name"], encode_tensor(values, name, offset, run_bits)))
+    coded = [(layer, encode_tensor(values, name, offset, run_bits))
+             for layer, name, offset, values, _, _ in coded_layers(package, wanted, model_file)]
     if not coded:
         return package
     blob = write_container([t for _, t in coded], model)
