@@ -64,6 +64,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .config import check_choice, check_int, check_range
 from .encoding import Hint, annotate, hints_of, weight_spec
 from .errors import ConfigError, InputError
 from .fakequant import FakeQuantConfig, FakeQuantized, FoldedLayer
@@ -560,6 +561,27 @@ def check_budget_fields(owner: str, config) -> None:
         value = getattr(config, field)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ConfigError(f"{owner}: {field}={value!r} must be a positive integer (or None)")
+
+
+def check_search_fields(owner: str, config, min_widths: int = 1) -> None:
+    """:class:`ConfigError` unless the fields the search quantizers share are valid: the
+    :data:`BUDGETS`, ``bits`` (at least ``min_widths`` distinct widths of :data:`VALID_BITS`;
+    stored widest first), ``int4_storage``, ``finetune_steps``, ``lr``, ``final_epochs``,
+    ``holdout`` and ``ema_decay``."""
+    check_budget_fields(owner, config)
+    if not config.bits or len(set(config.bits)) != len(config.bits) or len(config.bits) < min_widths:
+        raise ConfigError(f"{owner}: bits={config.bits!r} must list "
+                          + ("distinct" if min_widths <= 1 else "at least two distinct")
+                          + f" widths of {', '.join(map(str, VALID_BITS))}")
+    for b in config.bits:
+        check_choice(owner, "bits", b, VALID_BITS)
+    object.__setattr__(config, "bits", tuple(sorted(config.bits, reverse=True)))
+    check_choice(owner, "int4_storage", config.int4_storage, ("where-fast", "always"))
+    check_int(owner, "finetune_steps", config.finetune_steps, 1)
+    check_range(owner, "lr", config.lr, 0.0, 10.0, lo_open=True)
+    check_int(owner, "final_epochs", config.final_epochs, 0)
+    check_range(owner, "holdout", config.holdout, 0.0, 1.0, lo_open=True, hi_open=True)
+    check_range(owner, "ema_decay", config.ema_decay, 0.0, 1.0, hi_open=True)
 
 
 def budget_limits(config) -> dict[str, int]:

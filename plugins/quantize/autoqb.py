@@ -86,7 +86,7 @@ from sdk import bit_search as bs
 from sdk import hookimpl
 from sdk.base import Quantizer
 from sdk.channels import example_from
-from sdk.config import Config, check_bool, check_choice, check_int, check_range
+from sdk.config import Config, check_bool, check_int, check_range
 from sdk.context import DataStreams, StageContext
 from sdk.errors import ConfigError, InputError
 
@@ -501,19 +501,7 @@ class AutoQB(Quantizer):
         def __post_init__(self):
             super().__post_init__()
             owner = "autoqb"
-            bs.check_budget_fields(owner, self)
-            if not self.bits or len(set(self.bits)) != len(self.bits) or len(self.bits) < 2:
-                raise ConfigError(f"{owner}: bits={self.bits!r} must list at least two distinct widths of "
-                                  f"{', '.join(map(str, bs.VALID_BITS))}")
-            for b in self.bits:
-                check_choice(owner, "bits", b, bs.VALID_BITS)
-            object.__setattr__(self, "bits", tuple(sorted(self.bits, reverse=True)))
-            check_choice(owner, "int4_storage", self.int4_storage, ("where-fast", "always"))
-            check_int(owner, "finetune_steps", self.finetune_steps, 1)
-            check_range(owner, "lr", self.lr, 0.0, 10.0, lo_open=True)
-            check_int(owner, "final_epochs", self.final_epochs, 0)
-            check_range(owner, "holdout", self.holdout, 0.0, 1.0, lo_open=True, hi_open=True)
-            check_range(owner, "ema_decay", self.ema_decay, 0.0, 1.0, hi_open=True)
+            bs.check_search_fields(owner, self, min_widths=2)
             if self.warmup_episodes > self.episodes:
                 raise ConfigError(f"{owner}: warmup_episodes={self.warmup_episodes} exceeds "
                                   f"episodes={self.episodes}")

@@ -67,7 +67,7 @@ from sdk import bit_search as bs
 from sdk import hookimpl
 from sdk.base import Quantizer
 from sdk.channels import example_from
-from sdk.config import Config, check_bool, check_choice, check_int, check_range
+from sdk.config import Config, check_bool, check_int, check_range
 from sdk.context import DataStreams, StageContext
 from sdk.errors import ConfigError, InputError
 
@@ -186,15 +186,8 @@ class BOMixedPrecision(Quantizer):
 
         def __post_init__(self):
             owner = "bo-mixed-precision"
-            bs.check_budget_fields(owner, self)
-            if not self.bits or len(set(self.bits)) != len(self.bits):
-                raise ConfigError(f"{owner}: bits={self.bits!r} must list distinct widths of "
-                                  f"{', '.join(map(str, bs.VALID_BITS))}")
-            for b in self.bits:
-                check_choice(owner, "bits", b, bs.VALID_BITS)
-            object.__setattr__(self, "bits", tuple(sorted(self.bits, reverse=True)))
-            check_choice(owner, "int4_storage", self.int4_storage, ("where-fast", "always"))
-            for field in ("trials", "init_trials", "candidates", "finetune_steps"):
+            bs.check_search_fields(owner, self)
+            for field in ("trials", "init_trials", "candidates"):
                 check_int(owner, field, getattr(self, field), 1)
             check_int(owner, "seed", self.seed, 0)
             check_bool(owner, "progress", self.progress)
@@ -202,10 +195,6 @@ class BOMixedPrecision(Quantizer):
                 raise ConfigError(f"{owner}: init_trials={self.init_trials} exceeds trials={self.trials}")
             if self.max_seconds is not None:
                 check_range(owner, "max_seconds", self.max_seconds, 0.0, lo_open=True)
-            check_range(owner, "lr", self.lr, 0.0, 10.0, lo_open=True)
-            check_int(owner, "final_epochs", self.final_epochs, 0)
-            check_range(owner, "holdout", self.holdout, 0.0, 1.0, lo_open=True, hi_open=True)
-            check_range(owner, "ema_decay", self.ema_decay, 0.0, 1.0, hi_open=True)
 
         def limits(self) -> dict[str, int]:
             """``{cost metric: limit}`` of the budgets given."""
