@@ -1,5 +1,5 @@
-"""What the training-time weight quantizer tests (ternary, dorefa, kmeans, qat, block-replacement)
-and the cle / bias-correction tests share: a digits MLP and its float baseline, layer accessors and the
+"""What the training-time weight quantizer tests (ternary, dorefa, kmeans, qat, block-replacement),
+the bit-width searches (bo-mixed-precision, autoqb) and the cle / bias-correction tests share: a digits MLP and its float baseline, layer accessors and the
 int8 artifact measures (imported as ``quant_helpers``: pytest puts this directory on
 ``sys.path``)."""
 
@@ -51,6 +51,36 @@ def sqnr_db(ref: np.ndarray, approx: np.ndarray) -> float:
 
 def run_artifact(art, x: torch.Tensor) -> np.ndarray:
     return np.concatenate([art.run(x[i:i + 1])[0] for i in range(len(x))])
+
+
+# -- bo-mixed-precision / autoqb: a digits MLP 64-32-32-10 on arm-int8 -------------------------
+
+def mlp32():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+@pytest.fixture(scope="module")
+def float_mlp(digits, one_thread):
+    """:func:`mlp32` trained 15 epochs on digits, and the training batches."""
+    from examples import digits as D
+
+    xtr, ytr, _, _ = digits
+    model = D.train(mlp32(), xtr, ytr.long(), epochs=15, progress=False)
+    return model, list(make_loader(xtr, ytr, batch_size=64, seed=0))
+
+
+def artifact_accuracy(art, x, y) -> float:
+    return float((run_artifact(art, x).argmax(1) == y.numpy()).mean())
+
+
+def deploy_int8(model, digits, **kw):
+    """``model`` on arm-int8, calibrated on the first 256 training digits."""
+    import sdk
+
+    xtr, _, xte, _ = digits
+    return sdk.deploy(model, "arm-int8", (xte[:1],), calibration=[xtr[i:i + 32] for i in range(0, 256, 32)],
+                      progress=False, **kw)
 
 
 # -- qat / block-replacement: a depthwise net on which PTQ loses accuracy ----------------------

@@ -9,16 +9,15 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 import sdk
+from quant_helpers import artifact_accuracy, deploy_int8, float_mlp  # noqa: F401 (fixture)
 from plugins.quantize.autoqb import (AgentConfig, AutoQB, action_to_bits, enforce_budget, search,
                                      truncated_normal)
 from sdk import bit_search as bs
 from sdk.errors import ConfigError
 from sdk.fakequant import simulate
 from sdk.recipe import Recipe
-from sdk.trainer import make_loader
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -103,31 +102,6 @@ def test_agent_beats_random_search_on_a_toy_landscape():
 
 # -- digits ------------------------------------------------------------------------------------
 
-def _mlp32():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
-
-
-@pytest.fixture(scope="module")
-def float_mlp(digits, one_thread):
-    from examples import digits as D
-
-    xtr, ytr, _, _ = digits
-    model = D.train(_mlp32(), xtr, ytr.long(), epochs=15, progress=False)
-    return model, list(make_loader(xtr, ytr, batch_size=64, seed=0))
-
-
-def _artifact_accuracy(art, x, y):
-    out = np.concatenate([art.run(x[i:i + 1])[0] for i in range(len(x))])
-    return float((out.argmax(1) == y.numpy()).mean())
-
-
-def _deploy(model, digits, **kw):
-    xtr, _, xte, _ = digits
-    return sdk.deploy(model, "arm-int8", (xte[:1],), calibration=[xtr[i:i + 32] for i in range(0, 256, 32)],
-                      progress=False, **kw)
-
-
 def _shipped_bytes(art):
     """The bytes the artifact's profile rows of its conv / linear layers say it stores."""
     return sum(int(r["bytes"]) for r in art.profile["layers"] if r["op"].split("->")[0] in ("conv", "linear"))
@@ -144,7 +118,7 @@ def test_tight_bops_budget_from_a_yaml_recipe(float_mlp, digits, tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(f"stages:\n  - method: autoqb\n    config: {{max_bops: {budget}, episodes: 12, "
                     "warmup_episodes: 4, finetune_steps: 30, final_epochs: 2, progress: false}\n")
-    art = _deploy(model, digits, recipe=Recipe.from_yaml(path.read_text()), data=train)
+    art = deploy_int8(model, digits, recipe=Recipe.from_yaml(path.read_text()), data=train)
     (report,) = art.manifest["stages"]
     assert report["method"] == "autoqb" and len(report["trials"]) == 12 == report["episodes"]
     assert all(t["costs"]["bops"] <= budget for t in report["trials"])
@@ -158,7 +132,7 @@ def test_tight_bops_budget_from_a_yaml_recipe(float_mlp, digits, tmp_path):
     assert baked._edgepack_autoqb["best"] == best                     # deterministic for the seed
     with simulate(baked):
         torch_acc = float((baked(xte).argmax(1) == yte).float().mean())
-    acc = _artifact_accuracy(art, xte, yte)
+    acc = artifact_accuracy(art, xte, yte)
     assert abs(acc - torch_acc) <= 0.015, (acc, torch_acc)
     assert _shipped_bytes(art) == bs.cost(layers, bits, "bytes")
     print(f"\nautoqb {bits} artifact {acc:.4f} (torch {torch_acc:.4f}), {bs.cost(layers, bits, 'bytes')} B, "
@@ -209,6 +183,6 @@ def test_finds_the_exhaustive_optimum_and_beats_uniform_two_bit(float_mlp, digit
     space = [c for c in itertools.product((8, 4, 2, 1), repeat=3) if bs.cost(layers, c, "bops") <= budget]
     best = max(bs.evaluate(model, layers, c, tune, score_on, finetune_steps=60) for c in space)
     assert len(space) == 18 and rec["best"]["accuracy"] == best
-    acc = _artifact_accuracy(_deploy(baked, digits), xte, yte)
-    two = _artifact_accuracy(_deploy(bs.apply_bits(model, layers, (2, 2, 2), train, epochs=3), digits), xte, yte)
+    acc = artifact_accuracy(deploy_int8(baked, digits), xte, yte)
+    two = artifact_accuracy(deploy_int8(bs.apply_bits(model, layers, (2, 2, 2), train, epochs=3), digits), xte, yte)
     assert acc >= two + 0.005, (acc, two)

@@ -11,13 +11,12 @@ import torch
 from scipy import integrate, stats
 from torch import nn
 
-import sdk
+from quant_helpers import artifact_accuracy, deploy_int8, float_mlp  # noqa: F401 (fixture)
 from plugins.quantize.bo_mixed_precision import BOMixedPrecision, GaussianProcess, expected_improvement
 from sdk import bit_search as bs
 from sdk.errors import ConfigError
 from sdk.fakequant import simulate
 from sdk.recipe import Recipe
-from sdk.trainer import make_loader
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -59,31 +58,6 @@ def test_expected_improvement_equals_the_integral():
     assert expected_improvement(np.array([0.7, 0.4]), np.array([0.0, 0.0]), 0.5).tolist() == pytest.approx([0.2, 0])
 
 
-def _mlp32():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
-
-
-@pytest.fixture(scope="module")
-def float_mlp(digits, one_thread):
-    from examples import digits as D
-
-    xtr, ytr, _, _ = digits
-    model = D.train(_mlp32(), xtr, ytr.long(), epochs=15, progress=False)
-    return model, list(make_loader(xtr, ytr, batch_size=64, seed=0))
-
-
-def _artifact_accuracy(art, x, y):
-    out = np.concatenate([art.run(x[i:i + 1])[0] for i in range(len(x))])
-    return float((out.argmax(1) == y.numpy()).mean())
-
-
-def _deploy(model, digits, **kw):
-    xtr, _, xte, _ = digits
-    return sdk.deploy(model, "arm-int8", (xte[:1],), calibration=[xtr[i:i + 32] for i in range(0, 256, 32)],
-                      progress=False, **kw)
-
-
 def test_tight_bops_budget_from_a_yaml_recipe(float_mlp, digits, tmp_path):
     """A quarter of int8's BOPs (all-2-bit exactly) with widths 8/4/2/1: every trial within it, the trial
     history in the manifest, the artifact at least 1.5 points above the uniform lowest width (all binary,
@@ -95,7 +69,7 @@ def test_tight_bops_budget_from_a_yaml_recipe(float_mlp, digits, tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(f"stages:\n  - method: bo-mixed-precision\n    config: {{max_bops: {budget}, bits: [8, 4, 2, 1], "
                     "trials: 10, init_trials: 4, finetune_steps: 40, final_epochs: 2, progress: false}\n")
-    art = _deploy(model, digits, recipe=Recipe.from_yaml(path.read_text()), data=train)
+    art = deploy_int8(model, digits, recipe=Recipe.from_yaml(path.read_text()), data=train)
     (report,) = art.manifest["stages"]
     assert report["method"] == "bo-mixed-precision" and len(report["trials"]) == 10
     assert all(t["costs"]["bops"] <= budget for t in report["trials"])
@@ -103,7 +77,7 @@ def test_tight_bops_budget_from_a_yaml_recipe(float_mlp, digits, tmp_path):
     assert report["trials"][0]["bits"] == [2, 2, 2]         # the widest uniform width within the budget
     best = report["best"]
     assert best["accuracy"] == max(t["accuracy"] for t in report["trials"])
-    acc = _artifact_accuracy(art, xte, yte)
+    acc = artifact_accuracy(art, xte, yte)
     baked = BOMixedPrecision(max_bops=budget, bits=(8, 4, 2, 1), trials=10, init_trials=4, finetune_steps=40,
                              final_epochs=2, progress=False).apply(model, train)
     assert baked._edgepack_bit_search["best"] == best                     # deterministic for the seed
@@ -111,7 +85,7 @@ def test_tight_bops_budget_from_a_yaml_recipe(float_mlp, digits, tmp_path):
         torch_acc = float((baked(xte).argmax(1) == yte).float().mean())
     assert abs(acc - torch_acc) <= 0.015, (acc, torch_acc)
     lowest = bs.apply_bits(model, layers, (1, 1, 1), train, epochs=2)
-    low_acc = _artifact_accuracy(_deploy(lowest, digits), xte, yte)
+    low_acc = artifact_accuracy(deploy_int8(lowest, digits), xte, yte)
     print(f"\nbo {best['bits']} artifact {acc:.4f} (torch {torch_acc:.4f}); all-binary {low_acc:.4f}")
     assert acc >= low_acc + 0.015, (acc, low_acc)
 

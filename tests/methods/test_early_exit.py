@@ -11,10 +11,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 import sdk
 from examples import digits as D
+from examples.early_exit import ExitNet       # the example's three-block digits CNN
 from sdk.early_exit import (EarlyExitCascade, attach_exits, fit_policies, fit_policy, policy_features,
                             policy_targets, split_backbone, train_policies)
 from sdk.early_exit_artifact import run as run_cascade
@@ -24,21 +24,6 @@ from sdk.trainer import TrainConfig
 EXITS = ["features.3", "features.7"]
 #: λ values of the sweep, increasing
 LAMBDAS = (0.02, 0.1, 0.5)
-
-
-class ExitNet(nn.Module):
-    """Three conv blocks on 8×8 digits (the MACs spread over them), global pooling, a linear head."""
-
-    def __init__(self, c: int = 8):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(c, 2 * c, 3, padding=1), nn.BatchNorm2d(2 * c), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(2 * c, 4 * c, 3, padding=1), nn.BatchNorm2d(4 * c), nn.ReLU())
-        self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * c, 10))
-
-    def forward(self, x):
-        return self.classifier(self.features(x))
 
 
 # -- the policies' problem -------------------------------------------------------------------------
